@@ -1,0 +1,6 @@
+"""FLUX.1 model stack: transformer, autoencoder, CLIP-L and T5-XXL, and loaders for the files people have."""
+
+from .loading import load_autoencoder, load_clip_l, load_flux, load_t5xxl
+from .safetensors_file import ModelFileError
+
+__all__ = ["load_flux", "load_autoencoder", "load_clip_l", "load_t5xxl", "ModelFileError"]

@@ -1,0 +1,292 @@
+"""Build each model from the files people have, never holding two full copies in memory.
+
+A model is constructed on the meta device (no memory), then each tensor is read from the file, converted and put
+in place, one at a time. Layouts understood: BFL keys, any prefix around them (ComfyUI full checkpoints put the
+transformer under `model.diffusion_model.`, the AE under `first_stage_model.`, the text encoders under
+`text_encoders.clip_l.transformer.` ...), the diffusers FLUX transformer, fp8 weights (plain, or "scaled" with a
+`scale_weight` per layer). Anything else is refused with a message naming the file, what it holds and what was
+expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from . import flux_diffusers
+from .autoencoder import AutoEncoder, AutoEncoderParams
+from .flux import FP8_DTYPES, Flux, FluxParams, Linear
+from .formats import Component, describe, find_component
+from .safetensors_file import ModelFileError, SafetensorsFile
+
+DeviceLike = str | torch.device
+# Per-layer quantisation extras of "scaled fp8" files: folded into the weights, never parameters themselves.
+_FP8_EXTRAS = (".scale_weight", ".scale_input", "scaled_fp8")
+
+
+class TensorSource:
+    """Target key -> a function that reads and assembles that tensor, plus the target shapes (known up front).
+    `scales` maps each weight of a scaled-fp8 file to its `scale_weight` key; its reader dequantizes."""
+
+    def __init__(self, file: SafetensorsFile, readers: dict[str, Callable[[], Tensor]], shapes: dict[str, tuple],
+                 scales: dict[str, str] | None = None):
+        self.file = file
+        self.readers = readers
+        self.shapes = shapes
+        self.scales = scales or {}
+
+    @classmethod
+    def prefixed(cls, file: SafetensorsFile, prefix: str, rename: Callable[[str], str] = lambda k: k) -> "TensorSource":
+        readers, shapes, scales = {}, {}, {}
+        for key, shape in file.shapes.items():
+            if not key.startswith(prefix) or any(key.endswith(x) for x in _FP8_EXTRAS):
+                continue
+            target = rename(key[len(prefix):])
+            scale_key = key.removesuffix("weight") + "scale_weight"
+            if key.endswith(".weight") and scale_key in file.header:
+                scales[target] = scale_key
+            readers[target] = _reader(file, key, scales.get(target))
+            shapes[target] = shape
+        return cls(file, readers, shapes, scales)
+
+    @classmethod
+    def flux_from_diffusers(cls, file: SafetensorsFile, prefix: str) -> "TensorSource":
+        local = {k[len(prefix):]: s for k, s in file.shapes.items() if k.startswith(prefix)}
+        readers, shapes = {}, {}
+        for target, recipe in flux_diffusers.recipes(list(local)).items():
+            read = lambda key: _reader(file, prefix + key)()  # noqa: E731
+            readers[target] = lambda r=recipe, read=read: flux_diffusers.build(r, read)
+            shapes[target] = flux_diffusers.built_shape(recipe, local)
+        return cls(file, readers, shapes)
+
+    def keep_scaled(self, target: str) -> None:
+        """Read `target` as stored (fp8) instead of dequantized; its scale is attached to the layer afterwards."""
+        self.readers[target] = _reader(self.file, self._file_key(target))
+
+    def _file_key(self, target: str) -> str:
+        return self.scales[target].removesuffix("scale_weight") + "weight"
+
+
+def _reader(file: SafetensorsFile, key: str, scale_key: str | None = None) -> Callable[[], Tensor]:
+    def read() -> Tensor:
+        t = file.tensor(key)
+        if scale_key is not None:  # scaled fp8: stored weight * per-layer scale
+            t = t.float() * file.tensor(scale_key).float()
+        return t
+
+    return read
+
+
+def _set_tensor(model: nn.Module, name: str, value: Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if attr in owner._parameters:
+        owner._parameters[attr] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[attr] = value
+
+
+def materialize(model: nn.Module, source: TensorSource, dtype_for: Callable[[str, Tensor], torch.dtype],
+                device: DeviceLike, ignore: tuple[str, ...] = ()) -> None:
+    """Fill `model` (built on meta) from `source`. Every parameter and persistent buffer must be present with the
+    right shape; keys the model lacks are an error unless they end with one of `ignore`. Weights a model ties to
+    another (transformers' `_tied_weights_keys`) are tied, not read twice."""
+    tied = _tied_weights(model)
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in tied}
+    file = source.file
+    missing = sorted(set(expected) - set(source.readers))
+    unexpected = sorted(k for k in set(source.readers) - set(expected) - set(tied) if not k.endswith(ignore))
+    if missing or unexpected:
+        detail = []
+        if missing:
+            detail.append(f"{len(missing)} tensors missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        raise file.error("does not match the model its shapes describe: " + "; ".join(detail))
+    for name, param in expected.items():
+        if tuple(source.shapes[name]) != tuple(param.shape):
+            raise file.error(f"has '{name}' of shape {list(source.shapes[name])}, the model needs {list(param.shape)}")
+        value = source.readers[name]()
+        _set_tensor(model, name, value.to(device=device, dtype=dtype_for(name, value)))
+    for target, origin in tied.items():
+        _set_tensor(model, target, model.get_parameter(origin))
+
+
+def _tied_weights(model: nn.Module) -> dict[str, str]:
+    tied = getattr(model, "_tied_weights_keys", None)
+    if isinstance(tied, Mapping):  # transformers 5: {target: origin}
+        return dict(tied)
+    return {}  # transformers 4 shares the module itself, so one assignment fills both names
+
+
+def _compute_dtype(file: SafetensorsFile, prefix: str, dtype: torch.dtype | None) -> torch.dtype:
+    """`dtype`, else the floating type holding most of the component's bytes (fp8 files compute in bf16)."""
+    if dtype is not None:
+        return dtype
+    totals: dict[torch.dtype, int] = {}
+    for key in file.keys:
+        if key.startswith(prefix) and file.dtype(key).is_floating_point:
+            totals[file.dtype(key)] = totals.get(file.dtype(key), 0) + file.nbytes(key)
+    most = max(totals, key=totals.get) if totals else torch.float32
+    return torch.bfloat16 if most in FP8_DTYPES else most
+
+
+def _open(path: str | os.PathLike, expected: str, kinds: tuple[str, ...], hint: str = "") -> tuple[SafetensorsFile, Component]:
+    file = SafetensorsFile(path, expected)
+    component = find_component(file.keys, kinds, hint)
+    if component is None:
+        raise file.error(f"holds {describe(file.keys)}")
+    return file, component
+
+
+def _config_metadata(file: SafetensorsFile) -> dict:
+    try:
+        return json.loads(file.metadata.get("config", "{}"))
+    except ValueError:
+        return {}
+
+
+def _finish(model: nn.Module) -> nn.Module:
+    return model.eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------ FLUX
+
+def load_flux(path: str | os.PathLike, dtype: torch.dtype | None = None, device: DeviceLike = "cpu",
+              fp8: bool | torch.dtype = False) -> Flux:
+    """The FLUX.1 transformer (dev or schnell, any size) from a BFL, ComfyUI or diffusers file.
+
+    dtype: compute dtype of every tensor (default: the file's own; fp8 files compute in bfloat16).
+    fp8: keep the Linear weights inside the blocks in fp8 (the file's fp8 type, else `torch.float8_e4m3fn`, or
+    the dtype given), upcast on each call; everything else in `dtype`.
+    """
+    file, component = _open(path, "a FLUX.1 transformer (BFL, ComfyUI or diffusers layout)", ("flux", "flux_diffusers"))
+    if component.kind == "flux_diffusers":
+        source = TensorSource.flux_from_diffusers(file, component.prefix)
+    else:
+        source = TensorSource.prefixed(file, component.prefix)
+    try:
+        params = FluxParams.from_shapes(source.shapes, _config_metadata(file))
+    except (KeyError, ValueError) as e:
+        raise file.error(f"holds {component.describe()} that cannot be built: {e}") from e
+    with torch.device("meta"):
+        model = Flux(params)
+    block_linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "_blocks." in n]
+    _fill(model, source, _compute_dtype(file, component.prefix, dtype), _fp8_storage(file, fp8), block_linears, device)
+    return _finish(model)
+
+
+def _fill(model: nn.Module, source: TensorSource, compute: torch.dtype, weight_fp8: torch.dtype | None,
+          fp8_layers: list[str], device: DeviceLike) -> None:
+    """`materialize`, every tensor in `compute` except, with `weight_fp8`, the weights of `fp8_layers`, which stay
+    in their stored fp8 type (else `weight_fp8`); a scaled-fp8 weight keeps its scale as the layer's buffer."""
+    fp8_weights = {f"{name}.weight" for name in fp8_layers} if weight_fp8 else set()
+
+    def dtype_for(name: str, value: Tensor) -> torch.dtype:
+        if name in fp8_weights:
+            return value.dtype if value.dtype in FP8_DTYPES else weight_fp8
+        return compute
+
+    kept_scaled = [t for t in source.scales if t in fp8_weights]
+    for target in kept_scaled:
+        source.keep_scaled(target)
+    materialize(model, source, dtype_for, device)
+    for target in kept_scaled:
+        layer = model.get_submodule(target.removesuffix(".weight"))
+        layer._buffers["weight_scale"] = source.file.tensor(source.scales[target]).float().to(device)
+        layer._non_persistent_buffers_set.add("weight_scale")
+
+
+def _fp8_storage(file: SafetensorsFile, fp8: bool | torch.dtype) -> torch.dtype | None:
+    if isinstance(fp8, torch.dtype):
+        if fp8 not in FP8_DTYPES:
+            raise ValueError(f"fp8 must be True, False or one of {FP8_DTYPES}, not {fp8}")
+        return fp8
+    if not fp8:
+        return None
+    stored = {file.dtype(k) for k in file.keys} & set(FP8_DTYPES)
+    return stored.pop() if len(stored) == 1 else torch.float8_e4m3fn
+
+
+# ------------------------------------------------------------------------------------------ AE
+
+def load_autoencoder(path: str | os.PathLike, dtype: torch.dtype | None = None, device: DeviceLike = "cpu") -> AutoEncoder:
+    """The FLUX autoencoder (`ae.safetensors`, or the `first_stage_model.` part of a ComfyUI checkpoint)."""
+    file, component = _open(path, "the FLUX autoencoder (ae.safetensors)", ("ae",), hint="first_stage_model")
+    source = TensorSource.prefixed(file, component.prefix)
+    try:
+        params = AutoEncoderParams.from_shapes(source.shapes, _config_metadata(file))
+    except KeyError as e:
+        raise file.error(f"holds {component.describe()} that cannot be built: {e}") from e
+    if params.z_channels != 16:
+        raise file.error(f"holds an autoencoder with {params.z_channels} latent channels (an SD/SDXL VAE?); "
+                         "FLUX's has 16")
+    compute = _compute_dtype(file, component.prefix, dtype)
+    with torch.device("meta"):
+        model = AutoEncoder(params)
+    materialize(model, source, lambda name, value: compute, device)
+    return _finish(model)
+
+
+# ------------------------------------------------------------------------------------------ text encoders
+
+def load_clip_l(path: str | os.PathLike, dtype: torch.dtype | None = None, device: DeviceLike = "cpu",
+                tokenizer: str | os.PathLike | None = None):
+    """CLIP-L text encoder from `clip_l.safetensors` (or a checkpoint holding one); `tokenizer` is a folder or a
+    Hugging Face id (default: ComfyUI's copy when run inside ComfyUI, else openai/clip-vit-large-patch14)."""
+    from .text_encoders import ClipL, build_clip_text_model
+
+    file, component = _open(path, "a CLIP-L text encoder (clip_l.safetensors)", ("clip",), hint="clip_l")
+    source = TensorSource.prefixed(file, component.prefix)
+    with torch.device("meta"):
+        try:
+            model = build_clip_text_model(source.shapes)
+        except (KeyError, ValueError) as e:
+            raise file.error(f"holds {component.describe()} that cannot be built: {e}") from e
+    if any(k.startswith("text_model.") for k in model.state_dict()):  # transformers 4 keeps that level
+        source = TensorSource.prefixed(file, component.prefix, rename=lambda k: "text_model." + k)
+    compute = _compute_dtype(file, component.prefix, dtype)
+    materialize(model, source, lambda name, value: compute, device, ignore=("position_ids",))
+    _restore_derived_buffers(model, device)
+    return ClipL(_finish(model), tokenizer=tokenizer)
+
+
+def load_t5xxl(path: str | os.PathLike, dtype: torch.dtype | None = None, device: DeviceLike = "cpu",
+               tokenizer: str | os.PathLike | None = None, max_length: int = 512, fp8: bool | torch.dtype = False):
+    """T5-XXL encoder from `t5xxl_fp16.safetensors`, `t5xxl_fp8_e4m3fn.safetensors` (or a checkpoint holding one).
+    `max_length`: tokens to pad/truncate to (512 for dev, 256 for schnell). fp8: keep Linear weights in fp8."""
+    from .text_encoders import T5XXL, build_t5_encoder
+
+    file, component = _open(path, "a T5-XXL text encoder (t5xxl_fp16.safetensors)", ("t5",), hint="t5xxl")
+    source = TensorSource.prefixed(file, component.prefix)
+    for name, alias in (("shared.weight", "encoder.embed_tokens.weight"), ("encoder.embed_tokens.weight", "shared.weight")):
+        if name not in source.readers and alias in source.readers:  # the two names are one tied tensor
+            source.readers[name], source.shapes[name] = source.readers[alias], source.shapes[alias]
+    with torch.device("meta"):
+        try:
+            model = build_t5_encoder(source.shapes)
+        except (KeyError, ValueError) as e:
+            raise file.error(f"holds {component.describe()} that cannot be built: {e}") from e
+    weight_fp8 = _fp8_storage(file, fp8)
+    # `wo` stays in the compute dtype: transformers casts its input to wo's weight dtype (and keeps it in fp32 for
+    # fp16 stability), which an fp8 weight would break.
+    block_linears = [n for n, m in model.named_modules()
+                     if type(m) is nn.Linear and n.startswith("encoder.block.") and not n.endswith(".wo")]
+    if weight_fp8:
+        for name in block_linears:
+            model.get_submodule(name).__class__ = Linear  # same parameters; upcasts fp8 weights on each call
+    _fill(model, source, _compute_dtype(file, component.prefix, dtype), weight_fp8, block_linears, device)
+    return T5XXL(_finish(model), tokenizer=tokenizer, max_length=max_length)
+
+
+def _restore_derived_buffers(model: nn.Module, device: DeviceLike) -> None:
+    """Non-persistent buffers are not in files; rebuild the ones transformers derives from the config."""
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:
+            if not name.endswith("position_ids"):
+                raise RuntimeError(f"buffer '{name}' was not loaded and cannot be derived")
+            _set_tensor(model, name, torch.arange(buf.shape[-1], device=device).expand(buf.shape).contiguous())
