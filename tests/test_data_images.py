@@ -1,0 +1,87 @@
+"""Generated folders of mixed formats and broken files: every usable image is read right, every broken one is
+skipped with one summary, the folder is only read."""
+
+import logging
+
+import numpy as np
+import pytest
+
+from datagen import mixed_folder, rgb
+from trainer.data import DatasetError, FluxDataset, single_folder_dataset
+from trainer.data import images as images_module
+from trainer.data.images import load_rgb, probe
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixed")
+    return root, mixed_folder(root)
+
+
+def snapshot(folder):
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+def test_broken_files_are_skipped_with_one_summary(folder, caplog):
+    root, files = folder
+    before = snapshot(root)
+    with caplog.at_level(logging.WARNING):
+        dataset = FluxDataset(single_folder_dataset(root, 64, caption_extension=".txt", enable_bucket=True,
+                                                    min_bucket_reso=64, max_bucket_reso=128, bucket_reso_steps=16))
+    skipped = {p.name for p in dataset.skipped.problems}
+    assert skipped == {"broken_empty.png", "broken_noise.jpg", "broken_truncated.jpg", "broken_text.png"}
+    reasons = {p.name: why for p, why in dataset.skipped.problems.items()}
+    assert "0 bytes" in reasons["broken_empty.png"] and "truncated" in reasons["broken_truncated.jpg"]
+    summaries = [r for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(summaries) == 1 and "broken_noise.jpg" in summaries[0].getMessage()
+    assert {i.path.name for i in dataset.items} == {p.name for k, p in files.items() if not k.startswith("broken")}
+    assert snapshot(root) == before  # nothing written to the user's folder
+
+
+def test_every_mode_loads_as_rgb(folder):
+    _, files = folder
+    for key in ("rgb_png", "jpeg", "webp", "bmp", "rgba", "palette", "grey", "sixteen", "cmyk", "rotated"):
+        pixels = load_rgb(files[key])
+        assert pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == 3, key
+
+
+def test_sixteen_bit_is_scaled_not_clipped(folder):
+    pixels = load_rgb(folder[1]["sixteen"])
+    assert pixels[0, 0, 0] == 0 and pixels[0, -1, 0] == 255
+    assert 120 <= pixels[0, 32, 0] <= 135  # mid-grey stays mid-grey
+
+
+def test_alpha_channel_is_kept_when_asked(folder):
+    pixels = load_rgb(folder[1]["rgba"], with_alpha=True)
+    assert pixels.shape[2] == 4 and pixels[0, 0, 3] == 0 and pixels[0, -1, 3] == 255
+    assert load_rgb(folder[1]["palette"], with_alpha=True).shape[2] == 4
+
+
+def test_exif_rotation_is_applied_to_size_and_pixels(folder):
+    path = folder[1]["rotated"]
+    assert probe(path) == (64, 96)
+    assert load_rgb(path).shape[:2] == (96, 64)
+
+
+def test_decompression_bomb_guard(tmp_path, monkeypatch):
+    rgb(tmp_path / "big.png", 200, 200)
+    rgb(tmp_path / "ok.png", 64, 64)
+    monkeypatch.setattr(images_module, "MAX_PIXELS", 100 * 100)
+    dataset = FluxDataset(single_folder_dataset(tmp_path, 64, caption_extension=".txt"))
+    assert "decompression-bomb guard" in dataset.skipped.problems[tmp_path / "big.png"]
+    assert [i.path.name for i in dataset.items] == ["ok.png"]
+
+
+def test_a_dataset_left_empty_is_a_clear_error(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"no usable training images in .*\(1 file\(s\) could not be used\)"):
+        FluxDataset(single_folder_dataset(tmp_path, 64))
+    with pytest.raises(DatasetError, match="not a folder"):
+        FluxDataset(single_folder_dataset(tmp_path / "missing", 64))
+
+
+def test_missing_captions_use_class_tokens(folder):
+    root, files = folder
+    dataset = FluxDataset(single_folder_dataset(root, 64, caption_extension=".txt", class_tokens="sks style"))
+    by_name = {i.path.name: i.caption for i in dataset.items}
+    assert by_name["uncaptioned.png"] == "sks style" and by_name["rgb.png"] == "red, green, blue"

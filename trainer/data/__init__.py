@@ -1,0 +1,11 @@
+"""Dataset pipeline: sd-scripts dataset TOML, buckets, captions, images, latent and text-encoder caches."""
+
+from .buckets import BucketPlanner, bucket_resolutions, crop_ltrb
+from .config import DatasetConfig, DatasetConfigError, SubsetConfig, load_dataset_config, single_folder_dataset
+from .dataset import Batch, DatasetError, DatasetGroup, FluxDataset, build_datasets
+from .latent_cache import cache_latents, latent_npz_path
+from .text_cache import cache_text_outputs, text_npz_path
+
+__all__ = ["BucketPlanner", "bucket_resolutions", "crop_ltrb", "DatasetConfig", "DatasetConfigError", "SubsetConfig",
+           "load_dataset_config", "single_folder_dataset", "Batch", "DatasetError", "DatasetGroup", "FluxDataset",
+           "build_datasets", "cache_latents", "latent_npz_path", "cache_text_outputs", "text_npz_path"]

@@ -1,0 +1,237 @@
+"""Dataset configuration: sd-scripts' dataset TOML (`[general]`, `[[datasets]]`, `[[datasets.subsets]]`), read the way
+sd-scripts reads it. A value is looked up subset > dataset > general > command line > default.
+
+Every problem (syntax, unknown key, wrong type, missing value) is one `DatasetConfigError` naming the file, the
+table, the key and what is accepted.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
+
+
+class DatasetConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class SubsetConfig:
+    image_dir: str | None = None
+    metadata_file: str | None = None  # fine-tune style captions (JSON), instead of caption files
+    num_repeats: int = 1
+    caption_extension: str = ".caption"  # sd-scripts' command-line default
+    shuffle_caption: bool = False
+    caption_separator: str = ","
+    keep_tokens: int = 0
+    keep_tokens_separator: str = ""
+    secondary_separator: str | None = None
+    enable_wildcard: bool = False
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0
+    flip_aug: bool = False
+    color_aug: bool = False
+    random_crop: bool = False
+    face_crop_aug_range: tuple[float, float] | None = None
+    class_tokens: str | None = None
+    is_reg: bool = False
+    alpha_mask: bool = False
+    cache_info: bool = False
+    custom_attributes: dict | None = None
+    resize_interpolation: str | None = None
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    resolution: tuple[int, int] = (0, 0)  # (width, height)
+    batch_size: int = 1
+    enable_bucket: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+    network_multiplier: float = 1.0
+    resize_interpolation: str | None = None
+    prior_loss_weight: float = 1.0
+    validation_split: float = 0.0
+    validation_seed: int | None = None
+    subsets: tuple[SubsetConfig, ...] = field(default=())
+
+
+# Which table may set which key (sd-scripts' schema): subset-level keys may also be set on a dataset or in
+# [general] (they "ascend"); dataset-level keys in [general]; a few keys belong to the subset only.
+_SUBSET_ONLY = {"image_dir", "metadata_file", "is_reg", "alpha_mask"}
+_SUBSET_KEYS = {f.name for f in fields(SubsetConfig)}
+_DATASET_KEYS = {f.name for f in fields(DatasetConfig)} - {"subsets", "prior_loss_weight"}
+_TYPES: dict[str, Any] = {
+    **{f.name: f.type for f in fields(SubsetConfig)}, **{f.name: f.type for f in fields(DatasetConfig)},
+}
+
+
+def _expect(value: Any, key: str, where: str) -> Any:
+    """Check and convert one value; `where` names the file and table for the message."""
+    kind = _TYPES[key]
+
+    def fail(expected: str):
+        raise DatasetConfigError(f"{where}: '{key}' = {value!r}: expected {expected}")
+
+    if key == "resolution":
+        if isinstance(value, bool):
+            fail("a whole number or [width, height]")
+        if isinstance(value, int):
+            value = (value, value)
+        if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+            fail("a whole number or [width, height] of positive whole numbers")
+        return tuple(value)
+    if key == "face_crop_aug_range":
+        if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)):
+            fail("[min, max] numbers")
+        return tuple(float(v) for v in value)
+    if key in ("resize_interpolation",):
+        if value not in INTERPOLATIONS:
+            fail(f"one of {', '.join(INTERPOLATIONS)}")
+        return value
+    if "bool" in kind:
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if kind.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("a whole number")
+        if value < 0 or (key in ("batch_size", "num_repeats", "bucket_reso_steps", "min_bucket_reso", "max_bucket_reso") and value == 0):
+            fail("a positive whole number" if value == 0 else "a whole number >= 0")
+        return value
+    if kind.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail("a number")
+        if key.endswith("_rate") and not 0 <= value <= 1:
+            fail("a number between 0 and 1")
+        return float(value)
+    if kind.startswith("dict"):
+        if not isinstance(value, dict):
+            fail("a table")
+        return value
+    if not isinstance(value, str):
+        fail("a string")
+    return value
+
+
+def _check_keys(table: Mapping, allowed: set[str], where: str) -> None:
+    for key in table:
+        if key not in allowed:
+            hint = " (it belongs in a [[datasets.subsets]] table)" if key in _SUBSET_ONLY else ""
+            raise DatasetConfigError(f"{where}: unknown key '{key}'{hint}; valid keys: {', '.join(sorted(allowed))}")
+
+
+def load_dataset_config(path: str | os.PathLike, command_line: Mapping[str, Any] | None = None) -> list[DatasetConfig]:
+    """Datasets described by the TOML file at `path`; `command_line` holds values given as options (lower
+    precedence than the file), e.g. {"resolution": (1024, 1024), "caption_extension": ".txt"}."""
+    try:
+        import tomllib as toml_reader
+        syntax_error = toml_reader.TOMLDecodeError
+    except ModuleNotFoundError:  # Python 3.10
+        import toml as toml_reader
+        syntax_error = toml_reader.TomlDecodeError
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise DatasetConfigError(f"{path}: cannot be read ({e.strerror or e})") from e
+    try:
+        document = toml_reader.loads(text)
+    except syntax_error as e:
+        raise DatasetConfigError(f"{path}: not valid TOML ({e})") from e
+    return datasets_from_dict(document, command_line, source=str(path))
+
+
+def datasets_from_dict(document: Mapping[str, Any], command_line: Mapping[str, Any] | None = None,
+                       source: str = "dataset config") -> list[DatasetConfig]:
+    _check_keys(document, {"general", "datasets"}, source)
+    general = document.get("general", {})
+    if not isinstance(general, dict):
+        raise DatasetConfigError(f"{source}: [general] must be a table")
+    _check_keys(general, (_DATASET_KEYS | _SUBSET_KEYS) - _SUBSET_ONLY, f"{source} [general]")
+    datasets = document.get("datasets", [])
+    if not isinstance(datasets, list) or not datasets:
+        raise DatasetConfigError(f"{source}: needs at least one [[datasets]] table with [[datasets.subsets]]")
+    cli = {k: v for k, v in (command_line or {}).items() if v is not None}
+    out = []
+    for d, dataset in enumerate(datasets):
+        where = f"{source} [[datasets]] #{d + 1}"
+        _check_keys(dataset, (_DATASET_KEYS | _SUBSET_KEYS | {"subsets"}) - _SUBSET_ONLY, where)
+        subsets = dataset.get("subsets", [])
+        if not isinstance(subsets, list) or not subsets:
+            raise DatasetConfigError(f"{where}: needs at least one [[datasets.subsets]] table")
+
+        def lookup(key: str, *tables: tuple[Mapping, str]):
+            for table, table_where in tables:
+                if key in table:
+                    return _expect(table[key], key, table_where)
+            return cli.get(key)
+
+        levels = ((dataset, where), (general, f"{source} [general]"))
+        dataset_values = {k: v for k in _DATASET_KEYS if (v := lookup(k, *levels)) is not None}
+        if "prior_loss_weight" in cli:
+            dataset_values["prior_loss_weight"] = float(cli["prior_loss_weight"])
+        if "resolution" not in dataset_values:
+            raise DatasetConfigError(f"{where}: 'resolution' is required (here, in [general] or as --resolution)")
+        subset_configs = []
+        for s, subset in enumerate(subsets):
+            subset_where = f"{where} [[datasets.subsets]] #{s + 1}"
+            _check_keys(subset, _SUBSET_KEYS, subset_where)
+            values = {k: v for k in _SUBSET_KEYS if (v := lookup(k, (subset, subset_where), *levels)) is not None}
+            if "image_dir" not in values and "metadata_file" not in values:
+                raise DatasetConfigError(f"{subset_where}: 'image_dir' is required (or 'metadata_file' for "
+                                         "fine-tune style captions)")
+            subset_configs.append(SubsetConfig(**values))
+        kinds = {s.metadata_file is not None for s in subset_configs}
+        if len(kinds) > 1:
+            raise DatasetConfigError(f"{where}: subsets with 'metadata_file' and folder subsets cannot be mixed in one "
+                                     "dataset; put them in separate [[datasets]]")
+        config = DatasetConfig(**dataset_values, subsets=tuple(subset_configs))
+        _check_dataset(config, where)
+        out.append(config)
+    return out
+
+
+def _check_dataset(config: DatasetConfig, where: str) -> None:
+    if config.bucket_reso_steps % 16 and config.enable_bucket:
+        raise DatasetConfigError(f"{where}: 'bucket_reso_steps' = {config.bucket_reso_steps}: FLUX needs a multiple of 16 "
+                                 "(8x downscaled latents, packed in 2x2 patches)")
+    if config.enable_bucket and config.min_bucket_reso > config.max_bucket_reso:
+        raise DatasetConfigError(f"{where}: 'min_bucket_reso' {config.min_bucket_reso} is above 'max_bucket_reso' "
+                                 f"{config.max_bucket_reso}")
+    if config.enable_bucket and not config.bucket_no_upscale and max(config.resolution) > config.max_bucket_reso:
+        raise DatasetConfigError(f"{where}: 'max_bucket_reso' {config.max_bucket_reso} must be at least the resolution "
+                                 f"{config.resolution}")
+    if not config.enable_bucket and any(size % 16 for size in config.resolution):
+        raise DatasetConfigError(f"{where}: 'resolution' {list(config.resolution)}: without buckets each side must be a "
+                                 "multiple of 16")
+
+
+def single_folder_dataset(image_dir: str | os.PathLike, resolution: int | tuple[int, int], **options) -> DatasetConfig:
+    """One dataset of one folder: what the ComfyUI nodes and the demo build (same types, same checks)."""
+    subset_keys = {k: v for k, v in options.items() if k in _SUBSET_KEYS}
+    dataset_keys = {k: v for k, v in options.items() if k not in _SUBSET_KEYS}
+    unknown = set(dataset_keys) - {f.name for f in fields(DatasetConfig)}
+    if unknown:
+        raise DatasetConfigError(f"unknown dataset options: {', '.join(sorted(unknown))}")
+    resolution = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+    config = DatasetConfig(resolution=resolution, subsets=(SubsetConfig(image_dir=str(image_dir), **subset_keys),),
+                           **dataset_keys)
+    _check_dataset(config, "dataset")
+    return config
+
+
+__all__ = ["DatasetConfig", "SubsetConfig", "DatasetConfigError", "load_dataset_config", "datasets_from_dict",
+           "single_folder_dataset"]

@@ -1,0 +1,340 @@
+"""Datasets: the images of each subset with their captions and buckets, and batches drawn within one bucket.
+
+Order and augmentation are reproducible: each epoch's shuffle comes from `seed + epoch` and each item's random
+choices from (seed, epoch, batch, position), so a resumed run sees exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .buckets import BucketPlanner, Size
+from .captions import CaptionError, process_caption, read_caption
+from .config import DatasetConfig, SubsetConfig
+from .images import SkippedReport, color_aug, list_images, load_rgb, probe_all, resize_and_crop, to_tensor
+
+log = logging.getLogger(__name__)
+
+
+class DatasetError(ValueError):
+    pass
+
+
+@dataclass
+class ImageItem:
+    path: Path
+    caption: str
+    subset: SubsetConfig
+    size: Size  # displayed (width, height)
+    bucket: Size = (0, 0)
+    resized: Size = (0, 0)
+    repeats: int = 1
+    latents: dict | None = None  # in-memory latent cache: latents, latents_flipped, alpha_mask, original_size, crop_ltrb
+    latent_npz: Path | None = None
+    text: tuple | None = None  # in-memory text cache: (pooled, t5_out, t5_mask)
+    text_npz: Path | None = None
+
+
+@dataclass
+class Batch:
+    bucket: Size
+    paths: list[Path]
+    captions: list[str]
+    loss_weights: torch.Tensor  # [B]: prior_loss_weight for regularisation images, else 1
+    network_multiplier: float
+    images: torch.Tensor | None = None  # [B, 3, H, W] in [-1, 1] when latents are not cached
+    latents: torch.Tensor | None = None  # [B, 16, H/8, W/8] from the latent cache
+    alpha_masks: torch.Tensor | None = None  # [B, H, W] in [0, 1] with alpha_mask
+    text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # cached (pooled, t5_out, t5_mask)
+    flipped: list[bool] = field(default_factory=list)
+
+
+def _metadata_captions(subset: SubsetConfig) -> dict[Path, str]:
+    """Fine-tune style captions: {"image key": {"caption": ..., "tags": ...}} with keys as paths or stems."""
+    path = Path(subset.metadata_file)
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"metadata_file {path}: cannot be read as JSON ({e})") from e
+    base = Path(subset.image_dir) if subset.image_dir else path.parent
+    out = {}
+    for key, entry in entries.items():
+        candidates = [Path(key), base / key] + [base / (key + ext) for ext in (".png", ".jpg", ".jpeg", ".webp", ".bmp")]
+        image = next((c for c in candidates if c.is_file()), None)
+        if image is None:
+            log.warning("metadata_file %s: no image found for '%s'", path, key)
+            continue
+        caption = entry.get("caption") or ""
+        tags = entry.get("tags")
+        out[image] = f"{caption}, {tags}" if caption and tags else caption or tags or ""
+    return out
+
+
+def _subset_items(subset: SubsetConfig) -> tuple[list[ImageItem], dict[Path, str], list[Path]]:
+    """Items of one subset, the problems of its skipped files, and the images that had no caption."""
+    if subset.metadata_file:
+        captions = _metadata_captions(subset)
+        paths = sorted(captions)
+    else:
+        folder = Path(subset.image_dir)
+        if not folder.is_dir():
+            raise DatasetError(f"image_dir {folder}: not a folder")
+        paths = list_images(folder)
+        captions = {}
+    sizes, problems = probe_all(paths)
+    items, uncaptioned = [], []
+    for path in paths:
+        if path not in sizes:
+            continue
+        if subset.metadata_file:
+            caption = captions[path]
+        else:
+            try:
+                caption = read_caption(path, subset.caption_extension, subset.enable_wildcard)
+            except CaptionError as e:
+                problems[path] = str(e)
+                continue
+            if caption is None:
+                uncaptioned.append(path)
+                caption = subset.class_tokens or ""
+        items.append(ImageItem(path, caption, subset, sizes[path], repeats=subset.num_repeats))
+    return items, problems, uncaptioned
+
+
+class FluxDataset:
+    def __init__(self, config: DatasetConfig, seed: int = 0, name: str = "dataset"):
+        self.config = config
+        self.seed = seed
+        self.name = name
+        self.items: list[ImageItem] = []
+        problems: dict[Path, str] = {}
+        uncaptioned: list[Path] = []
+        for subset in config.subsets:
+            items, subset_problems, missing = _subset_items(subset)
+            self.items += items
+            problems.update(subset_problems)
+            uncaptioned += [p for p in missing if not subset.class_tokens]
+        self.skipped = SkippedReport(problems)
+        if problems:
+            log.warning("%s: %s", name, self.skipped.message())
+        if uncaptioned:
+            log.warning("%s: %d image(s) have no caption file and no class_tokens; they train with an empty caption "
+                        "(e.g. %s)", name, len(uncaptioned), uncaptioned[0])
+        train = [i for i in self.items if not i.subset.is_reg]
+        if not train:
+            where = ", ".join(str(s.image_dir or s.metadata_file) for s in config.subsets)
+            detail = f" ({len(problems)} file(s) could not be used)" if problems else ""
+            raise DatasetError(f"{name}: no usable training images in {where}{detail}")
+        self._balance_regularisation(train)
+        self.planner = BucketPlanner(config.resolution, config.min_bucket_reso, config.max_bucket_reso,
+                                     config.bucket_reso_steps, config.bucket_no_upscale, config.enable_bucket)
+        for item in self.items:
+            choice = self.planner.choose(*item.size)
+            item.bucket, item.resized = choice.bucket, choice.resized
+        self.buckets: dict[Size, list[int]] = {}
+        for index, item in enumerate(self.items):
+            self.buckets.setdefault(item.bucket, []).extend([index] * item.repeats)
+        self.buckets = dict(sorted(self.buckets.items()))
+        self.epoch = -1
+        self.set_epoch(0)
+
+    def _balance_regularisation(self, train: list[ImageItem]) -> None:
+        """sd-scripts' rule: regularisation images are taken, with their repeats, until they match the training
+        images in number; if one pass is not enough, they are repeated once more each, in turn."""
+        reg = [i for i in self.items if i.subset.is_reg]
+        if not reg:
+            return
+        target = sum(i.repeats for i in train)
+        for item in reg:
+            item.repeats = 0
+        count, first = 0, True
+        while count < target:
+            for item in reg:
+                item.repeats += item.subset.num_repeats if first else 1
+                count += item.subset.num_repeats if first else 1
+                if count >= target:
+                    break
+            first = False
+
+    # ------------------------------------------------------------------------------------------------ order
+
+    def bucket_table(self) -> list[tuple[Size, int]]:
+        """(bucket size, images including repeats), as sd-scripts logs it."""
+        return [(size, len(indices)) for size, indices in self.buckets.items()]
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch == self.epoch:
+            return
+        self.epoch = epoch
+        rng = random.Random(self.seed + epoch)
+        batch_size = self.config.batch_size
+        self.batches: list[tuple[Size, list[int]]] = []
+        for size, indices in self.buckets.items():
+            order = indices[:]
+            rng.shuffle(order)
+            self.batches += [(size, order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
+        rng.shuffle(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    # ------------------------------------------------------------------------------------------------ items
+
+    def item_rng(self, batch_index: int, position: int) -> random.Random:
+        return random.Random(f"{self.seed}:{self.epoch}:{batch_index}:{position}")
+
+    def caption_for(self, item: ImageItem, rng: random.Random, step: int = 0, max_train_steps: int = 0) -> str:
+        return process_caption(item.caption, item.subset, rng, self.epoch, step, max_train_steps)
+
+    def load_image(self, item: ImageItem, rng: random.Random | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """RGB uint8 at bucket size and the alpha mask (float32 [H, W]) when the subset uses one."""
+        pixels = load_rgb(item.path, with_alpha=item.subset.alpha_mask)
+        crop_rng = rng if (rng is not None and item.subset.random_crop) else None
+        interpolation = item.subset.resize_interpolation or self.config.resize_interpolation
+        pixels = resize_and_crop(pixels, item.resized, item.bucket, interpolation, crop_rng)
+        mask = pixels[..., 3].astype(np.float32) / 255.0 if item.subset.alpha_mask else None
+        return pixels[..., :3], mask
+
+    def batch(self, index: int, step: int = 0, max_train_steps: int = 0) -> Batch:
+        size, indices = self.batches[index]
+        out = Batch(size, [], [], torch.empty(0), self.config.network_multiplier)
+        images, latents, masks, texts, weights = [], [], [], [], []
+        for position, item_index in enumerate(indices):
+            item = self.items[item_index]
+            rng = self.item_rng(index, position)
+            flipped = item.subset.flip_aug and rng.random() < 0.5
+            cached = self._cached_latents(item, flipped)
+            if cached is not None:
+                latents.append(cached[0])
+                mask = cached[1]
+            else:
+                pixels, mask = self.load_image(item, rng)
+                if item.subset.color_aug:
+                    pixels = color_aug(pixels, rng)
+                if flipped:
+                    pixels = pixels[:, ::-1]
+                    mask = None if mask is None else mask[:, ::-1]
+                images.append(to_tensor(np.ascontiguousarray(pixels)))
+            if item.subset.alpha_mask:
+                masks.append(torch.as_tensor(np.ascontiguousarray(mask)) if mask is not None
+                             else torch.ones(size[1], size[0]))
+            text = self._cached_text(item)
+            if text is not None:
+                texts.append(text)
+            out.paths.append(item.path)
+            out.captions.append(self.caption_for(item, rng, step, max_train_steps))
+            out.flipped.append(flipped)
+            weights.append(self.config.prior_loss_weight if item.subset.is_reg else 1.0)
+        out.loss_weights = torch.tensor(weights)
+        if latents and images:
+            raise DatasetError(f"{self.name}: latents are cached for some images of a batch but not others")
+        out.latents = torch.stack(latents) if latents else None
+        out.images = torch.stack(images) if images else None
+        out.alpha_masks = torch.stack(masks) if masks else None
+        if texts:
+            if len(texts) != len(indices):
+                raise DatasetError(f"{self.name}: text-encoder outputs are cached for some captions of a batch only")
+            out.text = tuple(torch.stack([t[k] for t in texts]) for k in range(3))
+        return out
+
+    def _cached_latents(self, item: ImageItem, flipped: bool):
+        entry = item.latents
+        if entry is None and item.latent_npz is not None:
+            from .latent_cache import read_entry
+
+            entry = read_entry(item.latent_npz, item.bucket)
+        if entry is None:
+            return None
+        key = "latents_flipped" if flipped else "latents"
+        mask = entry.get("alpha_mask")
+        if mask is not None and flipped:
+            mask = mask[:, ::-1]
+        return torch.as_tensor(entry[key]), mask
+
+    def _cached_text(self, item: ImageItem):
+        if item.text is not None:
+            return item.text
+        if item.text_npz is not None:
+            from .text_cache import read_text_entry
+
+            return read_text_entry(item.text_npz)
+        return None
+
+    # ------------------------------------------------------------------------------------------------ summary
+
+    def summary(self) -> dict:
+        """What sd-scripts records about a dataset in a LoRA's metadata."""
+        dirs = {}
+        tags: dict[str, Counter] = {}
+        for item in self.items:
+            key = Path(item.subset.image_dir or item.subset.metadata_file).name
+            entry = dirs.setdefault(key, {"n_repeats": item.subset.num_repeats, "img_count": 0})
+            entry["img_count"] += 1
+            counter = tags.setdefault(key, Counter())
+            counter.update(t.strip() for t in item.caption.split(item.subset.caption_separator) if t.strip())
+        return {
+            "num_train_images": sum(i.repeats for i in self.items if not i.subset.is_reg),
+            "num_reg_images": sum(i.repeats for i in self.items if i.subset.is_reg),
+            "num_batches_per_epoch": len(self),
+            "resolution": list(self.config.resolution),
+            "batch_size_per_device": self.config.batch_size,
+            "enable_bucket": self.config.enable_bucket,
+            "bucket_info": {"buckets": {str(i): {"resolution": list(size), "count": count}
+                                        for i, (size, count) in enumerate(self.bucket_table())}},
+            "dataset_dirs": dirs,
+            "tag_frequency": {k: dict(v) for k, v in tags.items()},
+        }
+
+
+class DatasetGroup:
+    """Several datasets trained together (e.g. one folder at three resolutions); each epoch visits every batch of
+    every dataset once, in an order drawn from the seed."""
+
+    def __init__(self, datasets: list[FluxDataset], seed: int = 0):
+        if not datasets:
+            raise DatasetError("no datasets")
+        self.datasets = datasets
+        self.seed = seed
+        self.epoch = -1
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        for dataset in self.datasets:
+            dataset.set_epoch(epoch)
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.order = [(d, b) for d, ds in enumerate(self.datasets) for b in range(len(ds))]
+            random.Random(self.seed * 7919 + epoch).shuffle(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def batch(self, index: int, step: int = 0, max_train_steps: int = 0) -> Batch:
+        dataset, batch = self.order[index]
+        return self.datasets[dataset].batch(batch, step, max_train_steps)
+
+    def items(self):
+        for dataset in self.datasets:
+            yield from dataset.items
+
+    def log_buckets(self, write: Callable[[str], None] = log.info) -> None:
+        for dataset in self.datasets:
+            write(f"{dataset.name}: resolution {dataset.config.resolution}, batch size {dataset.config.batch_size}")
+            for i, (size, count) in enumerate(dataset.bucket_table()):
+                write(f"  bucket {i}: {size[0]}x{size[1]}, {count} images")
+
+
+def build_datasets(configs: list[DatasetConfig], seed: int = 0) -> DatasetGroup:
+    return DatasetGroup([FluxDataset(c, seed, name=f"dataset {i + 1}") for i, c in enumerate(configs)], seed)
+
+
+__all__ = ["FluxDataset", "DatasetGroup", "Batch", "ImageItem", "DatasetError", "build_datasets"]
