@@ -1,10 +1,57 @@
-"""Flow-matching math for FLUX.1 as pure functions: latent packing and position ids."""
+"""Flow-matching math for FLUX.1 as pure functions: latent packing and position ids, timestep sampling, noising,
+targets, prediction types, loss weighting and the loss itself. Formulas are sd-scripts' (see the README for the
+one place where we differ: the target of `sigma_scaled`).
+"""
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+TIMESTEP_SAMPLINGS = ("sigma", "uniform", "sigmoid", "shift", "flux_shift")
+PREDICTION_TYPES = ("raw", "additive", "sigma_scaled")
+WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "uniform")
+LOSS_TYPES = ("l1", "l2", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    timestep_sampling: str = "sigma"
+    sigmoid_scale: float = 1.0
+    discrete_flow_shift: float = 3.0
+    model_prediction_type: str = "sigma_scaled"
+    weighting_scheme: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    guidance_scale: float = 3.5
+    loss_type: str = "l2"
+    huber_schedule: str = "snr"
+    huber_c: float = 0.1
+    huber_scale: float = 1.0
+
+    def __post_init__(self):
+        for option, value, choices in (("timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS),
+                                       ("model_prediction_type", self.model_prediction_type, PREDICTION_TYPES),
+                                       ("weighting_scheme", self.weighting_scheme, WEIGHTING_SCHEMES),
+                                       ("loss_type", self.loss_type, LOSS_TYPES),
+                                       ("huber_schedule", self.huber_schedule, HUBER_SCHEDULES)):
+            if value not in choices:
+                raise ValueError(f"{option}: expected one of {', '.join(choices)}, not {value!r}")
+        if self.loss_type in ("huber", "smooth_l1") and self.huber_schedule == "snr":
+            # sd-scripts crashes here: its FLUX scheduler has no alphas_cumprod to compute an SNR from
+            raise ValueError("huber_schedule 'snr' needs an SNR that flow matching does not have; use "
+                             "--huber_schedule constant or exponential with --loss_type huber/smooth_l1")
+        if self.discrete_flow_shift <= 0:
+            raise ValueError(f"discrete_flow_shift: expected a positive number, not {self.discrete_flow_shift}")
+
+
+# ------------------------------------------------------------------------------------------------ packing
 
 def pack_latents(latents: Tensor) -> Tensor:
     """[B, C, 2h, 2w] -> [B, h*w, C*4]: 2x2 patches, channel index c*4 + row*2 + col, tokens row-major."""
@@ -32,3 +79,131 @@ def image_ids(batch: int, height: int, width: int, device=None, dtype=torch.floa
 
 def text_ids(batch: int, length: int, device=None, dtype=torch.float32) -> Tensor:
     return torch.zeros(batch, length, 3, device=device, dtype=dtype)
+
+
+def guidance_vector(batch: int, scale: float, device=None) -> Tensor:
+    return torch.full((batch,), float(scale), device=device)
+
+
+# ------------------------------------------------------------------------------------------------ timesteps
+
+def flux_shift_mu(image_tokens: int, base: float = 0.5, top: float = 1.15) -> float:
+    """mu linear in the packed image token count: 0.5 at 256 tokens, 1.15 at 4096 (1024x1024)."""
+    slope = (top - base) / (4096 - 256)
+    return slope * image_tokens + (base - slope * 256)
+
+
+def time_shift(mu: float, t: Tensor) -> Tensor:
+    return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+
+
+def shifted(sigma: Tensor, shift: float) -> Tensor:
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def _density(cfg: FlowConfig, n: Tensor, u: Tensor) -> Tensor:
+    """u in [0, 1) for the `sigma` sampling, from a normal draw `n` and a uniform draw `u` (per sample)."""
+    if cfg.weighting_scheme == "logit_normal":
+        return torch.sigmoid(cfg.logit_mean + cfg.logit_std * n)
+    if cfg.weighting_scheme == "mode":
+        return 1 - u - cfg.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    return u
+
+
+def sample_sigmas(cfg: FlowConfig, n: Tensor, u: Tensor, latent_height: int, latent_width: int) -> Tensor:
+    """sigma in (0, 1) per sample from one standard-normal `n` and one uniform `u` draw per sample (drawn by the
+    caller, so every sample's randomness is its own and reproducible)."""
+    mode = cfg.timestep_sampling
+    if mode == "uniform":
+        return u
+    if mode == "sigmoid":
+        return torch.sigmoid(cfg.sigmoid_scale * n)
+    if mode == "shift":
+        return shifted(torch.sigmoid(cfg.sigmoid_scale * n), cfg.discrete_flow_shift)
+    if mode == "flux_shift":
+        mu = flux_shift_mu((latent_height // 2) * (latent_width // 2))
+        return time_shift(mu, torch.sigmoid(cfg.sigmoid_scale * n))
+    # "sigma": a 1000-step schedule t = 1000..1, shifted; index floor(1000 u)
+    index = (_density(cfg, n, u) * NUM_TRAIN_TIMESTEPS).long().clamp(0, NUM_TRAIN_TIMESTEPS - 1)
+    t = (NUM_TRAIN_TIMESTEPS - index).to(torch.float64) / NUM_TRAIN_TIMESTEPS
+    return shifted(t, cfg.discrete_flow_shift).to(n.dtype)
+
+
+def noisy_latents(latents: Tensor, noise: Tensor, sigmas: Tensor) -> Tensor:
+    s = sigmas.view(-1, *([1] * (latents.ndim - 1)))
+    return (1 - s) * latents + s * noise
+
+
+# ------------------------------------------------------------------------------------------------ prediction and loss
+
+def target(latents: Tensor, noise: Tensor, cfg: FlowConfig) -> Tensor:
+    """The velocity noise - latents; for `sigma_scaled`, whose prediction estimates the clean latents, the clean
+    latents themselves (sd-scripts keeps noise - latents there, a defect)."""
+    if cfg.model_prediction_type == "sigma_scaled":
+        return latents
+    return noise - latents
+
+
+def apply_prediction_type(output: Tensor, noisy: Tensor, sigmas: Tensor, cfg: FlowConfig) -> tuple[Tensor, Tensor | None]:
+    """The prediction compared with `target`, and the loss weighting (sigma_scaled only)."""
+    if cfg.model_prediction_type == "raw":
+        return output, None
+    if cfg.model_prediction_type == "additive":
+        return output + noisy, None
+    s = sigmas.view(-1, *([1] * (output.ndim - 1)))
+    return output * (-s) + noisy, loss_weighting(cfg.weighting_scheme, s)
+
+
+def loss_weighting(scheme: str, sigmas: Tensor) -> Tensor:
+    if scheme == "sigma_sqrt":
+        return sigmas.float() ** -2.0
+    if scheme == "cosmap":
+        return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))
+    return torch.ones_like(sigmas)
+
+
+def huber_c(cfg: FlowConfig, sigmas: Tensor) -> Tensor | None:
+    if cfg.loss_type not in ("huber", "smooth_l1"):
+        return None
+    if cfg.huber_schedule == "exponential":
+        alpha = -math.log(cfg.huber_c) / NUM_TRAIN_TIMESTEPS
+        return torch.exp(-alpha * sigmas * NUM_TRAIN_TIMESTEPS) * cfg.huber_scale
+    return torch.full_like(sigmas, cfg.huber_c * cfg.huber_scale)
+
+
+def elementwise_loss(prediction: Tensor, target_: Tensor, loss_type: str, c: Tensor | None = None) -> Tensor:
+    diff = prediction.float() - target_.float()
+    if loss_type == "l2":
+        return diff**2
+    if loss_type == "l1":
+        return diff.abs()
+    c = c.view(-1, *([1] * (diff.ndim - 1)))
+    smooth = torch.sqrt(diff**2 + c**2) - c
+    return 2 * c * smooth if loss_type == "huber" else 2 * smooth
+
+
+def batch_loss(prediction: Tensor, target_: Tensor, cfg: FlowConfig, sigmas: Tensor, weighting: Tensor | None = None,
+               mask: Tensor | None = None, sample_weights: Tensor | None = None) -> Tensor:
+    """fp32 loss per element, x weighting x mask, mean over all but the batch, x per-sample weight, mean."""
+    loss = elementwise_loss(prediction, target_, cfg.loss_type, huber_c(cfg, sigmas))
+    if weighting is not None:
+        loss = loss * weighting
+    if mask is not None:
+        loss = loss * mask
+    loss = loss.mean(dim=tuple(range(1, loss.ndim)))
+    if sample_weights is not None:
+        loss = loss * sample_weights
+    return loss.mean()
+
+
+def alpha_mask_for_latents(mask: Tensor, latent_height: int, latent_width: int) -> Tensor:
+    """[B, H, W] pixel mask in [0, 1] -> [B, 1, h, w] at latent resolution (area average)."""
+    return torch.nn.functional.adaptive_avg_pool2d(mask[:, None].float(), (latent_height, latent_width))
+
+
+def sampling_schedule(steps: int, image_tokens: int, shift: bool = True) -> list[float]:
+    """Preview sampling times 1 -> 0, time-shifted with mu from the token count (dev; schnell: unshifted)."""
+    t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    if shift:
+        t = torch.cat([time_shift(flux_shift_mu(image_tokens), t[:-1]), t[-1:]])
+    return t.tolist()

@@ -135,12 +135,7 @@ def _check_keys(table: Mapping, allowed: set[str], where: str) -> None:
 def load_dataset_config(path: str | os.PathLike, command_line: Mapping[str, Any] | None = None) -> list[DatasetConfig]:
     """Datasets described by the TOML file at `path`; `command_line` holds values given as options (lower
     precedence than the file), e.g. {"resolution": (1024, 1024), "caption_extension": ".txt"}."""
-    try:
-        import tomllib as toml_reader
-        syntax_error = toml_reader.TOMLDecodeError
-    except ModuleNotFoundError:  # Python 3.10
-        import toml as toml_reader
-        syntax_error = toml_reader.TomlDecodeError
+    from ..tomlio import TOMLError, loads
 
     path = Path(path)
     try:
@@ -148,8 +143,8 @@ def load_dataset_config(path: str | os.PathLike, command_line: Mapping[str, Any]
     except OSError as e:
         raise DatasetConfigError(f"{path}: cannot be read ({e.strerror or e})") from e
     try:
-        document = toml_reader.loads(text)
-    except syntax_error as e:
+        document = loads(text)
+    except TOMLError as e:
         raise DatasetConfigError(f"{path}: not valid TOML ({e})") from e
     return datasets_from_dict(document, command_line, source=str(path))
 

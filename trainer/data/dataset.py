@@ -56,6 +56,7 @@ class Batch:
     alpha_masks: torch.Tensor | None = None  # [B, H, W] in [0, 1] with alpha_mask
     text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # cached (pooled, t5_out, t5_mask)
     flipped: list[bool] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)  # each sample's place in the whole (all-process) batch
 
 
 def _metadata_captions(subset: SubsetConfig) -> dict[Path, str]:
@@ -204,11 +205,17 @@ class FluxDataset:
         mask = pixels[..., 3].astype(np.float32) / 255.0 if item.subset.alpha_mask else None
         return pixels[..., :3], mask
 
-    def batch(self, index: int, step: int = 0, max_train_steps: int = 0) -> Batch:
+    def batch(self, index: int, step: int = 0, max_train_steps: int = 0, part: tuple[int, int] = (0, 1)) -> Batch:
+        """Batch `index` of this epoch; with `part` = (rank, world), that process's equal slice of it (random
+        choices depend on the position in the whole batch, so the slices together equal the whole)."""
         size, indices = self.batches[index]
+        rank, world = part
+        share = -(-len(indices) // world)
+        chosen = list(enumerate(indices))[rank * share:(rank + 1) * share]
         out = Batch(size, [], [], torch.empty(0), self.config.network_multiplier)
+        out.positions = [position for position, _ in chosen]
         images, latents, masks, texts, weights = [], [], [], [], []
-        for position, item_index in enumerate(indices):
+        for position, item_index in chosen:
             item = self.items[item_index]
             rng = self.item_rng(index, position)
             flipped = item.subset.flip_aug and rng.random() < 0.5
@@ -241,7 +248,7 @@ class FluxDataset:
         out.images = torch.stack(images) if images else None
         out.alpha_masks = torch.stack(masks) if masks else None
         if texts:
-            if len(texts) != len(indices):
+            if len(texts) != len(chosen):
                 raise DatasetError(f"{self.name}: text-encoder outputs are cached for some captions of a batch only")
             out.text = tuple(torch.stack([t[k] for t in texts]) for k in range(3))
         return out
@@ -318,9 +325,9 @@ class DatasetGroup:
     def __len__(self) -> int:
         return len(self.order)
 
-    def batch(self, index: int, step: int = 0, max_train_steps: int = 0) -> Batch:
+    def batch(self, index: int, step: int = 0, max_train_steps: int = 0, part: tuple[int, int] = (0, 1)) -> Batch:
         dataset, batch = self.order[index]
-        return self.datasets[dataset].batch(batch, step, max_train_steps)
+        return self.datasets[dataset].batch(batch, step, max_train_steps, part)
 
     def items(self):
         for dataset in self.datasets:

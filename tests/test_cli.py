@@ -1,0 +1,207 @@
+"""The flux_train_network command line: the seed guide's command runs as written (tiny files), every option
+family reaches the code it controls, bad combinations are named."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from trainspace import cli_args, make_workspace
+from trainer import cli
+from trainer.cli import build_parser, config_from_args, main
+
+SEED_GUIDE = ["--network_module=networks.lora_flux", "--network_dim=16", "--network_alpha=1", "--learning_rate=1e-4",
+              "--optimizer_type=AdamW8bit", "--lr_scheduler=constant", "--sdpa", "--max_train_epochs=2",
+              "--save_every_n_epochs=1", "--mixed_precision=fp16", "--gradient_checkpointing", "--guidance_scale=1.0",
+              "--timestep_sampling=flux_shift", "--model_prediction_type=raw", "--blocks_to_swap=2",
+              "--cache_text_encoder_outputs", "--cache_latents", "--save_model_as=safetensors",
+              "--output_name=my_flux_lora"]
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("ws"))
+
+
+def parse(ws, tokenizer_dirs, tmp_path, *extra):
+    return config_from_args(build_parser().parse_args(cli_args(ws, tokenizer_dirs, tmp_path) + list(extra)),
+                            warn=lambda text: None)
+
+
+def test_seed_guide_command_line_runs_end_to_end(ws, tokenizer_dirs, tmp_path, capsys):
+    assert main(cli_args(ws, tokenizer_dirs, tmp_path) + SEED_GUIDE) == 0
+    out = capsys.readouterr().out
+    assert "blocks_to_swap: training on the CPU" in out
+    assert (tmp_path / "my_flux_lora.safetensors").is_file() and (tmp_path / "my_flux_lora-000001.safetensors").is_file()
+    with safe_open(str(tmp_path / "my_flux_lora.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        meta = f.metadata()
+    assert any(k.startswith("lora_te1_") for k in keys)  # CLIP-L trained: T5 outputs cached, CLIP run each step
+    assert meta["ss_network_dim"] == "16" and meta["ss_mixed_precision"] == "fp16"
+    assert meta["ss_optimizer"] == "AdamW8bit" and meta["ss_num_epochs"] == "2"
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--blocks_to_swap", "4", "--cpu_offload_checkpointing", "--gradient_checkpointing"], "cannot be used together"),
+    (["--network_args", "train_t5xxl=True", "--cache_text_encoder_outputs"], "train_t5xxl"),
+    (["--fp8_base"], "fp8_base needs --mixed_precision"),
+    (["--loss_type", "huber"], "huber_schedule 'snr'"),
+    (["--optimizer_type", "NoSuchOptimizer", "--max_train_steps", "1"], "optimizer_type 'NoSuchOptimizer' is unknown"),
+    (["--save_model_as", "ckpt"], "only safetensors"),
+    (["--network_module", "networks.lora"], "only networks.lora_flux"),
+    (["--timestep_sampling", "logit"], "timestep_sampling: expected one of"),
+    (["--network_args", "train_double_block_indices=0-40", "--max_train_steps", "1"], "out of range"),
+    (["--blocks_to_swap", "40"], "blocks_to_swap: expected 0-35"),
+    (["--full_bf16"], "full_bf16 needs --mixed_precision bf16"),
+])
+def test_invalid_combinations_give_clear_errors(ws, tokenizer_dirs, tmp_path, capsys, extra, message):
+    assert main(cli_args(ws, tokenizer_dirs, tmp_path) + extra) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_data_and_bad_files_are_named(tokenizer_dirs, tmp_path, capsys, ws):
+    args = cli_args(ws, tokenizer_dirs, tmp_path)
+    i = args.index("--dataset_config")
+    assert main(args[:i] + args[i + 2:]) == 2
+    assert "no training data" in capsys.readouterr().err
+    bad = list(args)
+    bad[bad.index("--ae") + 1] = str(ws["clip_l"])
+    assert main(bad + ["--max_train_steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert str(ws["clip_l"]) in err and "expected the FLUX autoencoder" in err
+
+
+def test_options_that_do_not_apply_warn(ws, tokenizer_dirs, tmp_path):
+    warnings = []
+    ns = build_parser().parse_args(cli_args(ws, tokenizer_dirs, tmp_path) + ["--v2", "--clip_skip", "2",
+                                                                              "--max_token_length", "225", "--split_mode"])
+    config = config_from_args(ns, warn=warnings.append)
+    assert any("--v2" in w for w in warnings) and any("--clip_skip" in w for w in warnings)
+    assert any("--max_token_length" in w for w in warnings)
+    assert any("split_mode is deprecated" in w for w in warnings) and config.blocks_to_swap == 18
+
+
+def test_sd_scripts_defaults(ws, tokenizer_dirs, tmp_path):
+    c = parse(ws, tokenizer_dirs, tmp_path)
+    assert (c.flow.guidance_scale, c.flow.timestep_sampling, c.flow.model_prediction_type) == (3.5, "sigma", "sigma_scaled")
+    assert (c.flow.discrete_flow_shift, c.flow.weighting_scheme, c.flow.loss_type) == (3.0, "uniform", "l2")
+    assert (c.network.network_dim, c.network.network_alpha, c.learning_rate) == (4, 1.0, 2e-6)
+    assert (c.max_train_steps, c.max_grad_norm, c.lr_scheduler, c.mixed_precision) == (1600, 1.0, "constant", "no")
+    assert c.caption_extension == ".caption" and c.optimizer_type == ""
+
+
+def test_option_families_map_to_the_config(ws, tokenizer_dirs, tmp_path):
+    c = parse(ws, tokenizer_dirs, tmp_path, "--timestep_sampling", "shift", "--discrete_flow_shift", "3.1582",
+              "--sigmoid_scale", "2", "--weighting_scheme", "logit_normal", "--logit_mean", "0.3", "--logit_std", "1.2",
+              "--mode_scale", "1.1", "--loss_type", "smooth_l1", "--huber_schedule", "exponential", "--huber_c", "0.2",
+              "--huber_scale", "1.5", "--apply_t5_attn_mask", "--t5xxl_max_token_length", "256",
+              "--optimizer_type", "Adafactor", "--optimizer_args", "relative_step=False", "scale_parameter=False",
+              "--lr_scheduler", "cosine_with_restarts", "--lr_warmup_steps", "0.1", "--lr_scheduler_num_cycles", "3",
+              "--text_encoder_lr", "1e-5", "2e-5", "--unet_lr", "3e-4", "--network_args", "img_attn_dim=8",
+              "--gradient_accumulation_steps", "4", "--save_every_n_steps", "50", "--save_state",
+              "--mixed_precision", "bf16", "--full_bf16", "--save_precision", "bf16", "--seed", "9",
+              "--cache_latents_to_disk", "--cache_text_encoder_outputs_to_disk", "--network_train_unet_only")
+    f = c.flow
+    assert (f.timestep_sampling, f.discrete_flow_shift, f.sigmoid_scale) == ("shift", 3.1582, 2.0)
+    assert (f.weighting_scheme, f.logit_mean, f.logit_std, f.mode_scale) == ("logit_normal", 0.3, 1.2, 1.1)
+    assert (f.loss_type, f.huber_schedule, f.huber_c, f.huber_scale) == ("smooth_l1", "exponential", 0.2, 1.5)
+    assert c.apply_t5_attn_mask and c.t5xxl_max_token_length == 256
+    assert c.optimizer_type == "Adafactor" and c.optimizer_args == ("relative_step=False", "scale_parameter=False")
+    assert c.lr_scheduler == "cosine_with_restarts" and c.lr_warmup_steps == 0.1 and c.lr_scheduler_num_cycles == 3
+    assert c.text_encoder_lr == (1e-5, 2e-5) and c.unet_lr == 3e-4 and c.network.img_attn_dim == 8
+    assert c.gradient_accumulation_steps == 4 and c.save_every_n_steps == 50 and c.save_state
+    assert c.full_bf16 and c.save_precision == "bf16" and c.seed == 9
+    assert c.cache_latents and c.cache_text_encoder_outputs  # the _to_disk forms imply them
+
+
+def run_with_spies(ws, tokenizer_dirs, tmp_path, monkeypatch, *extra):
+    """Run two steps through the CLI, recording what reached the flux forward and the flow functions."""
+    from trainer import flow
+    from trainer.models.flux import Flux
+
+    seen = {"sigmas": [], "loss": [], "forward": []}
+    original_sigmas, original_loss, original_forward = flow.sample_sigmas, flow.elementwise_loss, Flux.forward
+
+    def sigmas(cfg, *args):
+        seen["sigmas"].append(cfg)
+        return original_sigmas(cfg, *args)
+
+    def loss(prediction, target, loss_type, c=None):
+        seen["loss"].append((loss_type, c))
+        return original_loss(prediction, target, loss_type, c)
+
+    def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, txt_attention_mask=None):
+        seen["forward"].append(dict(dtype=self.img_in.weight.dtype, guidance=guidance, mask=txt_attention_mask,
+                                    txt=txt.shape, checkpointing=self.gradient_checkpointing, autocast=torch.is_autocast_enabled("cpu")))
+        return original_forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance, txt_attention_mask)
+
+    monkeypatch.setattr(flow, "sample_sigmas", sigmas)
+    monkeypatch.setattr(flow, "elementwise_loss", loss)
+    monkeypatch.setattr(Flux, "forward", forward)
+    assert main(cli_args(ws, tokenizer_dirs, tmp_path) + ["--max_train_steps", "2", "--network_train_unet_only",
+                                                          "--cache_latents", "--cache_text_encoder_outputs"] + list(extra)) == 0
+    return seen
+
+
+def test_flow_options_reach_the_loss(ws, tokenizer_dirs, tmp_path, monkeypatch):
+    seen = run_with_spies(ws, tokenizer_dirs, tmp_path, monkeypatch, "--timestep_sampling", "shift",
+                          "--discrete_flow_shift", "5", "--loss_type", "huber", "--huber_schedule", "constant",
+                          "--huber_c", "0.3", "--guidance_scale", "2.5", "--apply_t5_attn_mask")
+    assert seen["sigmas"][0].timestep_sampling == "shift" and seen["sigmas"][0].discrete_flow_shift == 5.0
+    loss_type, c = seen["loss"][0]
+    assert loss_type == "huber" and torch.allclose(c, torch.full_like(c, 0.3))
+    call = seen["forward"][0]
+    assert torch.equal(call["guidance"], torch.full_like(call["guidance"], 2.5))
+    assert call["mask"] is not None and call["txt"][1] == 16
+
+
+def test_precision_and_checkpointing_reach_the_model(ws, tokenizer_dirs, tmp_path, monkeypatch):
+    seen = run_with_spies(ws, tokenizer_dirs, tmp_path, monkeypatch, "--mixed_precision", "bf16",
+                          "--gradient_checkpointing", "--save_precision", "bf16")
+    call = seen["forward"][0]
+    assert call["dtype"] == torch.bfloat16 and call["checkpointing"] and call["autocast"] and call["mask"] is None
+    with safe_open(str(tmp_path / "last.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+
+
+def test_fp8_base_keeps_block_weights_in_fp8(ws, tokenizer_dirs, tmp_path, monkeypatch):
+    from trainer import session as session_module
+
+    captured = {}
+    original = session_module.prepare
+
+    def prepare(*args, **kwargs):
+        s = original(*args, **kwargs)
+        captured["weight"] = s.flux.double_blocks[0].img_attn.qkv.weight.dtype
+        captured["optimizer"] = type(s.optimizer).__name__
+        captured["scheduler_lrs"] = [s.scheduler.lr_lambdas[0](i) for i in range(4)]
+        return s
+
+    monkeypatch.setattr(session_module, "prepare", prepare)
+    monkeypatch.setattr(cli, "main", cli.main)
+    import trainer.loop as loop_module
+
+    monkeypatch.setattr(loop_module, "prepare", prepare)
+    assert main(cli_args(ws, tokenizer_dirs, tmp_path) + ["--max_train_steps", "4", "--fp8_base", "--mixed_precision",
+                                                          "bf16", "--network_train_unet_only", "--optimizer_type",
+                                                          "Lion", "--lr_scheduler", "linear", "--lr_warmup_steps", "2"]) == 0
+    assert captured["weight"] == torch.float8_e4m3fn and captured["optimizer"] == "Lion"
+    assert captured["scheduler_lrs"] == [0.0, 0.5, 1.0, 0.5]
+
+
+def test_sample_prompts_write_pngs_named_like_sd_scripts(ws, tokenizer_dirs, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# a comment\na red circle --w 64 --h 48 --d 5 --s 3 --g 2.0\nblue square --n ugly --l 2.0 --s 2 --w 32 --h 32\n")
+    assert main(cli_args(ws, tokenizer_dirs, tmp_path) + ["--max_train_steps", "2", "--sample_prompts", str(prompts),
+                                                          "--sample_every_n_steps", "1", "--output_name", "pics",
+                                                          "--network_train_unet_only", "--seed", "11"]) == 0
+    names = sorted(p.name for p in (tmp_path / "sample").iterdir())
+    assert len(names) == 4
+    first = [n for n in names if n.startswith("pics_000001_00_")][0]
+    assert first.endswith("_5.png")  # prompt seed from --d
+    second = [n for n in names if n.startswith("pics_000001_01_")][0]
+    assert second.endswith("_12.png")  # no --d: run seed + prompt index
+    from PIL import Image
+
+    assert Image.open(tmp_path / "sample" / first).size == (64, 48)

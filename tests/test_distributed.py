@@ -1,0 +1,43 @@
+"""Several processes: torchrun with 2 CPU processes (gloo), each training half of every batch, ends with the same
+LoRA as one process with the same global batch."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from trainspace import cli_args, make_workspace
+from trainer.cli import main
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tokenizer_dirs):
+    ws = make_workspace(tmp_path / "ws", batch_size=2)
+    per_process = tmp_path / "ws" / "dataset_bs1.toml"
+    per_process.write_text(ws["toml"].read_text().replace("batch_size = 2", "batch_size = 1"))
+    common = ["--max_train_steps", "6", "--seed", "5", "--learning_rate", "2e-3", "--network_dim", "4",
+              "--network_train_unet_only", "--timestep_sampling", "flux_shift", "--model_prediction_type", "raw",
+              "--guidance_scale", "1.0", "--cache_text_encoder_outputs", "--cache_latents_to_disk",
+              "--output_name", "ddp"]
+    assert main(cli_args(ws, tokenizer_dirs, tmp_path / "single") + common) == 0
+
+    args = cli_args(ws, tokenizer_dirs, tmp_path / "two")
+    args[args.index("--dataset_config") + 1] = str(per_process)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(free_port()), "-m", "trainer"] + args + common,
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    single = load_file(tmp_path / "single" / "ddp.safetensors")
+    two = load_file(tmp_path / "two" / "ddp.safetensors")
+    assert single.keys() == two.keys()
+    assert max((single[k] - two[k]).abs().max().item() for k in single) < 1e-5
+    assert any(v.abs().max() > 0 for k, v in two.items() if "lora_up" in k)

@@ -1,0 +1,117 @@
+"""Prompt files and flags, sample file names, the Euler sampler; optimizers and schedules by sd-scripts' names."""
+
+import json
+import math
+from datetime import datetime
+
+import pytest
+import torch
+
+from trainer.config import ConfigError
+from trainer.optim import create_optimizer, lr_lambda, parse_optimizer_args, warmup_steps
+from trainer.sampling import PromptFileError, SamplePrompt, generate, parse_prompt_line, read_prompts, sample_filename
+
+
+def test_prompt_line_flags():
+    p = parse_prompt_line("a cat -- sitting --w 768 --h 512 --d 42 --s 28 --g 3.0 --l 4.0 --n blurry, ugly", 3)
+    assert p == SamplePrompt("a cat -- sitting", "blurry, ugly", 768, 512, 28, 3.0, 4.0, 42, 3)
+    assert parse_prompt_line("plain") == SamplePrompt("plain")
+    with pytest.raises(PromptFileError, match="--w 'big'"):
+        parse_prompt_line("x --w big")
+
+
+def test_prompt_files_txt_toml_json(tmp_path):
+    (tmp_path / "p.txt").write_text("# comment\n\nfirst --s 4\nsecond\n")
+    assert [p.prompt for p in read_prompts(tmp_path / "p.txt")] == ["first", "second"]
+    (tmp_path / "p.toml").write_text('[[prompt]]\nprompt = "a"\nwidth = 256\nsample_steps = 5\n[[prompt]]\nprompt = "b"\n'
+                                     'negative_prompt = "n"\nscale = 2.0\nguidance_scale = 1.5\nseed = 3\n')
+    toml = read_prompts(tmp_path / "p.toml")
+    assert toml[0].width == 256 and toml[0].steps == 5 and toml[1] == SamplePrompt("b", "n", guidance=1.5, scale=2.0, seed=3, index=1)
+    (tmp_path / "p.json").write_text(json.dumps([{"prompt": "j", "height": 128}]))
+    assert read_prompts(tmp_path / "p.json")[0].height == 128
+    (tmp_path / "bad.json").write_text(json.dumps([{"prompt": "j", "hieght": 128}]))
+    with pytest.raises(PromptFileError, match="hieght"):
+        read_prompts(tmp_path / "bad.json")
+    (tmp_path / "p.yaml").write_text("prompt: x")
+    with pytest.raises(PromptFileError, match="expected a .txt"):
+        read_prompts(tmp_path / "p.yaml")
+
+
+def test_sample_file_names():
+    now = datetime(2026, 11, 27, 9, 8, 7)
+    assert sample_filename("my", 2, 42, step=150, now=now) == "my_000150_02_20261127090807_42.png"
+    assert sample_filename("my", 0, None, epoch=3, now=now) == "my_e000003_00_20261127090807.png"
+    assert sample_filename(None, 1, 5, step=0, now=now) == "000000_01_20261127090807_5.png"
+
+
+def test_euler_sampler_integrates_the_velocity(golden):
+    """With a model whose velocity is constant, Euler from pure noise lands exactly at noise - velocity."""
+    from trainer.flow import pack_latents, unpack_latents
+    from trainer.models import load_flux
+
+    class ConstantVelocity(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.params = load_flux(golden / "flux_tiny_weights.safetensors").params
+            self.v = torch.randn(1, 16, 4, 4)
+
+        def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance, mask):
+            return pack_latents(self.v)
+
+    class Identity(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def decode(self, z):
+            self.seen = z
+            return torch.zeros(1, 3, 32, 32)
+
+    model, ae = ConstantVelocity(), Identity()
+    cond = (torch.zeros(1, 32), torch.zeros(1, 3, 48), None)
+    generate(model, ae, cond, SamplePrompt("x", width=32, height=32, steps=5, seed=9))
+    noise = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(9))
+    assert torch.allclose(ae.seen, noise - model.v, atol=1e-5)
+
+
+def test_optimizer_args_are_python_literals():
+    assert parse_optimizer_args(["relative_step=False", "betas=(0.9, 0.99)", "eps=1e-8", "mode=fast"]) == {
+        "relative_step": False, "betas": (0.9, 0.99), "eps": 1e-8, "mode": "fast"}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_optimizer_args(["relative_step"])
+
+
+@pytest.mark.parametrize("name,cls", [("", "AdamW"), ("AdamW", "AdamW"), ("adamw8bit", "AdamW8bit"), ("Lion", "Lion"),
+                                      ("SGDNesterov", "SGD"), ("Adafactor", "Adafactor"), ("torch.optim.RMSprop", "RMSprop")])
+def test_optimizers_by_name(name, cls):
+    param = torch.nn.Parameter(torch.randn(8, 8))
+    args = {"relative_step": False} if name == "Adafactor" else {}
+    optimizer = create_optimizer(name, [{"params": [param], "lr": 1e-3}], 1e-3, args)
+    assert type(optimizer).__name__ == cls
+    param.grad = torch.ones_like(param)
+    before = param.detach().clone()
+    optimizer.step()
+    assert not torch.equal(before, param)
+    if name == "SGDNesterov":
+        assert optimizer.param_groups[0]["nesterov"] and optimizer.param_groups[0]["momentum"] == 0.9
+
+
+def test_adafactor_relative_step_owns_the_lr():
+    param = torch.nn.Parameter(torch.randn(8, 8))
+    optimizer = create_optimizer("Adafactor", [{"params": [param], "lr": 1e-3}], 1e-3, {})
+    assert optimizer.param_groups[0]["lr"] is None and optimizer.param_groups[0]["relative_step"]
+
+
+def test_schedules():
+    assert [lr_lambda("constant_with_warmup", 4, 20)(s) for s in (0, 2, 4, 10)] == [0, 0.5, 1, 1]
+    linear = lr_lambda("linear", 0, 10)
+    assert [linear(s) for s in (0, 5, 10)] == [1, 0.5, 0]
+    cosine = lr_lambda("cosine", 0, 10)
+    assert cosine(5) == pytest.approx(0.5) and cosine(10) == pytest.approx(0)
+    restarts = lr_lambda("cosine_with_restarts", 0, 12, num_cycles=3)
+    assert restarts(4) == pytest.approx(1.0) and restarts(2) == pytest.approx(0.5)
+    poly = lr_lambda("polynomial", 0, 10, power=2.0)
+    assert poly(5) == pytest.approx((1 - 1e-7) * 0.25 + 1e-7)
+    assert warmup_steps(0.1, 200) == 20 and warmup_steps(7, 200) == 7
+    with pytest.raises(ConfigError):
+        lr_lambda("nope", 0, 1)

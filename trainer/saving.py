@@ -1,0 +1,131 @@
+"""LoRA files and state folders under sd-scripts' names, with its rotation rules and metadata."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .events import Reporter, Saved
+from .lora import lora_metadata, save_lora
+
+SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, None: torch.float32}
+
+
+class LoRAWriter:
+    def __init__(self, session):
+        self.s = session
+        self.config = session.config
+        self.folder = Path(self.config.output_dir)
+        self.name = self.config.name
+        self.started = time.time()
+
+    # ------------------------------------------------------------------------------------------ names
+
+    def epoch_path(self, epoch: int) -> Path:
+        return self.folder / f"{self.name}-{epoch:06d}.safetensors"
+
+    def step_path(self, step: int) -> Path:
+        return self.folder / f"{self.name}-step{step:08d}.safetensors"
+
+    def final_path(self) -> Path:
+        return self.folder / f"{self.name}.safetensors"
+
+    def state_folder_for_epoch(self, epoch: int) -> Path:
+        return self.folder / f"{self.name}-{epoch:06d}-state"
+
+    def state_folder_for_step(self, step: int) -> Path:
+        return self.folder / f"{self.name}-step{step:08d}-state"
+
+    def final_state_folder(self) -> Path:
+        return self.folder / f"{self.name}-state"
+
+    # ------------------------------------------------------------------------------------------ writing
+
+    def _save(self, path: Path, step: int, epoch: int, reporter: Reporter) -> Path | None:
+        if not self.s.world.is_main:
+            return None
+        save_lora(self.s.network, path, self.metadata(step, epoch), SAVE_DTYPES[self.config.save_precision])
+        reporter.emit(Saved(path, "lora", step))
+        return path
+
+    def save_final(self, step: int, epoch: int, reporter: Reporter) -> Path | None:
+        return self._save(self.final_path(), step, epoch, reporter)
+
+    def save_epoch(self, epoch: int, step: int, reporter: Reporter) -> None:
+        self._save(self.epoch_path(epoch), step, epoch, reporter)
+        keep = self.config.save_last_n_epochs
+        if keep and self.config.save_every_n_epochs:
+            old = epoch - self.config.save_every_n_epochs * keep
+            if old > 0:
+                self.epoch_path(old).unlink(missing_ok=True)
+
+    def save_step(self, step: int, epoch: int, reporter: Reporter) -> None:
+        self._save(self.step_path(step), step, epoch, reporter)
+        self._drop_old_steps(step, "{name}-step*.safetensors", lambda p: p.unlink(missing_ok=True))
+
+    def rotate_states_for_epoch(self, epoch: int) -> None:
+        keep = self.config.save_last_n_epochs
+        if keep and self.config.save_every_n_epochs:
+            old = epoch - self.config.save_every_n_epochs * keep
+            if old > 0:
+                shutil.rmtree(self.state_folder_for_epoch(old), ignore_errors=True)
+
+    def rotate_states_for_step(self, step: int) -> None:
+        self._drop_old_steps(step, "{name}-step*-state", lambda p: shutil.rmtree(p, ignore_errors=True))
+
+    def _drop_old_steps(self, step: int, pattern: str, remove) -> None:
+        """--save_last_n_steps N: keep what was saved in the last N steps."""
+        keep = self.config.save_last_n_steps
+        if not keep or not self.s.world.is_main:
+            return
+        for path in self.folder.glob(pattern.format(name=self.name)):
+            digits = path.name[len(self.name) + len("-step"):][:8]
+            if digits.isdigit() and int(digits) <= step - keep:
+                remove(path)
+
+    # ------------------------------------------------------------------------------------------ metadata
+
+    def metadata(self, step: int, epoch: int) -> dict[str, str]:
+        c, s = self.config, self.s
+        summaries = [d.summary() for d in s.datasets.datasets]
+        training = {
+            "ss_output_name": c.output_name or "", "ss_learning_rate": c.learning_rate, "ss_unet_lr": c.unet_lr,
+            "ss_text_encoder_lr": list(c.text_encoder_lr) if c.text_encoder_lr else c.learning_rate,
+            "ss_num_train_images": sum(x["num_train_images"] for x in summaries),
+            "ss_num_reg_images": sum(x["num_reg_images"] for x in summaries),
+            "ss_num_batches_per_epoch": len(s.datasets), "ss_num_epochs": s.epochs,
+            "ss_gradient_checkpointing": c.gradient_checkpointing,
+            "ss_gradient_accumulation_steps": c.gradient_accumulation_steps, "ss_max_train_steps": s.total_steps,
+            "ss_lr_warmup_steps": c.lr_warmup_steps, "ss_lr_scheduler": c.lr_scheduler,
+            "ss_mixed_precision": c.mixed_precision, "ss_full_fp16": c.full_fp16, "ss_seed": s.seed,
+            "ss_optimizer": c.optimizer_type or "AdamW" + (f"({','.join(c.optimizer_args)})" if c.optimizer_args else ""),
+            "ss_max_grad_norm": c.max_grad_norm, "ss_prior_loss_weight": c.prior_loss_weight,
+            "ss_caption_dropout_rate": _first(s, "caption_dropout_rate"),
+            "ss_caption_tag_dropout_rate": _first(s, "caption_tag_dropout_rate"),
+            "ss_loss_type": c.flow.loss_type, "ss_huber_schedule": c.flow.huber_schedule, "ss_huber_c": c.flow.huber_c,
+            "ss_huber_scale": c.flow.huber_scale, "ss_fp8_base": c.fp8_base, "ss_fp8_base_unet": c.fp8_base_unet,
+            "ss_apply_t5_attn_mask": c.apply_t5_attn_mask, "ss_weighting_scheme": c.flow.weighting_scheme,
+            "ss_logit_mean": c.flow.logit_mean, "ss_logit_std": c.flow.logit_std, "ss_mode_scale": c.flow.mode_scale,
+            "ss_guidance_scale": c.flow.guidance_scale, "ss_timestep_sampling": c.flow.timestep_sampling,
+            "ss_sigmoid_scale": c.flow.sigmoid_scale, "ss_model_prediction_type": c.flow.model_prediction_type,
+            "ss_discrete_flow_shift": c.flow.discrete_flow_shift, "ss_steps": step, "ss_epoch": epoch,
+            "ss_training_finished_at": time.time(), "ss_training_comment": c.training_comment or "",
+            "ss_datasets": json.dumps(summaries),
+            "ss_tag_frequency": json.dumps({k: v for x in summaries for k, v in x["tag_frequency"].items()}),
+            "ss_dataset_dirs": json.dumps({k: v for x in summaries for k, v in x["dataset_dirs"].items()}),
+        }
+        resolution = s.datasets.datasets[0].config.resolution
+        return lora_metadata(c.network, s.flux.params.variant, c.metadata_title or c.output_name, resolution,
+                             {k: v if isinstance(v, str) else json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+                              for k, v in training.items()}, timestamp=self.started)
+
+
+def _first(session, option: str):
+    for dataset in session.datasets.datasets:
+        for subset in dataset.config.subsets:
+            return getattr(subset, option)
+    return 0

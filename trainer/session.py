@@ -1,0 +1,225 @@
+"""Everything the loop needs, prepared from a TrainConfig: models, datasets, caches, the network and optimizer.
+
+Text encoders and the autoencoder are loaded for caching and released afterwards when their outputs are cached
+(the autoencoder stays on the CPU if previews need it).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import random
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from . import data
+from .config import ConfigError, TrainConfig
+from .distributed import World
+from .events import Message, Phase, Reporter
+from .lora import LoRANetwork, read_lora
+from .models import load_autoencoder, load_clip_l, load_flux, load_t5xxl
+from .optim import create_optimizer, create_scheduler, parse_optimizer_args, warmup_steps
+from .sampling import SamplePrompt, read_prompts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    config: TrainConfig
+    world: World
+    device: torch.device
+    weight_dtype: torch.dtype
+    seed: int
+    flux: torch.nn.Module
+    datasets: data.DatasetGroup
+    network: LoRANetwork
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    total_steps: int
+    epochs: int
+    steps_per_epoch: int
+    t5_length: int
+    ae: torch.nn.Module | None = None
+    clip_l: torch.nn.Module | None = None
+    t5: torch.nn.Module | None = None
+    prompts: list[SamplePrompt] = field(default_factory=list)
+    prompt_conds: list[tuple] = field(default_factory=list)  # (cond, negative) per prompt, pre-encoded
+    train_clip: bool = False
+    train_t5: bool = False
+
+
+def _weight_dtype(config: TrainConfig) -> torch.dtype:
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
+
+
+def _dataset_configs(config: TrainConfig, world: World) -> list[data.DatasetConfig]:
+    command_line = {"resolution": config.resolution, "batch_size": config.train_batch_size,
+                    "caption_extension": config.caption_extension, "enable_bucket": config.enable_bucket,
+                    "min_bucket_reso": config.min_bucket_reso, "max_bucket_reso": config.max_bucket_reso,
+                    "bucket_reso_steps": config.bucket_reso_steps, "bucket_no_upscale": config.bucket_no_upscale,
+                    "prior_loss_weight": config.prior_loss_weight}
+    if config.dataset_config:
+        configs = data.load_dataset_config(config.dataset_config, command_line)
+    else:
+        configs = [_folder_dataset(config, command_line)]
+    # each process trains an equal slice of every batch: the datasets draw whole (all-process) batches
+    return [replace(c, batch_size=c.batch_size * world.size) for c in configs]
+
+
+def _folder_dataset(config: TrainConfig, command_line: dict) -> data.DatasetConfig:
+    """--train_data_dir in sd-scripts' DreamBooth convention: subfolders named `<repeats>_<class tokens>`."""
+    root = Path(config.train_data_dir)
+    if config.resolution is None:
+        raise ConfigError("--train_data_dir needs --resolution")
+    if not root.is_dir():
+        raise ConfigError(f"train_data_dir: {root} is not a folder")
+    subsets = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        repeats, _, tokens = folder.name.partition("_")
+        if not repeats.isdigit():
+            log.warning("train_data_dir: skipping %s (not named <repeats>_<class tokens>)", folder)
+            continue
+        subsets.append(data.SubsetConfig(image_dir=str(folder), num_repeats=int(repeats), class_tokens=tokens or None,
+                                         caption_extension=config.caption_extension))
+    if not subsets:
+        subsets = [data.SubsetConfig(image_dir=str(root), caption_extension=config.caption_extension)]
+    fields = {k: v for k, v in command_line.items() if k not in ("caption_extension",) and v is not None}
+    fields["resolution"] = tuple(config.resolution)
+    return data.DatasetConfig(subsets=tuple(subsets), **fields)
+
+
+def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch.device) -> Session:
+    seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
+    if config.seed is None:
+        reporter.emit(Message(f"no --seed given: using {seed}"))
+    torch.manual_seed(seed)
+    dtype = _weight_dtype(config)
+    _check_memory_options(config, device, reporter)
+
+    reporter.emit(Phase("loading the transformer"))
+    flux = load_flux(config.pretrained_model_name_or_path, dtype=dtype, device=device,
+                     fp8=config.fp8_base or config.fp8_base_unet)
+    flux.gradient_checkpointing = config.gradient_checkpointing
+    t5_length = config.t5xxl_max_token_length or (512 if flux.params.guidance_embed else 256)
+
+    reporter.emit(Phase("reading the datasets"))
+    datasets = data.build_datasets(_dataset_configs(config, world), seed)
+    datasets.log_buckets(lambda line: reporter.emit(Message(line)))
+    for dataset in datasets.datasets:
+        if dataset.skipped.problems:
+            reporter.emit(Message(f"{dataset.name}: {dataset.skipped.message()}", "warning"))
+
+    lora = config.network
+    train_clip = not lora.network_train_unet_only
+    train_t5 = lora.train_t5xxl
+    need_ae = not config.cache_latents or bool(config.sample_prompts)
+    ae = load_autoencoder(config.ae, dtype=torch.float32 if device.type == "cpu" else dtype, device=device)
+    if config.cache_latents:
+        reporter.emit(Phase("caching latents"))
+        progress = lambda phase, done, total: reporter.emit(Phase(phase, done, total))  # noqa: E731
+        _cache_share(world, datasets, lambda group: data.cache_latents(
+            group, ae, config.cache_latents_to_disk, config.vae_batch_size, seed, progress), config.cache_latents_to_disk)
+    if not need_ae:
+        ae = None
+    elif config.cache_latents:
+        ae = ae.to("cpu")  # kept for decoding previews only
+
+    clip_l = load_clip_l(config.clip_l, dtype=dtype if device.type != "cpu" else torch.float32, device=device,
+                         tokenizer=config.clip_l_tokenizer)
+    t5 = load_t5xxl(config.t5xxl, dtype=dtype if device.type != "cpu" else torch.float32, device=device,
+                    tokenizer=config.t5xxl_tokenizer, max_length=t5_length)
+    if clip_l.model.config.hidden_size != flux.params.vec_in_dim:
+        raise ConfigError(f"clip_l {config.clip_l}: pooled size {clip_l.model.config.hidden_size} does not fit the "
+                          f"transformer's vector input of {flux.params.vec_in_dim} (a CLIP-G or other encoder?)")
+    if t5.model.config.d_model != flux.params.context_in_dim:
+        raise ConfigError(f"t5xxl {config.t5xxl}: hidden size {t5.model.config.d_model} does not fit the transformer's "
+                          f"text input of {flux.params.context_in_dim}")
+    prompts = read_prompts(config.sample_prompts) if config.sample_prompts else []
+    conds = [_encode_prompt(clip_l, t5, p, config.apply_t5_attn_mask) for p in prompts]
+    if config.cache_text_encoder_outputs:
+        reporter.emit(Phase("caching text-encoder outputs"))
+        progress = lambda phase, done, total: reporter.emit(Phase(phase, done, total))  # noqa: E731
+        batch = config.text_encoder_batch_size or config.vae_batch_size
+        _cache_share(world, datasets, lambda group: data.cache_text_outputs(
+            group, clip_l, t5, config.cache_text_encoder_outputs_to_disk, batch, config.apply_t5_attn_mask, progress),
+            config.cache_text_encoder_outputs_to_disk)
+        if not train_clip:
+            clip_l = None
+        if not train_t5:
+            t5 = None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    network = _network(config, flux, clip_l if train_clip else None, t5 if train_t5 else None, dtype)
+    network.attach()
+    groups = network.param_groups(config.learning_rate, config.unet_lr,
+                                  list(config.text_encoder_lr) if config.text_encoder_lr else None)
+    if not groups:
+        raise ConfigError("nothing to train: every learning rate is 0")
+    optimizer = create_optimizer(config.optimizer_type, groups, config.learning_rate,
+                                 parse_optimizer_args(config.optimizer_args))
+    steps_per_epoch = -(-len(datasets) // config.gradient_accumulation_steps)
+    if config.max_train_epochs:
+        total = config.max_train_epochs * steps_per_epoch
+    else:
+        total = config.max_train_steps
+    epochs = -(-total // steps_per_epoch)
+    scheduler = create_scheduler(config.lr_scheduler, optimizer, warmup_steps(config.lr_warmup_steps, total), total,
+                                 config.lr_scheduler_num_cycles, config.lr_scheduler_power,
+                                 config.lr_scheduler_min_lr_ratio, warmup_steps(config.lr_decay_steps, total))
+    return Session(config, world, device, dtype, seed, flux, datasets, network, optimizer, scheduler, total, epochs,
+                   steps_per_epoch, t5_length, ae, clip_l, t5, prompts, conds, train_clip, train_t5)
+
+
+def _check_memory_options(config: TrainConfig, device: torch.device, reporter: Reporter) -> None:
+    for option, active in (("blocks_to_swap", bool(config.blocks_to_swap)),
+                           ("cpu_offload_checkpointing", config.cpu_offload_checkpointing)):
+        if not active:
+            continue
+        if device.type == "cpu":
+            reporter.emit(Message(f"{option}: training on the CPU, nothing to move off a GPU; ignored"))
+        else:
+            raise ConfigError(f"{option} is accepted but its machinery has not landed yet; train without it "
+                              "(or with --fp8_base to save memory)")
+
+
+def _cache_share(world: World, datasets: data.DatasetGroup, run, to_disk: bool) -> None:
+    """With several processes and a disk cache, each encodes its share, then all read every file."""
+    if world.enabled and to_disk:
+        for dataset in datasets.datasets:
+            keep = dataset.items
+            dataset.items = world.share(keep)
+            try:
+                run(data.DatasetGroup([dataset], datasets.seed))
+            finally:
+                dataset.items = keep
+        world.barrier()
+    run(datasets)  # every process: reuses the files just written, or fills its memory cache
+
+
+def _encode_prompt(clip_l, t5, prompt: SamplePrompt, apply_mask: bool) -> tuple:
+    def one(text: str) -> tuple:
+        with torch.no_grad():
+            pooled = clip_l.encode(text).float().cpu()
+            ids, mask = t5.tokenize(text)
+            hidden = t5(ids, mask if apply_mask else None).float().cpu()
+        return pooled, hidden, (mask if apply_mask else None)
+
+    return one(prompt.prompt), (one(prompt.negative_prompt) if prompt.scale != 1.0 else None)
+
+
+def _network(config: TrainConfig, flux, clip_l, t5, dtype: torch.dtype) -> LoRANetwork:
+    lora_dtype = dtype if config.full_bf16 or config.full_fp16 else torch.float32
+    if config.network_weights and config.dim_from_weights:
+        weights, _ = read_lora(config.network_weights)
+        network = LoRANetwork.from_weights(weights, flux, clip_l, t5, config=config.network, dtype=lora_dtype)
+    else:
+        network = LoRANetwork.create(config.network, flux, clip_l, t5, dtype=lora_dtype)
+        if config.network_weights:
+            weights, _ = read_lora(config.network_weights)
+            network.load_kohya(weights)
+    return network
