@@ -205,3 +205,32 @@ def test_sample_prompts_write_pngs_named_like_sd_scripts(ws, tokenizer_dirs, tmp
     from PIL import Image
 
     assert Image.open(tmp_path / "sample" / first).size == (64, 48)
+
+
+def test_learning_rates_and_grad_clipping_reach_the_optimizer(ws, tokenizer_dirs, tmp_path, monkeypatch):
+    import trainer.loop as loop_module
+
+    clipped, groups = [], {}
+    original_clip = torch.nn.utils.clip_grad_norm_
+    original_prepare = loop_module.prepare
+
+    def clip(params, max_norm, *args, **kwargs):
+        clipped.append(max_norm)
+        return original_clip(params, max_norm, *args, **kwargs)
+
+    def prepare(*args, **kwargs):
+        s = original_prepare(*args, **kwargs)
+        groups.update({g["name"]: g["lr"] for g in s.optimizer.param_groups})
+        return s
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    monkeypatch.setattr(loop_module, "prepare", prepare)
+    assert main(cli_args(ws, tokenizer_dirs, tmp_path) + [
+        "--max_train_steps", "2", "--learning_rate", "1e-4", "--unet_lr", "3e-4", "--text_encoder_lr", "2e-5",
+        "--max_grad_norm", "0.25", "--network_args", "loraplus_lr_ratio=4"]) == 0
+    assert groups == {"lora_unet": 3e-4, "lora_unet plus": pytest.approx(12e-4), "lora_te1": 2e-5,
+                      "lora_te1 plus": pytest.approx(8e-5)}
+    assert clipped == [0.25, 0.25]
+    assert main(cli_args(ws, tokenizer_dirs, tmp_path) + ["--max_train_steps", "1", "--max_grad_norm", "0",
+                                                          "--network_train_unet_only"]) == 0
+    assert clipped == [0.25, 0.25]  # 0 turns clipping off

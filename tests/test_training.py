@@ -47,14 +47,15 @@ def test_training_drives_the_loss_down_and_the_lora_changes_the_model(ws, tokeni
     assert reporter.of(Finished)[0].lora == path == tmp_path / "test_lora.safetensors"
 
 
-def test_resume_matches_an_uninterrupted_run_bit_exactly(ws, tokenizer_dirs, tmp_path):
+@pytest.mark.parametrize("stop_at", [4, 6], ids=["at-an-epoch-end", "inside-an-epoch"])
+def test_resume_matches_an_uninterrupted_run_bit_exactly(ws, tokenizer_dirs, tmp_path, stop_at):
     common = dict(max_train_steps=10, lr_scheduler="cosine", lr_warmup_steps=3, optimizer_type="AdamW",
                   max_grad_norm=0.5)
     straight = train(config(ws, tokenizer_dirs, tmp_path / "a", **common), SilentReporter())
-    stopper = StopAfter(6)  # 4 batches per epoch: stops inside the second epoch
+    stopper = StopAfter(stop_at)  # 4 batches per epoch
     train(config(ws, tokenizer_dirs, tmp_path / "b", **common), stopper)
     finished = stopper.of(Finished)[0]
-    assert finished.stopped_early and finished.steps == 6
+    assert finished.stopped_early and finished.steps == stop_at
     state = tmp_path / "b" / "test_lora-state"
     assert (state / "train_state.json").is_file() and any(e.kind == "state" for e in stopper.of(Saved))
     resumed = train(config(ws, tokenizer_dirs, tmp_path / "b", resume=str(state), **common), SilentReporter())

@@ -111,7 +111,8 @@ class Loop:
         self.model = self.step_module
         if session.world.enabled:
             ids = [session.device.index] if session.device.type == "cuda" else None
-            self.model = torch.nn.parallel.DistributedDataParallel(self.step_module, device_ids=ids)
+            self.model = torch.nn.parallel.DistributedDataParallel(  # module_dropout may skip a LoRA for a step
+                self.step_module, device_ids=ids, find_unused_parameters=bool(self.config.network.module_dropout))
         self.scaler = torch.amp.GradScaler(session.device.type) if self.config.mixed_precision == "fp16" else None
         self.writer = LoRAWriter(session)
         self.losses: list[float] = []
@@ -171,47 +172,48 @@ class Loop:
             f"{s.steps_per_epoch}), {len(s.datasets)} batches per epoch, device {s.device}"))
         if cfg.sample_at_first and self.position.global_step == 0:
             self._sample(step=0)
-        stopped = False
         s.flux.train()
         s.network.train()
-        accumulation = cfg.gradient_accumulation_steps
+        stopped = False
         for epoch in range(self.position.epoch, s.epochs):
             s.datasets.set_epoch(epoch)
             self.position.epoch = epoch
-            start = self.position.next_batch
-            micro, micro_losses = 0, 0.0
-            for index in range(start, len(s.datasets)):
-                last_in_epoch = index == len(s.datasets) - 1
-                sync = (micro + 1) % accumulation == 0 or last_in_epoch
-                step = self.position.global_step
-                batch = s.datasets.batch(index, step, s.total_steps, (s.world.rank, s.world.size))
-                no_sync = self.model.no_sync() if (s.world.enabled and not sync) else contextlib.nullcontext()
-                with no_sync:
-                    loss = self.model(batch, step)
-                    scaled = loss / accumulation
-                    (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-                micro_losses += loss.detach().item()
-                micro += 1
-                if not sync:
-                    continue
-                self._optimizer_step()
-                self.position.global_step += 1
-                self.position.next_batch = index + 1
-                self._after_step(micro_losses / micro, epoch)
-                micro, micro_losses = 0, 0.0
-                if self.reporter.should_stop():
-                    stopped = True
-                    break
-                if self.position.global_step >= s.total_steps:
-                    break
+            stopped = self._train_epoch(epoch)
+            if self.position.next_batch >= len(s.datasets):  # the epoch ran to its end
+                self.position.epoch, self.position.next_batch = epoch + 1, 0
+                done = self.position.global_step >= s.total_steps or epoch + 1 == s.epochs
+                self._end_of_epoch(epoch + 1, final=done)
             if stopped or self.position.global_step >= s.total_steps:
-                if not stopped and self.position.next_batch >= len(s.datasets):
-                    self._end_of_epoch(epoch, final=True)
                 break
-            self.position.next_batch = 0
-            self._end_of_epoch(epoch, final=epoch == s.epochs - 1)
-            self.position.epoch = epoch + 1
         return self._finish(stopped)
+
+    def _train_epoch(self, epoch: int) -> bool:
+        """Train from `position.next_batch` to the end of the epoch (or the last step); True if asked to stop."""
+        s, accumulation = self.s, self.config.gradient_accumulation_steps
+        micro, micro_losses = 0, 0.0
+        for index in range(self.position.next_batch, len(s.datasets)):
+            sync = (micro + 1) % accumulation == 0 or index == len(s.datasets) - 1
+            step = self.position.global_step
+            batch = s.datasets.batch(index, step, s.total_steps, (s.world.rank, s.world.size))
+            no_sync = self.model.no_sync() if (s.world.enabled and not sync) else contextlib.nullcontext()
+            with no_sync:
+                loss = self.model(batch, step)
+                scaled = loss / accumulation
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            micro_losses += loss.detach().item()
+            micro += 1
+            if not sync:
+                continue
+            self._optimizer_step()
+            self.position.global_step += 1
+            self.position.next_batch = index + 1
+            self._after_step(micro_losses / micro, epoch)
+            micro, micro_losses = 0, 0.0
+            if self.reporter.should_stop():
+                return True
+            if self.position.global_step >= s.total_steps:
+                return False
+        return False
 
     def _optimizer_step(self) -> None:
         cfg, s = self.config, self.s
@@ -245,17 +247,13 @@ class Loop:
         if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:
             self._sample(step=step)
 
-    def _end_of_epoch(self, epoch: int, final: bool) -> None:
+    def _end_of_epoch(self, number: int, final: bool) -> None:
+        """After epoch `number` (1-based); the position already points at the next epoch's first batch."""
         cfg = self.config
-        number = epoch + 1
         if cfg.save_every_n_epochs and number % cfg.save_every_n_epochs == 0 and not final:
             self.writer.save_epoch(number, self.position.global_step, self.reporter)
             if cfg.save_state:
-                self.position.next_batch = 0
-                saved_epoch = self.position.epoch
-                self.position.epoch = epoch + 1
                 self.save_state(self.writer.state_folder_for_epoch(number))
-                self.position.epoch = saved_epoch
                 self.writer.rotate_states_for_epoch(number)
         if cfg.sample_every_n_epochs and number % cfg.sample_every_n_epochs == 0:
             self._sample(epoch=number)
@@ -264,7 +262,8 @@ class Loop:
         s, cfg = self.s, self.config
         if self.last_sampled != self.position.global_step:
             self._sample(step=self.position.global_step)  # previews of the finished LoRA
-        path = self.writer.save_final(self.position.global_step, self.position.epoch + 1, self.reporter)
+        epochs_seen = self.position.epoch + (1 if self.position.next_batch else 0)
+        path = self.writer.save_final(self.position.global_step, epochs_seen, self.reporter)
         if cfg.save_state_on_train_end or stopped or (cfg.save_state and not cfg.save_every_n_epochs and not cfg.save_every_n_steps):
             self.save_state(self.writer.final_state_folder())
         if self.metrics:
