@@ -58,7 +58,7 @@ class LoRAWriter:
     def save_epoch(self, epoch: int, step: int, reporter: Reporter) -> None:
         self._save(self.epoch_path(epoch), step, epoch, reporter)
         keep = self.config.save_last_n_epochs
-        if keep and self.config.save_every_n_epochs:
+        if keep and self.config.save_every_n_epochs and self.s.world.is_main:
             old = epoch - self.config.save_every_n_epochs * keep
             if old > 0:
                 self.epoch_path(old).unlink(missing_ok=True)
@@ -69,7 +69,7 @@ class LoRAWriter:
 
     def rotate_states_for_epoch(self, epoch: int) -> None:
         keep = self.config.save_last_n_epochs
-        if keep and self.config.save_every_n_epochs:
+        if keep and self.config.save_every_n_epochs and self.s.world.is_main:
             old = epoch - self.config.save_every_n_epochs * keep
             if old > 0:
                 shutil.rmtree(self.state_folder_for_epoch(old), ignore_errors=True)

@@ -19,7 +19,7 @@ from .config import ConfigError, TrainConfig
 from .distributed import World
 from .events import Message, Phase, Reporter
 from .lora import LoRANetwork, read_lora
-from .models import load_autoencoder, load_clip_l, load_flux, load_t5xxl
+from .models import load_autoencoder, load_clip_l, load_flux, load_t5xxl, read_flux_params
 from .optim import create_optimizer, create_scheduler, parse_optimizer_args, warmup_steps
 from .sampling import SamplePrompt, read_prompts
 
@@ -99,11 +99,9 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
     dtype = _weight_dtype(config)
     _check_memory_options(config, device, reporter)
 
-    reporter.emit(Phase("loading the transformer"))
-    flux = load_flux(config.pretrained_model_name_or_path, dtype=dtype, device=device,
-                     fp8=config.fp8_base or config.fp8_base_unet)
-    flux.gradient_checkpointing = config.gradient_checkpointing
-    t5_length = config.t5xxl_max_token_length or (512 if flux.params.guidance_embed else 256)
+    # the transformer is loaded last: encoders and the autoencoder do their caching without it in memory
+    params = read_flux_params(config.pretrained_model_name_or_path)
+    t5_length = config.t5xxl_max_token_length or (512 if params.guidance_embed else 256)
 
     reporter.emit(Phase("reading the datasets"))
     datasets = data.build_datasets(_dataset_configs(config, world), seed)
@@ -131,12 +129,12 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
                          tokenizer=config.clip_l_tokenizer)
     t5 = load_t5xxl(config.t5xxl, dtype=dtype if device.type != "cpu" else torch.float32, device=device,
                     tokenizer=config.t5xxl_tokenizer, max_length=t5_length)
-    if clip_l.model.config.hidden_size != flux.params.vec_in_dim:
+    if clip_l.model.config.hidden_size != params.vec_in_dim:
         raise ConfigError(f"clip_l {config.clip_l}: pooled size {clip_l.model.config.hidden_size} does not fit the "
-                          f"transformer's vector input of {flux.params.vec_in_dim} (a CLIP-G or other encoder?)")
-    if t5.model.config.d_model != flux.params.context_in_dim:
+                          f"transformer's vector input of {params.vec_in_dim} (a CLIP-G or other encoder?)")
+    if t5.model.config.d_model != params.context_in_dim:
         raise ConfigError(f"t5xxl {config.t5xxl}: hidden size {t5.model.config.d_model} does not fit the transformer's "
-                          f"text input of {flux.params.context_in_dim}")
+                          f"text input of {params.context_in_dim}")
     prompts = read_prompts(config.sample_prompts) if config.sample_prompts else []
     conds = [_encode_prompt(clip_l, t5, p, config.apply_t5_attn_mask) for p in prompts]
     if config.cache_text_encoder_outputs:
@@ -153,6 +151,11 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+    reporter.emit(Phase("loading the transformer"))
+    flux = load_flux(config.pretrained_model_name_or_path, dtype=dtype, device=device,
+                     fp8=config.fp8_base or config.fp8_base_unet)
+    flux.gradient_checkpointing = config.gradient_checkpointing
 
     network = _network(config, flux, clip_l if train_clip else None, t5 if train_t5 else None, dtype)
     network.attach()

@@ -164,6 +164,20 @@ def load_flux(path: str | os.PathLike, dtype: torch.dtype | None = None, device:
     fp8: keep the Linear weights inside the blocks in fp8 (the file's fp8 type, else `torch.float8_e4m3fn`, or
     the dtype given), upcast on each call; everything else in `dtype`.
     """
+    file, component, source, params = _flux_source(path)
+    with torch.device("meta"):
+        model = Flux(params)
+    block_linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "_blocks." in n]
+    _fill(model, source, _compute_dtype(file, component.prefix, dtype), _fp8_storage(file, fp8), block_linears, device)
+    return _finish(model)
+
+
+def read_flux_params(path: str | os.PathLike) -> FluxParams:
+    """The transformer's sizes (dev or schnell, depth ...) from the file's header alone, without loading it."""
+    return _flux_source(path)[3]
+
+
+def _flux_source(path: str | os.PathLike) -> tuple[SafetensorsFile, Component, TensorSource, FluxParams]:
     file, component = _open(path, "a FLUX.1 transformer (BFL, ComfyUI or diffusers layout)", ("flux", "flux_diffusers"))
     if component.kind == "flux_diffusers":
         source = TensorSource.flux_from_diffusers(file, component.prefix)
@@ -173,11 +187,7 @@ def load_flux(path: str | os.PathLike, dtype: torch.dtype | None = None, device:
         params = FluxParams.from_shapes(source.shapes, _config_metadata(file))
     except (KeyError, ValueError) as e:
         raise file.error(f"holds {component.describe()} that cannot be built: {e}") from e
-    with torch.device("meta"):
-        model = Flux(params)
-    block_linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "_blocks." in n]
-    _fill(model, source, _compute_dtype(file, component.prefix, dtype), _fp8_storage(file, fp8), block_linears, device)
-    return _finish(model)
+    return file, component, source, params
 
 
 def _fill(model: nn.Module, source: TensorSource, compute: torch.dtype, weight_fp8: torch.dtype | None,
