@@ -234,3 +234,23 @@ def test_learning_rates_and_grad_clipping_reach_the_optimizer(ws, tokenizer_dirs
     assert main(cli_args(ws, tokenizer_dirs, tmp_path) + ["--max_train_steps", "1", "--max_grad_norm", "0",
                                                           "--network_train_unet_only"]) == 0
     assert clipped == [0.25, 0.25]  # 0 turns clipping off
+
+
+def test_network_weights_continue_and_dim_from_weights(ws, tokenizer_dirs, tmp_path):
+    from safetensors.torch import load_file
+
+    first = tmp_path / "first"
+    assert main(cli_args(ws, tokenizer_dirs, first) + ["--max_train_steps", "3", "--learning_rate", "2e-3",
+                                                       "--network_dim", "6", "--network_train_unet_only"]) == 0
+    trained = load_file(first / "last.safetensors")
+    for extra in (["--network_dim", "6"], ["--dim_from_weights"]):
+        out = tmp_path / extra[0].strip("-")
+        assert main(cli_args(ws, tokenizer_dirs, out) + ["--max_train_steps", "1", "--learning_rate", "1e-12",
+                                                         "--network_weights", str(first / "last.safetensors"),
+                                                         "--network_train_unet_only"] + extra) == 0
+        continued = load_file(out / "last.safetensors")
+        assert continued.keys() == trained.keys()
+        assert max((continued[k] - trained[k]).abs().max().item() for k in trained) < 1e-6
+    assert main(cli_args(ws, tokenizer_dirs, tmp_path / "bad") + [
+        "--max_train_steps", "1", "--network_weights", str(first / "last.safetensors"), "--network_dim", "4",
+        "--network_train_unet_only"]) == 2

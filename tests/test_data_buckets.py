@@ -54,8 +54,34 @@ def test_image_goes_to_nearest_aspect_and_is_scaled_to_cover(resolution, lo, hi)
         assert choice.resized[0] >= expected[0] and choice.resized[1] >= expected[1]
 
 
+def no_upscale_rule(w, h, area, step):
+    """sd-scripts' rule, step by step: scale to the area keeping the aspect, round the width (or the height) to the
+    step, keep the one whose aspect error is smaller, then floor both sides to the step."""
+    def rnd(x):
+        x = int(x + 0.5)
+        return x - x % step
+
+    aspect = w / h
+    if w * h > area:
+        rw = math.sqrt(area * aspect)
+        rh = area / rw
+        by_width = (rnd(rw), rnd(rnd(rw) / aspect))
+        by_height = (rnd(rnd(rh) * aspect), rnd(rh))
+        if abs(by_width[0] / by_width[1] - aspect) < abs(by_height[0] / by_height[1] - aspect):
+            resized = (by_width[0], int(by_width[0] / aspect + 0.5))
+        else:
+            resized = (int(by_height[1] * aspect + 0.5), by_height[1])
+    else:
+        resized = (w, h)
+    return (resized[0] - resized[0] % step, resized[1] - resized[1] % step), resized
+
+
 def test_bucket_no_upscale_at_512():
     planner = BucketPlanner((512, 512), 256, 1024, 64, no_upscale=True)
+    for w, h in SIZES:
+        choice = planner.choose(w, h)
+        assert (choice.bucket, choice.resized) == no_upscale_rule(w, h, 512 * 512, 64), (w, h)
+    assert planner.choose(1920, 1080).bucket == (640, 384) and planner.choose(1920, 1080).resized == (683, 384)
     small = planner.choose(300, 200)
     assert small.resized == (300, 200) and small.bucket == (256, 192)  # own size floored to the step
     big = planner.choose(1920, 1080)
