@@ -254,3 +254,21 @@ def test_network_weights_continue_and_dim_from_weights(ws, tokenizer_dirs, tmp_p
     assert main(cli_args(ws, tokenizer_dirs, tmp_path / "bad") + [
         "--max_train_steps", "1", "--network_weights", str(first / "last.safetensors"), "--network_dim", "4",
         "--network_train_unet_only"]) == 2
+
+
+def test_train_data_dir_in_dreambooth_convention(tmp_path, ws, tokenizer_dirs):
+    from datagen import rgb
+    from trainer.distributed import World
+    from trainer.session import _dataset_configs
+
+    rgb(tmp_path / "data" / "10_sks dog" / "a.png", 64, 64, caption=None)
+    rgb(tmp_path / "data" / "1_dog" / "b.png", 64, 64, caption=None)
+    (tmp_path / "data" / "notes").mkdir()
+    args = cli_args(ws, tokenizer_dirs, tmp_path / "out")
+    i = args.index("--dataset_config")
+    c = config_from_args(build_parser().parse_args(args[:i] + args[i + 2:] + [
+        "--train_data_dir", str(tmp_path / "data"), "--resolution", "64,64", "--train_batch_size", "3",
+        "--enable_bucket"]), warn=lambda text: None)
+    (dataset,) = _dataset_configs(c, World(rank=0, size=2))
+    assert [(s.num_repeats, s.class_tokens) for s in dataset.subsets] == [(10, "sks dog"), (1, "dog")]
+    assert dataset.resolution == (64, 64) and dataset.enable_bucket and dataset.batch_size == 6  # 3 per process x 2
