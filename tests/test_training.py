@@ -94,3 +94,28 @@ def test_metadata_of_the_trained_lora(ws, tokenizer_dirs, tmp_path):
     assert meta["ss_timestep_sampling"] == "flux_shift" and meta["ss_guidance_scale"] == "1.0"
     assert "red" in meta["ss_tag_frequency"] or "a red circle on a white background" in meta["ss_tag_frequency"]
     assert meta["ss_num_train_images"] == "8" and meta["ss_seed"] == "3"
+
+
+def test_without_caches_the_encoders_run_each_step_reproducibly(ws, tokenizer_dirs, tmp_path, monkeypatch):
+    from trainer.models.autoencoder import AutoEncoder
+    from trainer.models.text_encoders import T5XXL
+
+    calls = {"ae": 0, "t5": 0}
+    encode, t5_forward = AutoEncoder.encode, T5XXL.forward
+
+    def counting_encode(self, *args, **kwargs):
+        calls["ae"] += 1
+        return encode(self, *args, **kwargs)
+
+    def counting_t5(self, *args, **kwargs):
+        calls["t5"] += 1
+        return t5_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(AutoEncoder, "encode", counting_encode)
+    monkeypatch.setattr(T5XXL, "forward", counting_t5)
+    options = dict(cache_latents=False, cache_text_encoder_outputs=False, max_train_steps=3)
+    a = train(config(ws, tokenizer_dirs, tmp_path / "a", **options), SilentReporter())
+    assert calls == {"ae": 3, "t5": 3}
+    b = train(config(ws, tokenizer_dirs, tmp_path / "b", **options), SilentReporter())
+    first, second = load_file(a), load_file(b)
+    assert all(torch.equal(first[k], second[k]) for k in first)

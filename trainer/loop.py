@@ -17,8 +17,8 @@ from torch import Tensor
 from . import flow
 from .checkpoint import Position, load_state, save_state
 from .config import TrainConfig
-from .distributed import World, init_world, pick_device
-from .events import Finished, Message, Phase, Reporter, Samples, Saved, StepEnd
+from .distributed import init_world, pick_device
+from .events import Finished, Message, Reporter, Samples, Saved, StepEnd
 from .saving import LoRAWriter
 from .session import Session, prepare
 from .sampling import generate, sample_filename, with_seed
@@ -44,14 +44,20 @@ def train(config: TrainConfig, reporter: Reporter) -> Path | None:
     return Loop(session, reporter).run()
 
 
-def _sample_noise(session: Session, step: int, positions: list[int], shape: tuple) -> tuple[Tensor, Tensor, Tensor]:
-    noises, normals, uniforms = [], [], []
+def _sample_noise(session: Session, step: int, positions: list[int], shape: tuple,
+                  posterior: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Per sample: the noise, the normal and uniform draws for its timestep, and (when latents are encoded now)
+    the draw for sampling the autoencoder's posterior; each from its own generator."""
+    noises, normals, uniforms, posteriors = [], [], [], []
     for position in positions:
         g = torch.Generator().manual_seed((session.seed * 1_000_003 + step * 65_537 + position) % 2**63)
         normals.append(torch.randn((), generator=g))
         uniforms.append(torch.rand((), generator=g))
         noises.append(torch.randn(shape, generator=g))
-    return torch.stack(noises), torch.stack(normals), torch.stack(uniforms)
+        if posterior:
+            posteriors.append(torch.randn(shape, generator=g))
+    return (torch.stack(noises), torch.stack(normals), torch.stack(uniforms),
+            torch.stack(posteriors) if posterior else None)
 
 
 def _text(session: Session, batch) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -74,14 +80,19 @@ def _text(session: Session, batch) -> tuple[Tensor, Tensor, Tensor | None]:
 
 def _loss(session: Session, batch, step: int) -> Tensor:
     cfg, device = session.config.flow, session.device
-    if batch.latents is not None:
-        latents = batch.latents.to(device, torch.float32)
+    encode_now = batch.latents is None
+    if encode_now:
+        b, _, height, width = batch.images.shape
+        shape = (session.ae.params.z_channels, height // 8, width // 8)
     else:
-        generator = torch.Generator(device=device).manual_seed(session.seed + step)
+        shape = tuple(batch.latents.shape[1:])
+    noise, n, u, posterior = _sample_noise(session, step, batch.positions, shape, posterior=encode_now)
+    if encode_now:
         with torch.no_grad():
-            latents = session.ae.encode(batch.images.to(device), generator=generator).float()
+            latents = session.ae.encode(batch.images.to(device), noise=posterior.to(device)).float()
+    else:
+        latents = batch.latents.to(device, torch.float32)
     b, _, h, w = latents.shape
-    noise, n, u = _sample_noise(session, step, batch.positions, tuple(latents.shape[1:]))
     noise = noise.to(device)
     sigmas = flow.sample_sigmas(cfg, n, u, h, w).to(device)
     noisy = flow.noisy_latents(latents, noise, sigmas)

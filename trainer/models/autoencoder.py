@@ -206,15 +206,18 @@ class AutoEncoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.encoder.conv_in.weight.dtype
 
-    def encode(self, x: Tensor, sample: bool = True, generator: torch.Generator | None = None) -> Tensor:
+    def encode(self, x: Tensor, sample: bool = True, generator: torch.Generator | None = None,
+               noise: Tensor | None = None) -> Tensor:
         """Images in [-1, 1], [B, 3, H, W] -> latents scale * (z - shift), [B, z_channels, H/8, W/8].
-        `sample` draws z from the posterior (as training does); otherwise z is its mean."""
+        `sample` draws z from the posterior (as training does; with `noise` given, z = mean + std * noise);
+        otherwise z is its mean."""
         mean, logvar = self.encoder(x.to(self.dtype)).chunk(2, dim=1)
         z = mean
         if sample:
             std = torch.exp(0.5 * logvar)
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-            z = mean + std * noise
+            if noise is None:
+                noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            z = mean + std * noise.to(mean.dtype)
         return self.params.scale_factor * (z - self.params.shift_factor)
 
     def decode(self, latents: Tensor) -> Tensor:
