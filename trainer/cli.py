@@ -160,8 +160,8 @@ def config_from_args(ns: argparse.Namespace, warn=print) -> TrainConfig:
             warn(f"--{option} does not apply to FLUX ({why}); ignored")
     if ns.network_module != "networks.lora_flux":
         raise ConfigError(f"network_module: only networks.lora_flux is supported, not {ns.network_module!r}")
-    if ns.guidance_scale != 1.0 and ns.timestep_sampling is not None:
-        warn(f"--guidance_scale {ns.guidance_scale}: 1.0 is recommended for training FLUX.1-dev")
+    if ns.guidance_scale != 1.0:
+        warn(f"--guidance_scale {ns.guidance_scale}: 1.0 is recommended for training FLUX.1-dev (schnell ignores it)")
     if ns.sample_sampler.lower() not in ("euler", "k_euler"):
         warn(f"--sample_sampler {ns.sample_sampler}: previews use the Euler flow-matching sampler")
     blocks_to_swap = ns.blocks_to_swap

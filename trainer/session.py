@@ -114,7 +114,9 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
     train_clip = not lora.network_train_unet_only
     train_t5 = lora.train_t5xxl
     need_ae = not config.cache_latents or bool(config.sample_prompts)
-    ae = load_autoencoder(config.ae, dtype=torch.float32 if device.type == "cpu" else dtype, device=device)
+    # the autoencoder is small: float32, or bfloat16 with bf16 training on a GPU (fp16 risks overflow in it)
+    ae_dtype = torch.bfloat16 if dtype == torch.bfloat16 and device.type == "cuda" else torch.float32
+    ae = load_autoencoder(config.ae, dtype=ae_dtype, device=device)
     if config.cache_latents:
         reporter.emit(Phase("caching latents"))
         progress = lambda phase, done, total: reporter.emit(Phase(phase, done, total))  # noqa: E731
