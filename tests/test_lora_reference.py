@@ -68,3 +68,12 @@ def run_without(model, io, network):
         return run(model, io)
     finally:
         network.attach()
+
+
+def test_applying_the_same_lora_again_sets_its_strength(model, io, expected, golden):
+    apply_lora(model, golden / "flux_tiny_lora.safetensors", multiplier=1.0)
+    apply_lora(model, golden / "flux_tiny_lora.safetensors", multiplier=0.5)
+    assert (run(model, io) - expected["out_lora_multiplier_0_5"]).abs().max() < TOL
+    apply_lora(model, load_file(golden / "flux_tiny_lora.safetensors"), multiplier=1.0)  # same tensors, as a dict
+    assert (run(model, io) - expected["out_lora_multiplier_1"]).abs().max() < TOL
+    assert len(model.__dict__["_lora_networks"]) == 1

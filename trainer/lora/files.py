@@ -74,13 +74,20 @@ def apply_lora(model: nn.Module, path_or_state_dict: str | os.PathLike | Mapping
                multiplier: float = 1.0, merge: bool = False) -> nn.Module:
     """Apply a LoRA to `model` (FLUX, CLIP-L or T5) at `multiplier` and return the model.
 
-    Unmerged (default), the LoRA runs beside each layer and `remove_loras(model)` takes it off again; with `merge`
-    its weights are added into the model's. Layers for other models in the file (text encoders when `model` is
+    Unmerged (default), the LoRA runs beside each layer and `remove_loras(model)` takes it off again; applying the
+    same LoRA again sets its multiplier (different LoRAs stack). With `merge` its weights are added into the
+    model's. Layers for other models in the file (text encoders when `model` is
     FLUX, say) are skipped; layers that address nothing in a model of this kind are an error.
     """
     weights, _ = read_lora(path_or_state_dict)
     kind = _model_kind(model)
+    fingerprint = _fingerprint(weights)
+    for attached in model.__dict__.get("_lora_networks", []):
+        if attached.fingerprint == fingerprint:  # the same LoRA again: a new strength, not a second copy
+            attached.set_multiplier(multiplier)
+            return model
     network = LoRANetwork.from_weights(weights, **{kind: model})
+    network.fingerprint = fingerprint
     if not network.loras:
         raise LoRAWeightsError(f"the LoRA has no layers for a {type(model).__name__} "
                                f"({len(network.skipped)} layers are for other models)")
@@ -91,6 +98,14 @@ def apply_lora(model: nn.Module, path_or_state_dict: str | os.PathLike | Mapping
     else:
         model.__dict__.setdefault("_lora_networks", []).append(network)
     return model
+
+
+def _fingerprint(weights: dict[str, Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(weights):
+        digest.update(key.encode())
+        digest.update(weights[key].detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def remove_loras(model: nn.Module) -> None:

@@ -40,6 +40,8 @@ class LoRANetwork(nn.Module):
         if len(set(names)) != len(names):
             raise ValueError("duplicate LoRA names")
         self.by_name = {m.lora_name: m for m in self.loras}
+        self.skipped: list[str] = []  # file layers for models that were not given (from_weights)
+        self.fingerprint: str | None = None  # content hash, set by apply_lora
 
     # ---------------------------------------------------------------------------------------- building
 
