@@ -97,3 +97,17 @@ def test_seed_guide_datasets_build_three_resolutions(folder, tmp_path):
     lines = []
     group.log_buckets(lines.append)
     assert any("bucket 0" in line for line in lines)
+
+
+def test_batches_split_between_processes(folder):
+    dataset = make(folder, batch_size=3)
+    assert any(len(indices) == 1 for _, indices in dataset.batches)  # the 80x80 image is alone in its bucket
+    for index in range(len(dataset)):
+        whole = dataset.batch(index)
+        parts = [dataset.batch(index, part=(rank, 2)) for rank in range(2)]
+        assert sum((p.paths for p in parts), []) == whole.paths or len(whole.paths) == 1
+        assert sum((p.positions for p in parts), []) == whole.positions or len(whole.paths) == 1
+        if len(whole.paths) == 1:  # one image, two processes: the second repeats it with weight 0
+            assert parts[1].paths == whole.paths and float(parts[1].loss_weights.sum()) == 0
+        else:
+            assert torch.equal(torch.cat([p.images for p in parts]), whole.images)

@@ -212,6 +212,9 @@ class FluxDataset:
         rank, world = part
         share = -(-len(indices) // world)
         chosen = list(enumerate(indices))[rank * share:(rank + 1) * share]
+        idle = not chosen  # fewer images than processes: repeat one with weight 0 so every process steps together
+        if idle:
+            chosen = list(enumerate(indices))[-1:]
         out = Batch(size, [], [], torch.empty(0), self.config.network_multiplier)
         out.positions = [position for position, _ in chosen]
         images, latents, masks, texts, weights = [], [], [], [], []
@@ -241,7 +244,7 @@ class FluxDataset:
             out.captions.append(self.caption_for(item, rng, step, max_train_steps))
             out.flipped.append(flipped)
             weights.append(self.config.prior_loss_weight if item.subset.is_reg else 1.0)
-        out.loss_weights = torch.tensor(weights)
+        out.loss_weights = torch.tensor(weights) * (0.0 if idle else 1.0)
         if latents and images:
             raise DatasetError(f"{self.name}: latents are cached for some images of a batch but not others")
         out.latents = torch.stack(latents) if latents else None
