@@ -31,7 +31,19 @@ def expect_error(load, path, *fragments):
 
 
 def test_sdxl_checkpoint_given_as_flux(tmp_path):
-    expect_error(load_flux, sdxl_checkpoint(tmp_path / "sd_xl_base_1.0.safetensors"), "SDXL UNet", "expected a FLUX.1 transformer")
+    message = expect_error(load_flux, sdxl_checkpoint(tmp_path / "sd_xl_base_1.0.safetensors"), "SDXL UNet",
+                           "expected a FLUX.1 transformer")
+    assert "1.x/2.x" not in message  # the SDXL UNet also has SD1's anchor key; it is named once, as SDXL
+
+
+def test_diffusers_flux_is_not_mistaken_for_sd3():
+    from trainer.models.formats import find_components
+
+    keys = ["transformer_blocks.0.attn.add_q_proj.weight", "single_transformer_blocks.0.attn.to_q.weight"]
+    assert [c.kind for c in find_components(keys)] == ["flux_diffusers"]
+    assert [c.kind for c in find_components(keys[:1])] == ["sd3_diffusers"]
+    vision = ["vision_model.encoder.layers.0.mlp.fc1.weight", "text_model.encoder.layers.0.mlp.fc1.weight"]
+    assert [(c.kind, c.prefix) for c in find_components(vision)] == [("clip", "text_model.")]
 
 
 def test_t5_given_as_clip_and_clip_given_as_t5(tmp_path):

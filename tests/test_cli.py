@@ -1,7 +1,6 @@
 """The flux_train_network command line: the seed guide's command runs as written (tiny files), every option
 family reaches the code it controls, bad combinations are named."""
 
-import json
 
 import pytest
 import torch

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from datagen import rgb
-from trainer.data import DatasetGroup, FluxDataset, load_dataset_config, single_folder_dataset
+from trainer.data import FluxDataset, load_dataset_config, single_folder_dataset
 from trainer.data.config import DatasetConfig, SubsetConfig
 
 

@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 
-import torch
 from safetensors.torch import load_file
 
 from trainspace import cli_args, make_workspace

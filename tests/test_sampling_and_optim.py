@@ -1,7 +1,6 @@
 """Prompt files and flags, sample file names, the Euler sampler; optimizers and schedules by sd-scripts' names."""
 
 import json
-import math
 from datetime import datetime
 
 import pytest
@@ -46,7 +45,7 @@ def test_sample_file_names():
 
 def test_euler_sampler_integrates_the_velocity(golden):
     """With a model whose velocity is constant, Euler from pure noise lands exactly at noise - velocity."""
-    from trainer.flow import pack_latents, unpack_latents
+    from trainer.flow import pack_latents
     from trainer.models import load_flux
 
     class ConstantVelocity(torch.nn.Module):

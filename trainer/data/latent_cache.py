@@ -120,7 +120,7 @@ def _encode_chunk(chunk, ae, device, to_disk: bool, seed: int) -> None:
         flipped = None
         if any(item.subset.flip_aug for _, item in chunk):
             flipped = ae.encode(torch.flip(batch, dims=[3]), generator=generator).float().cpu().numpy()
-    for i, (dataset, item) in enumerate(chunk):
+    for i, (_, item) in enumerate(chunk):
         entry = {"latents": latents[i], "original_size": np.array(item.size),
                  "crop_ltrb": np.array(crop_ltrb(item.bucket, item.size)),
                  "latents_flipped": flipped[i] if flipped is not None and item.subset.flip_aug else None,

@@ -8,7 +8,7 @@ table names what a file holds when it is not what was asked for.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Sequence
 
 
 @dataclass(frozen=True)
@@ -68,33 +68,6 @@ def find_components(keys: Sequence[str]) -> list[Component]:
     return list(found.values())
 
 
-def describe(self) -> str:
-        where = f" under the prefix '{self.prefix}'" if self.prefix else ""
-        return self.label + where
-
-
-def find_components(keys: Sequence[str]) -> list[Component]:
-    """Every recognised model in `keys`, one entry per (kind, prefix)."""
-    found: dict[tuple[str, str], Component] = {}
-    claimed: set[str] = set()  # prefixes of larger models, so their sub-parts are not listed twice
-    for sig in SIGNATURES:
-        for key in keys:
-            if not key.endswith(sig.anchor):
-                continue
-            prefix = key[: len(key) - len(sig.anchor)]
-            if sig.kind == "lora":
-                found.setdefault(("lora", ""), Component("lora", "", sig.label))
-                break
-            if sig.kind in ("sd_unet", "sd3_diffusers") and any(prefix == c.prefix for c in found.values()):
-                continue  # an SDXL UNet also has input_blocks; a FLUX diffusers file also has add_q_proj
-            if sig.kind == "clip" and any(prefix.startswith(p) and p for p in claimed):
-                continue
-            found.setdefault((sig.kind, prefix), Component(sig.kind, prefix, sig.label))
-            if sig.kind == "clip" and prefix.endswith("text_model."):
-                claimed.add(prefix[: -len("text_model.")])
-    return list(found.values())
-
-
 def describe(keys: Sequence[str]) -> str:
     components = find_components(keys)
     if not components:
@@ -111,8 +84,3 @@ def find_component(keys: Sequence[str], kinds: Sequence[str], hint: str = "") ->
         hinted = [c for c in candidates if hint in c.prefix]
         candidates = hinted or candidates
     return min(candidates, key=lambda c: len(c.prefix)) if candidates else None
-
-
-def strip_prefix(shapes: Mapping[str, Sequence[int]], prefix: str) -> dict[str, Sequence[int]]:
-    n = len(prefix)
-    return {k[n:]: v for k, v in shapes.items() if k.startswith(prefix)}

@@ -21,7 +21,7 @@ from . import flux_diffusers
 from .autoencoder import AutoEncoder, AutoEncoderParams
 from .flux import FP8_DTYPES, Flux, FluxParams, Linear
 from .formats import Component, describe, find_component
-from .safetensors_file import ModelFileError, SafetensorsFile
+from .safetensors_file import SafetensorsFile
 
 DeviceLike = str | torch.device
 # Per-layer quantisation extras of "scaled fp8" files: folded into the weights, never parameters themselves.
