@@ -6,7 +6,7 @@ start from `TrainConfig.recommended()`, which differs only where the README says
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .flow import FlowConfig
@@ -175,9 +175,6 @@ class TrainConfig:
                     learning_rate=1e-4, mixed_precision="bf16", gradient_checkpointing=True, save_precision="bf16",
                     cache_latents=True, cache_text_encoder_outputs=True, max_train_steps=1000)
         return cls(**{**base, **overrides})
-
-    def with_changes(self, **changes) -> "TrainConfig":
-        return replace(self, **changes)
 
 
 def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:

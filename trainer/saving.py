@@ -57,22 +57,26 @@ class LoRAWriter:
 
     def save_epoch(self, epoch: int, step: int, reporter: Reporter) -> None:
         self._save(self.epoch_path(epoch), step, epoch, reporter)
-        keep = self.config.save_last_n_epochs
-        if keep and self.config.save_every_n_epochs and self.s.world.is_main:
-            old = epoch - self.config.save_every_n_epochs * keep
-            if old > 0:
-                self.epoch_path(old).unlink(missing_ok=True)
+        old = self._expired_epoch(epoch)
+        if old:
+            self.epoch_path(old).unlink(missing_ok=True)
 
     def save_step(self, step: int, epoch: int, reporter: Reporter) -> None:
         self._save(self.step_path(step), step, epoch, reporter)
         self._drop_old_steps(step, "{name}-step*.safetensors", lambda p: p.unlink(missing_ok=True))
 
     def rotate_states_for_epoch(self, epoch: int) -> None:
-        keep = self.config.save_last_n_epochs
-        if keep and self.config.save_every_n_epochs and self.s.world.is_main:
-            old = epoch - self.config.save_every_n_epochs * keep
-            if old > 0:
-                shutil.rmtree(self.state_folder_for_epoch(old), ignore_errors=True)
+        old = self._expired_epoch(epoch)
+        if old:
+            shutil.rmtree(self.state_folder_for_epoch(old), ignore_errors=True)
+
+    def _expired_epoch(self, epoch: int) -> int | None:
+        """--save_last_n_epochs N: the epoch whose save falls out of the last N when `epoch` is saved."""
+        keep, every = self.config.save_last_n_epochs, self.config.save_every_n_epochs
+        if not keep or not every or not self.s.world.is_main:
+            return None
+        old = epoch - every * keep
+        return old if old > 0 else None
 
     def rotate_states_for_step(self, step: int) -> None:
         self._drop_old_steps(step, "{name}-step*-state", lambda p: shutil.rmtree(p, ignore_errors=True))

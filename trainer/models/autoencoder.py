@@ -28,10 +28,6 @@ class AutoEncoderParams:
     scale_factor: float = SCALE_FACTOR
     shift_factor: float = SHIFT_FACTOR
 
-    @property
-    def downscale(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
-
     @classmethod
     def from_shapes(cls, shapes: Mapping[str, Sequence[int]], config: Mapping | None = None) -> "AutoEncoderParams":
         def shape(key: str) -> Sequence[int]:
