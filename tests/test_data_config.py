@@ -131,3 +131,14 @@ def test_errors_name_file_table_key_and_choices(tmp_path, text, fragments):
 def test_unreadable_file(tmp_path):
     with pytest.raises(DatasetConfigError, match="cannot be read"):
         load_dataset_config(tmp_path / "missing.toml")
+
+
+def test_keys_read_but_not_applied_are_said(tmp_path, caplog):
+    import logging
+
+    text = ('[[datasets]]\nresolution = 512\nvalidation_split = 0.1\n[[datasets.subsets]]\nimage_dir = "x"\n'
+            'face_crop_aug_range = [2.0, 4.0]\n')
+    with caplog.at_level(logging.WARNING):
+        load_dataset_config(write(tmp_path, text))
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert "validation_split" in message and "face_crop_aug_range (subset 1)" in message

@@ -7,11 +7,13 @@ table, the key and what is accepted.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+log = logging.getLogger(__name__)
 INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
 
 
@@ -195,6 +197,7 @@ def datasets_from_dict(document: Mapping[str, Any], command_line: Mapping[str, A
                                      "dataset; put them in separate [[datasets]]")
         config = DatasetConfig(**dataset_values, subsets=tuple(subset_configs))
         _check_dataset(config, where)
+        _warn_unsupported(config, where)
         out.append(config)
     return out
 
@@ -212,6 +215,14 @@ def _check_dataset(config: DatasetConfig, where: str) -> None:
     if not config.enable_bucket and any(size % 16 for size in config.resolution):
         raise DatasetConfigError(f"{where}: 'resolution' {list(config.resolution)}: without buckets each side must be a "
                                  "multiple of 16")
+
+
+def _warn_unsupported(config: DatasetConfig, where: str) -> None:
+    """Keys sd-scripts accepts that this trainer reads but does not act on (yet): said, not silently dropped."""
+    ignored = [k for k in ("validation_split",) if getattr(config, k)]
+    ignored += [f"face_crop_aug_range (subset {i + 1})" for i, s in enumerate(config.subsets) if s.face_crop_aug_range]
+    if ignored:
+        log.warning("%s: %s accepted but not applied by this trainer", where, ", ".join(ignored))
 
 
 def single_folder_dataset(image_dir: str | os.PathLike, resolution: int | tuple[int, int], **options) -> DatasetConfig:
