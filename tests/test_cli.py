@@ -117,6 +117,7 @@ def test_option_families_map_to_the_config(ws, tokenizer_dirs, tmp_path):
 def run_with_spies(ws, tokenizer_dirs, tmp_path, monkeypatch, *extra):
     """Run two steps through the CLI, recording what reached the flux forward and the flow functions."""
     from trainer import flow
+    from trainer.memory import CheckpointedRunner
     from trainer.models.flux import Flux
 
     seen = {"sigmas": [], "loss": [], "forward": []}
@@ -132,7 +133,7 @@ def run_with_spies(ws, tokenizer_dirs, tmp_path, monkeypatch, *extra):
 
     def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, txt_attention_mask=None):
         seen["forward"].append(dict(dtype=self.img_in.weight.dtype, guidance=guidance, mask=txt_attention_mask,
-                                    txt=txt.shape, checkpointing=self.gradient_checkpointing, autocast=torch.is_autocast_enabled("cpu")))
+                                    txt=txt.shape, checkpointing=isinstance(self.block_runner, CheckpointedRunner), autocast=torch.is_autocast_enabled("cpu")))
         return original_forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance, txt_attention_mask)
 
     monkeypatch.setattr(flow, "sample_sigmas", sigmas)
@@ -258,7 +259,7 @@ def test_network_weights_continue_and_dim_from_weights(ws, tokenizer_dirs, tmp_p
 def test_train_data_dir_in_dreambooth_convention(tmp_path, ws, tokenizer_dirs):
     from datagen import rgb
     from trainer.distributed import World
-    from trainer.session import _dataset_configs
+    from trainer.session import dataset_configs
 
     rgb(tmp_path / "data" / "10_sks dog" / "a.png", 64, 64, caption=None)
     rgb(tmp_path / "data" / "1_dog" / "b.png", 64, 64, caption=None)
@@ -268,6 +269,6 @@ def test_train_data_dir_in_dreambooth_convention(tmp_path, ws, tokenizer_dirs):
     c = config_from_args(build_parser().parse_args(args[:i] + args[i + 2:] + [
         "--train_data_dir", str(tmp_path / "data"), "--resolution", "64,64", "--train_batch_size", "3",
         "--enable_bucket"]), warn=lambda text: None)
-    (dataset,) = _dataset_configs(c, World(rank=0, size=2))
+    (dataset,) = dataset_configs(c, World(rank=0, size=2))
     assert [(s.num_repeats, s.class_tokens) for s in dataset.subsets] == [(10, "sks dog"), (1, "dog")]
     assert dataset.resolution == (64, 64) and dataset.enable_bucket and dataset.batch_size == 6  # 3 per process x 2

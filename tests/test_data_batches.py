@@ -6,7 +6,7 @@ import torch
 
 from datagen import rgb
 from trainer.data import FluxDataset, load_dataset_config, single_folder_dataset
-from trainer.data.config import DatasetConfig, SubsetConfig
+from trainer.config import DatasetConfig, SubsetConfig
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 
 from trainer.data.captions import CaptionError, process_caption, read_caption
-from trainer.data.config import SubsetConfig
+from trainer.config import SubsetConfig
 
 CAPTION = "sks dog, sitting, grass, sunny day, photo"
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from datagen import gradient, rgb, save
 from trainer.data import DatasetGroup, FluxDataset, cache_latents, single_folder_dataset
-from trainer.data.config import DatasetConfig, SubsetConfig
+from trainer.config import DatasetConfig, SubsetConfig
 from trainer.models import load_autoencoder
 
 

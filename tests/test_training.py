@@ -28,7 +28,7 @@ class StopAfter(SilentReporter):
 def test_training_drives_the_loss_down_and_the_lora_changes_the_model(ws, tokenizer_dirs, tmp_path):
     reporter = SilentReporter()
     path = train(config(ws, tokenizer_dirs, tmp_path, max_train_steps=60, lr_scheduler="cosine", lr_warmup_steps=4,
-                        network=LoRAConfig(network_dim=8, network_alpha=8, network_train_unet_only=True)), reporter)
+                        network=LoRAConfig(network_dim=8, network_alpha=8, network_train_unet_only=True)), reporter).lora
     losses = [e.loss for e in reporter.of(StepEnd)]
     assert len(losses) == 60
     first, last = sum(losses[:12]) / 12, sum(losses[-12:]) / 12
@@ -51,14 +51,14 @@ def test_training_drives_the_loss_down_and_the_lora_changes_the_model(ws, tokeni
 def test_resume_matches_an_uninterrupted_run_bit_exactly(ws, tokenizer_dirs, tmp_path, stop_at):
     common = dict(max_train_steps=10, lr_scheduler="cosine", lr_warmup_steps=3, optimizer_type="AdamW",
                   max_grad_norm=0.5)
-    straight = train(config(ws, tokenizer_dirs, tmp_path / "a", **common), SilentReporter())
+    straight = train(config(ws, tokenizer_dirs, tmp_path / "a", **common), SilentReporter()).lora
     stopper = StopAfter(stop_at)  # 4 batches per epoch
     train(config(ws, tokenizer_dirs, tmp_path / "b", **common), stopper)
     finished = stopper.of(Finished)[0]
     assert finished.stopped_early and finished.steps == stop_at
     state = tmp_path / "b" / "test_lora-state"
     assert (state / "train_state.json").is_file() and any(e.kind == "state" for e in stopper.of(Saved))
-    resumed = train(config(ws, tokenizer_dirs, tmp_path / "b", resume=str(state), **common), SilentReporter())
+    resumed = train(config(ws, tokenizer_dirs, tmp_path / "b", resume=str(state), **common), SilentReporter()).lora
     a, b = load_file(straight), load_file(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -85,7 +85,7 @@ def test_gradient_accumulation_counts_optimizer_steps(ws, tokenizer_dirs, tmp_pa
 def test_metadata_of_the_trained_lora(ws, tokenizer_dirs, tmp_path):
     from safetensors import safe_open
 
-    path = train(config(ws, tokenizer_dirs, tmp_path, max_train_steps=2, save_precision="fp16"), SilentReporter())
+    path = train(config(ws, tokenizer_dirs, tmp_path, max_train_steps=2, save_precision="fp16"), SilentReporter()).lora
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
@@ -114,8 +114,8 @@ def test_without_caches_the_encoders_run_each_step_reproducibly(ws, tokenizer_di
     monkeypatch.setattr(AutoEncoder, "encode", counting_encode)
     monkeypatch.setattr(T5XXL, "forward", counting_t5)
     options = dict(cache_latents=False, cache_text_encoder_outputs=False, max_train_steps=3)
-    a = train(config(ws, tokenizer_dirs, tmp_path / "a", **options), SilentReporter())
+    a = train(config(ws, tokenizer_dirs, tmp_path / "a", **options), SilentReporter()).lora
     assert calls == {"ae": 3, "t5": 3}
-    b = train(config(ws, tokenizer_dirs, tmp_path / "b", **options), SilentReporter())
+    b = train(config(ws, tokenizer_dirs, tmp_path / "b", **options), SilentReporter()).lora
     first, second = load_file(a), load_file(b)
     assert all(torch.equal(first[k], second[k]) for k in first)

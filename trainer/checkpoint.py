@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from .atomic import save_safetensors
+from .errors import StateError
 
 FORMAT = 1
 
@@ -86,14 +88,40 @@ def save_state(folder: Path, network_tensors: dict[str, torch.Tensor], parts: di
     return folder
 
 
-def load_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Position]:
+def check_state_folder(folder: Path) -> dict:
+    """The state document of `folder` after checking the folder holds a state this trainer wrote."""
     folder = Path(folder)
     needed = [folder / n for n in ("network.safetensors", "state.safetensors", "state.json")]
     missing = [p.name for p in needed if not p.is_file()]
     if missing:
-        raise ValueError(f"resume: {folder} is not a state folder written by this trainer (missing {', '.join(missing)})")
-    document = json.loads((folder / "state.json").read_text())
-    if document.get("format") != FORMAT:
-        raise ValueError(f"resume: {folder} has state format {document.get('format')}, this trainer reads {FORMAT}")
+        raise StateError(f"resume: {folder} is not a state folder written by this trainer (missing {', '.join(missing)})")
+    try:
+        document = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise StateError(f"resume: {folder / 'state.json'} cannot be read ({e})") from e
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        found = document.get("format") if isinstance(document, dict) else None
+        raise StateError(f"resume: {folder} has state format {found}, this trainer reads {FORMAT}")
+    return document
+
+
+def load_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Position]:
+    folder = Path(folder)
+    document = check_state_folder(folder)
     tensors = load_file(folder / "state.safetensors")
     return load_file(folder / "network.safetensors"), _decode(document["parts"], tensors), Position(**document["position"])
+
+
+def capture_rng() -> dict[str, Any]:
+    """The global random states a resumed run must continue from (torch, Python, CUDA when present)."""
+    states: dict[str, Any] = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng(parts: dict[str, Any]) -> None:
+    torch.set_rng_state(parts["torch_rng"])
+    random.setstate(parts["python_rng"])
+    if "cuda_rng" in parts and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(parts["cuda_rng"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Union
 
 
 @dataclass(frozen=True)
@@ -48,14 +48,22 @@ class Saved:
 
 @dataclass(frozen=True)
 class Finished:
+    """The end of a run, and what `train()` returns: the saved LoRA file (None on processes other than the main
+    one), the LoRA as a kohya-format state dict in the save precision (main process only), the optimizer steps done,
+    whether a stop request ended it early, and the loss of each step."""
     lora: Path | None
     steps: int
     stopped_early: bool
     losses: tuple[float, ...] = ()
+    state_dict: dict | None = field(default=None, compare=False, repr=False)
+    metadata: dict | None = field(default=None, compare=False, repr=False)
+
+
+Event = Union[Message, Phase, StepEnd, Samples, Saved, Finished]
 
 
 class Reporter(Protocol):
-    def emit(self, event) -> None: ...
+    def emit(self, event: Event) -> None: ...
 
     def should_stop(self) -> bool: ...
 
@@ -67,7 +75,7 @@ class SilentReporter:
         self.events: list = []
         self.stop_requested = False
 
-    def emit(self, event) -> None:
+    def emit(self, event: Event) -> None:
         self.events.append(event)
 
     def should_stop(self) -> bool:

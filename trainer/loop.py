@@ -1,188 +1,136 @@
-"""The training loop: one entry point, `train(config, reporter)`, for the CLI and the ComfyUI nodes alike.
+"""The training run: one entry point, `train(config, reporter)`, for the CLI and the ComfyUI nodes alike.
 
-Each sample's noise and timestep come from a generator seeded by (seed, step, position in the whole batch), so a
-resumed run, or several processes splitting each batch, compute exactly what one uninterrupted process would.
+`train` owns what a host process shares with it: it runs with inference mode off and gradients on, leaves the
+global random states as it found them, never picks a CUDA device itself when one is given, and on every way out
+(finished, stopped, failed) detaches the LoRA, drops every model and frees the memory. `Loop` is the run itself:
+epochs -> batches -> step -> optimizer -> the cadence of saves and previews.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import gc
+import random
 import time
+import traceback
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
-from . import flow
-from .checkpoint import Position, load_state, save_state
+from .checkpoint import Position, capture_rng, load_state, restore_rng, save_state
 from .config import TrainConfig
 from .distributed import init_world, pick_device
+from .errors import Stopped
 from .events import Finished, Message, Reporter, Samples, Saved, StepEnd
-from .saving import LoRAWriter
-from .session import Session, prepare
+from .metrics import Fanout, MetricsLog
+from .preflight import check
 from .sampling import generate, sample_filename, with_seed
+from .saving import SAVE_DTYPES, LoRAWriter
+from .session import Session, prepare
+from .step import StepContext, TrainStep
 
 
-class _TrainStep(torch.nn.Module):
-    """What DistributedDataParallel wraps: only the LoRA network is registered (its gradients are synchronised);
-    the frozen transformer is reached through the LoRA hooks, never copied or broadcast."""
-
-    def __init__(self, session: Session):
-        super().__init__()
-        self.network = session.network
-        self.__dict__["session"] = session
-
-    def forward(self, batch, step: int) -> Tensor:
-        return _loss(self.session, batch, step)
-
-
-def train(config: TrainConfig, reporter: Reporter) -> Path | None:
+def train(config: TrainConfig, reporter: Reporter) -> Finished:
+    """Train the LoRA `config` describes; events go to `reporter`, which is asked `should_stop()` wherever time is
+    spent. Returns the result (also emitted as the last event). A stop before the first step raises `Stopped`."""
     device = pick_device(config.device)
-    world = init_world(device)
-    session = prepare(config, reporter, world, device)
-    return Loop(session, reporter).run()
-
-
-def _sample_noise(session: Session, step: int, positions: list[int], shape: tuple,
-                  posterior: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Per sample: the noise, the normal and uniform draws for its timestep, and (when latents are encoded now)
-    the draw for sampling the autoencoder's posterior; each from its own generator."""
-    noises, normals, uniforms, posteriors = [], [], [], []
-    for position in positions:
-        g = torch.Generator().manual_seed((session.seed * 1_000_003 + step * 65_537 + position) % 2**63)
-        normals.append(torch.randn((), generator=g))
-        uniforms.append(torch.rand((), generator=g))
-        noises.append(torch.randn(shape, generator=g))
-        if posterior:
-            posteriors.append(torch.randn(shape, generator=g))
-    return (torch.stack(noises), torch.stack(normals), torch.stack(uniforms),
-            torch.stack(posteriors) if posterior else None)
-
-
-def _text(session: Session, batch) -> tuple[Tensor, Tensor, Tensor | None]:
-    """pooled [B, 768], T5 [B, L, 4096], T5 mask [B, L] for the batch: cached, or encoded now (with gradients
-    through an encoder whose LoRA is being trained)."""
-    device, apply_mask = session.device, session.config.apply_t5_attn_mask
-    if batch.text is not None:
-        pooled, hidden, mask = (t.to(device) for t in batch.text)
-    else:
-        with torch.set_grad_enabled(session.train_t5):
-            ids, mask = session.t5.tokenize(batch.captions)
-            hidden = session.t5(ids, mask if apply_mask else None)
-        mask = mask.to(device)
-        pooled = None
-    if pooled is None or session.train_clip:
-        with torch.set_grad_enabled(session.train_clip):
-            pooled = session.clip_l.encode(batch.captions)
-    return pooled, hidden, mask
-
-
-def _loss(session: Session, batch, step: int) -> Tensor:
-    cfg, device = session.config.flow, session.device
-    encode_now = batch.latents is None
-    if encode_now:
-        b, _, height, width = batch.images.shape
-        shape = (session.ae.params.z_channels, height // 8, width // 8)
-    else:
-        shape = tuple(batch.latents.shape[1:])
-    noise, n, u, posterior = _sample_noise(session, step, batch.positions, shape, posterior=encode_now)
-    if encode_now:
-        with torch.no_grad():
-            latents = session.ae.encode(batch.images.to(device), noise=posterior.to(device)).float()
-    else:
-        latents = batch.latents.to(device, torch.float32)
-    b, _, h, w = latents.shape
-    noise = noise.to(device)
-    sigmas = flow.sample_sigmas(cfg, n, u, h, w).to(device)
-    noisy = flow.noisy_latents(latents, noise, sigmas)
-    pooled, hidden, mask = _text(session, batch)
-    session.network.set_multiplier(batch.network_multiplier)
-    dtype = session.weight_dtype
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        output = session.flux(flow.pack_latents(noisy).to(dtype), flow.image_ids(b, h, w, device=device),
-                              hidden.to(dtype), flow.text_ids(b, hidden.shape[1], device=device), sigmas,
-                              pooled.to(dtype), flow.guidance_vector(b, cfg.guidance_scale, device),
-                              mask if session.config.apply_t5_attn_mask else None)
-    output = flow.unpack_latents(output.float(), h, w)
-    prediction, weighting = flow.apply_prediction_type(output, noisy, sigmas, cfg)
-    alpha = None
-    if batch.alpha_masks is not None:
-        alpha = flow.alpha_mask_for_latents(batch.alpha_masks.to(device), h, w)
-    return flow.batch_loss(prediction, flow.target(latents, noise, cfg), cfg, sigmas, weighting, alpha,
-                           batch.loss_weights.to(device))
+    python_rng = random.getstate()
+    cuda_devices = [device.index or 0] if device.type == "cuda" else []
+    session = loop = metrics = None
+    try:
+        with torch.random.fork_rng(devices=cuda_devices), torch.inference_mode(False), torch.enable_grad():
+            for note in config.advice():
+                reporter.emit(Message(note, "warning"))
+            check(config)
+            world = init_world(device)
+            if world.is_main:
+                metrics = MetricsLog(Path(config.logging_dir or config.output_dir), config.name, config.log_with,
+                                     reporter.emit)
+            events = Fanout(reporter, metrics)
+            session = prepare(config, events, world, device)
+            loop = Loop(session, events)
+            return loop.run()
+    except BaseException as e:
+        traceback.clear_frames(e.__traceback__)  # the traceback stays readable but no longer holds the models
+        raise
+    finally:
+        random.setstate(python_rng)
+        if metrics is not None:
+            metrics.close()
+        if session is not None:
+            session.network.detach()
+        session = loop = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 class Loop:
     def __init__(self, session: Session, reporter: Reporter):
-        self.s = session
+        self.session = session
         self.reporter = reporter
         self.config = session.config
-        self.step_module = _TrainStep(session)
-        self.model = self.step_module
+        self.step_module = TrainStep(StepContext(
+            flux=session.flux, network=session.network, flow=self.config.flow, seed=session.seed,
+            weight_dtype=session.weight_dtype, device=session.device, apply_t5_attn_mask=self.config.apply_t5_attn_mask,
+            ae=session.ae, clip_l=session.clip_l, t5=session.t5, train_clip=session.train_clip,
+            train_t5=session.train_t5))
+        self.ddp_step = self.step_module
         if session.world.enabled:
             ids = [session.device.index] if session.device.type == "cuda" else None
-            self.model = torch.nn.parallel.DistributedDataParallel(  # module_dropout may skip a LoRA for a step
+            self.ddp_step = torch.nn.parallel.DistributedDataParallel(  # module_dropout may skip a LoRA for a step
                 self.step_module, device_ids=ids, find_unused_parameters=bool(self.config.network.module_dropout))
         self.scaler = torch.amp.GradScaler(session.device.type) if self.config.mixed_precision == "fp16" else None
         self.writer = LoRAWriter(session)
         self.losses: list[float] = []
         self.position = Position(global_step=0, epoch=0, next_batch=0)
         self.started = time.perf_counter()
-        self.metrics = None
         self.last_sampled: int | None = None
 
     # ------------------------------------------------------------------------------------------ state
 
     def _parts(self) -> dict:
-        import random as pyrandom
-
-        parts = {"optimizer": self.s.optimizer.state_dict(), "scheduler": self.s.scheduler.state_dict(),
-                 "torch_rng": torch.get_rng_state(), "python_rng": pyrandom.getstate(), "losses": self.losses,
-                 "seed": self.s.seed}
-        if torch.cuda.is_available():
-            parts["cuda_rng"] = torch.cuda.get_rng_state_all()
+        s = self.session
+        parts = {"optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(), **capture_rng(),
+                 "losses": self.losses, "seed": s.seed}
         if self.scaler is not None:
             parts["scaler"] = self.scaler.state_dict()
         return parts
 
     def save_state(self, folder: Path) -> None:
-        if self.s.world.is_main:
-            save_state(folder, self.s.network.kohya_state_dict(torch.float32), self._parts(), self.position)
+        if self.session.world.is_main:
+            save_state(folder, self.session.network.kohya_state_dict(torch.float32), self._parts(), self.position)
             self.reporter.emit(Saved(folder, "state", self.position.global_step))
 
     def resume(self, folder: Path) -> None:
-        import random as pyrandom
-
+        s = self.session
         network, parts, position = load_state(folder)
-        self.s.network.load_kohya(network)
-        self.s.optimizer.load_state_dict(parts["optimizer"])
-        self.s.scheduler.load_state_dict(parts["scheduler"])
-        torch.set_rng_state(parts["torch_rng"])
-        pyrandom.setstate(parts["python_rng"])
-        if "cuda_rng" in parts and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(parts["cuda_rng"])
+        s.network.load_kohya(network)
+        s.optimizer.load_state_dict(parts["optimizer"])
+        s.scheduler.load_state_dict(parts["scheduler"])
+        restore_rng(parts)
         if self.scaler is not None and "scaler" in parts:
             self.scaler.load_state_dict(parts["scaler"])
-        if parts.get("seed") != self.s.seed:
+        if parts.get("seed") != s.seed:
             self.reporter.emit(Message(f"resume: the state was trained with seed {parts.get('seed')}, this run uses "
-                                       f"{self.s.seed}; the continuation will differ from an uninterrupted run", "warning"))
+                                       f"{s.seed}; the continuation will differ from an uninterrupted run", "warning"))
         self.losses = list(parts["losses"])
         self.position = position
         self.reporter.emit(Message(f"resumed from {folder} at step {position.global_step} (epoch {position.epoch + 1})"))
 
     # ------------------------------------------------------------------------------------------ running
 
-    def run(self) -> Path | None:
-        cfg, s = self.config, self.s
+    def run(self) -> Finished:
+        cfg, s = self.config, self.session
         if cfg.resume:
             self.resume(Path(cfg.resume))
-        self._open_metrics()
         self.reporter.emit(Message(
             f"training {len(s.network.loras)} LoRA layers for {s.total_steps} steps ({s.epochs} epochs of "
             f"{s.steps_per_epoch}), {len(s.datasets)} batches per epoch, device {s.device}"))
         if cfg.sample_at_first and self.position.global_step == 0:
             self._sample(step=0)
+        if self.reporter.should_stop():
+            raise Stopped("stopped before the first training step: nothing was trained or saved")
         s.flux.train()
         s.network.train()
         stopped = False
@@ -193,22 +141,22 @@ class Loop:
             if self.position.next_batch >= len(s.datasets):  # the epoch ran to its end
                 self.position.epoch, self.position.next_batch = epoch + 1, 0
                 done = self.position.global_step >= s.total_steps or epoch + 1 == s.epochs
-                self._end_of_epoch(epoch + 1, final=done)
+                self._end_of_epoch(epoch + 1, final=done, stopped=stopped)
             if stopped or self.position.global_step >= s.total_steps:
                 break
         return self._finish(stopped)
 
     def _train_epoch(self, epoch: int) -> bool:
         """Train from `position.next_batch` to the end of the epoch (or the last step); True if asked to stop."""
-        s, accumulation = self.s, self.config.gradient_accumulation_steps
+        s, accumulation = self.session, self.config.gradient_accumulation_steps
         micro, micro_losses = 0, 0.0
         for index in range(self.position.next_batch, len(s.datasets)):
             sync = (micro + 1) % accumulation == 0 or index == len(s.datasets) - 1
             step = self.position.global_step
             batch = s.datasets.batch(index, step, s.total_steps, (s.world.rank, s.world.size))
-            no_sync = self.model.no_sync() if (s.world.enabled and not sync) else contextlib.nullcontext()
+            no_sync = self.ddp_step.no_sync() if (s.world.enabled and not sync) else contextlib.nullcontext()
             with no_sync:
-                loss = self.model(batch, step)
+                loss = self.ddp_step(batch, step)
                 scaled = loss / accumulation
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             micro_losses += loss.detach().item()
@@ -218,16 +166,17 @@ class Loop:
             self._optimizer_step()
             self.position.global_step += 1
             self.position.next_batch = index + 1
-            self._after_step(micro_losses / micro, epoch)
+            self._report_step(micro_losses / micro, epoch)
             micro, micro_losses = 0, 0.0
             if self.reporter.should_stop():
-                return True
+                return True  # saving is left to `_finish`, and no previews are rendered
+            self._step_cadence(epoch)
             if self.position.global_step >= s.total_steps:
                 return False
         return False
 
     def _optimizer_step(self) -> None:
-        cfg, s = self.config, self.s
+        cfg, s = self.config, self.session
         params = [p for group in s.optimizer.param_groups for p in group["params"]]
         if self.scaler is not None:
             self.scaler.unscale_(s.optimizer)
@@ -241,15 +190,17 @@ class Loop:
         s.scheduler.step()
         s.optimizer.zero_grad(set_to_none=True)
 
-    def _after_step(self, loss: float, epoch: int) -> None:
-        cfg, s, step = self.config, self.s, self.position.global_step
+    def _report_step(self, loss: float, epoch: int) -> None:
+        s, step = self.session, self.position.global_step
         self.losses.append(loss)
         window = self.losses[-50:]
         lr = s.optimizer.param_groups[0].get("lr") or 0.0
         self.reporter.emit(StepEnd(step, s.total_steps, epoch + 1, loss, sum(window) / len(window), float(lr),
                                    time.perf_counter() - self.started))
-        self._log_metrics({"step": step, "epoch": epoch + 1, "loss": loss, "average_loss": sum(window) / len(window),
-                           "lr": float(lr)})
+
+    def _step_cadence(self, epoch: int) -> None:
+        """Saves and previews every N steps."""
+        cfg, s, step = self.config, self.session, self.position.global_step
         if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < s.total_steps:
             self.writer.save_step(step, epoch + 1, self.reporter)
             if cfg.save_state:
@@ -258,9 +209,11 @@ class Loop:
         if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:
             self._sample(step=step)
 
-    def _end_of_epoch(self, number: int, final: bool) -> None:
+    def _end_of_epoch(self, number: int, final: bool, stopped: bool) -> None:
         """After epoch `number` (1-based); the position already points at the next epoch's first batch."""
         cfg = self.config
+        if stopped:
+            return
         if cfg.save_every_n_epochs and number % cfg.save_every_n_epochs == 0 and not final:
             self.writer.save_epoch(number, self.position.global_step, self.reporter)
             if cfg.save_state:
@@ -269,24 +222,35 @@ class Loop:
         if cfg.sample_every_n_epochs and number % cfg.sample_every_n_epochs == 0:
             self._sample(epoch=number)
 
-    def _finish(self, stopped: bool) -> Path | None:
-        s, cfg = self.s, self.config
-        if self.last_sampled != self.position.global_step:
-            self._sample(step=self.position.global_step)  # previews of the finished LoRA
-        epochs_seen = self.position.epoch + (1 if self.position.next_batch else 0)
-        path = self.writer.save_final(self.position.global_step, epochs_seen, self.reporter)
-        if cfg.save_state_on_train_end or stopped or (cfg.save_state and not cfg.save_every_n_epochs and not cfg.save_every_n_steps):
-            self.save_state(self.writer.final_state_folder())
-        if self.metrics:
-            self.metrics.close()
-        self.reporter.emit(Finished(path, self.position.global_step, stopped, tuple(self.losses)))
-        s.network.eval()
-        return path
+    def _saves_final_state(self, stopped: bool) -> bool:
+        cfg = self.config
+        periodic = cfg.save_every_n_epochs or cfg.save_every_n_steps
+        return cfg.save_state_on_train_end or stopped or (cfg.save_state and not periodic)
 
-    # ------------------------------------------------------------------------------------------ previews and logs
+    def _finish(self, stopped: bool) -> Finished:
+        """Save first (the LoRA is safe before any slow preview), then the previews of the finished LoRA."""
+        s, step = self.session, self.position.global_step
+        epochs_seen = self.position.epoch + (1 if self.position.next_batch else 0)
+        path = self.writer.save_final(step, epochs_seen, self.reporter)
+        if self._saves_final_state(stopped):
+            self.save_state(self.writer.final_state_folder())
+        state_dict = None
+        if s.world.is_main:
+            dtype = SAVE_DTYPES[self.config.save_precision]
+            state_dict = {k: v.detach().to("cpu", dtype, copy=True) for k, v in s.network.kohya_state_dict(dtype).items()}
+        if not stopped and self.last_sampled != step:
+            self._sample(step=step)
+        s.network.eval()
+        finished = Finished(path, step, stopped, tuple(self.losses), state_dict,
+                            self.writer.last_metadata if s.world.is_main else None)
+        self.reporter.emit(finished)
+        return finished
+
+    # ------------------------------------------------------------------------------------------ previews
 
     def _sample(self, step: int | None = None, epoch: int | None = None) -> None:
-        s = self.s
+        """Render the preview prompts; a stop request ends it between two prompts."""
+        s = self.session
         if not s.prompts or not s.world.is_main or s.ae is None:
             return
         self.last_sampled = self.position.global_step
@@ -299,6 +263,8 @@ class Loop:
         paths, images = [], []
         try:
             for prompt, (cond, negative) in zip(s.prompts, s.prompt_conds):
+                if self.reporter.should_stop():
+                    break
                 prompt = with_seed(prompt, s.seed + prompt.index)
                 image = generate(s.flux, s.ae, cond, prompt, negative, s.device, s.weight_dtype)
                 path = folder / sample_filename(self.config.output_name, prompt.index, prompt.seed, epoch=epoch,
@@ -310,28 +276,6 @@ class Loop:
             s.ae.to(ae_device)
             s.flux.train()
             s.network.train()
-        self.reporter.emit(Samples(step if step is not None else self.position.global_step, tuple(paths), tuple(images)))
-
-    def _open_metrics(self) -> None:
-        if not self.s.world.is_main:
-            return
-        folder = Path(self.config.logging_dir or self.config.output_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.metrics = open(folder / f"{self.config.name}_metrics.jsonl", "a", encoding="utf-8")
-        self.tensorboard = None
-        if self.config.log_with in ("tensorboard", "all"):
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tensorboard = SummaryWriter(str(folder / "tensorboard"))
-            except ImportError:
-                self.reporter.emit(Message("log_with tensorboard: tensorboard is not installed; metrics go to the "
-                                           "jsonl file only", "warning"))
-
-    def _log_metrics(self, values: dict) -> None:
-        if self.metrics:
-            self.metrics.write(json.dumps(values) + "\n")
-            self.metrics.flush()
-        if getattr(self, "tensorboard", None):
-            for key in ("loss", "average_loss", "lr"):
-                self.tensorboard.add_scalar(key, values[key], values["step"])
+        if paths:
+            self.reporter.emit(Samples(step if step is not None else self.position.global_step, tuple(paths),
+                                       tuple(images)))

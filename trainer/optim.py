@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import importlib
 import logging
 import math
@@ -10,24 +9,10 @@ from typing import Callable
 
 import torch
 
-from .config import ConfigError
+from .config.optim import canonical_optimizer, parse_optimizer_args  # noqa: F401 (parse_optimizer_args re-exported)
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-
-def parse_optimizer_args(args: tuple[str, ...] | list[str]) -> dict:
-    """`key=value` strings, values read as Python literals when they are one (`relative_step=False`,
-    `betas=(0.9,0.99)`), else kept as text."""
-    out = {}
-    for arg in args:
-        if "=" not in arg:
-            raise ConfigError(f"optimizer_args: {arg!r} is not of the form key=value")
-        key, raw = (s.strip() for s in arg.split("=", 1))
-        try:
-            out[key] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            out[key] = raw
-    return out
 
 
 def _bnb(name: str):
@@ -39,28 +24,27 @@ def _bnb(name: str):
 
 
 def create_optimizer(optimizer_type: str, groups: list[dict], lr: float, args: dict) -> torch.optim.Optimizer:
-    name = (optimizer_type or "AdamW").strip()
-    key = name.lower()
+    name = canonical_optimizer(optimizer_type)
     args = dict(args)
-    if key == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, **args)
-    if key == "adamw8bit":
-        return _bnb(name).AdamW8bit(groups, lr=lr, **args)
-    if key == "pagedadamw8bit":
-        return _bnb(name).PagedAdamW8bit(groups, lr=lr, **args)
-    if key == "pagedadamw":
-        return _bnb(name).PagedAdamW(groups, lr=lr, **args)
-    if key == "lion":
-        return _bnb(name).Lion(groups, lr=lr, **args)
-    if key == "lion8bit":
-        return _bnb(name).Lion8bit(groups, lr=lr, **args)
-    if key == "pagedlion8bit":
-        return _bnb(name).PagedLion8bit(groups, lr=lr, **args)
-    if key in ("sgdnesterov", "sgdnesterov8bit"):
+    cls = _optimizer_class(name, groups, args)
+    try:
+        return cls(groups, lr=None if name == "Adafactor" and args.get("relative_step") else lr, **args)
+    except (TypeError, ValueError) as e:  # a bad keyword or value in --optimizer_args
+        given = ", ".join(f"{k}={v!r}" for k, v in args.items()) or "none"
+        raise ConfigError(f"optimizer_args for {name}: {e} (given: {given})") from e
+
+
+def _optimizer_class(name: str, groups: list[dict], args: dict):
+    """The class for `name`; fills in the defaults sd-scripts gives some of them (in `args`, `groups`)."""
+    if name == "AdamW":
+        return torch.optim.AdamW
+    if name in ("AdamW8bit", "PagedAdamW8bit", "PagedAdamW", "Lion", "Lion8bit", "PagedLion8bit"):
+        return getattr(_bnb(name), name)
+    if name in ("SGDNesterov", "SGDNesterov8bit"):
         args.setdefault("momentum", 0.9)
-        cls = torch.optim.SGD if key == "sgdnesterov" else _bnb(name).SGD8bit
-        return cls(groups, lr=lr, nesterov=True, **args)
-    if key == "adafactor":
+        args["nesterov"] = True
+        return torch.optim.SGD if name == "SGDNesterov" else _bnb(name).SGD8bit
+    if name == "Adafactor":
         from transformers.optimization import Adafactor
 
         args.setdefault("relative_step", True)
@@ -69,23 +53,22 @@ def create_optimizer(optimizer_type: str, groups: list[dict], lr: float, args: d
         if args["relative_step"]:  # Adafactor computes its own lr; groups must not carry one
             for group in groups:
                 group.pop("lr", None)
-            return Adafactor(groups, lr=None, **args)
-        return Adafactor(groups, lr=lr, **args)
-    if key == "prodigy":
+        return Adafactor
+    if name == "Prodigy":
         try:
             from prodigyopt import Prodigy
         except ImportError as e:
             raise ConfigError("optimizer_type Prodigy needs prodigyopt: pip install prodigyopt") from e
-        return Prodigy(groups, lr=lr, **args)
-    if "." in name:
-        module_name, _, class_name = name.rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError) as e:
-            raise ConfigError(f"optimizer_type {name}: cannot import {class_name} from {module_name} ({e})") from e
-        return cls(groups, lr=lr, **args)
-    raise ConfigError(f"optimizer_type {name!r} is unknown; use AdamW, AdamW8bit, PagedAdamW8bit, Lion, Lion8bit, "
-                      "SGDNesterov, SGDNesterov8bit, Adafactor, Prodigy or a dotted class path")
+        return Prodigy
+    return import_optimizer_class(name)
+
+
+def import_optimizer_class(path: str):
+    module_name, _, class_name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"optimizer_type {path}: cannot import {class_name} from {module_name} ({e})") from e
 
 
 def warmup_steps(value: float, total: int) -> int:

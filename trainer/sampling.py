@@ -14,10 +14,7 @@ import torch
 from PIL import Image
 
 from .flow import image_ids, pack_latents, sampling_schedule, text_ids, unpack_latents
-
-
-class PromptFileError(ValueError):
-    pass
+from .errors import PromptFileError
 
 
 @dataclass(frozen=True)

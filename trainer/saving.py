@@ -17,11 +17,12 @@ SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 
 class LoRAWriter:
     def __init__(self, session):
-        self.s = session
+        self.session = session
         self.config = session.config
         self.folder = Path(self.config.output_dir)
         self.name = self.config.name
         self.started = time.time()
+        self.last_metadata: dict[str, str] | None = None
 
     # ------------------------------------------------------------------------------------------ names
 
@@ -46,9 +47,10 @@ class LoRAWriter:
     # ------------------------------------------------------------------------------------------ writing
 
     def _save(self, path: Path, step: int, epoch: int, reporter: Reporter) -> Path | None:
-        if not self.s.world.is_main:
+        if not self.session.world.is_main:
             return None
-        save_lora(self.s.network, path, self.metadata(step, epoch), SAVE_DTYPES[self.config.save_precision])
+        self.last_metadata = self.metadata(step, epoch)
+        save_lora(self.session.network, path, self.last_metadata, SAVE_DTYPES[self.config.save_precision])
         reporter.emit(Saved(path, "lora", step))
         return path
 
@@ -73,7 +75,7 @@ class LoRAWriter:
     def _expired_epoch(self, epoch: int) -> int | None:
         """--save_last_n_epochs N: the epoch whose save falls out of the last N when `epoch` is saved."""
         keep, every = self.config.save_last_n_epochs, self.config.save_every_n_epochs
-        if not keep or not every or not self.s.world.is_main:
+        if not keep or not every or not self.session.world.is_main:
             return None
         old = epoch - every * keep
         return old if old > 0 else None
@@ -84,7 +86,7 @@ class LoRAWriter:
     def _drop_old_steps(self, step: int, pattern: str, remove) -> None:
         """--save_last_n_steps N: keep what was saved in the last N steps."""
         keep = self.config.save_last_n_steps
-        if not keep or not self.s.world.is_main:
+        if not keep or not self.session.world.is_main:
             return
         for path in self.folder.glob(pattern.format(name=self.name)):
             digits = path.name[len(self.name) + len("-step"):][:8]
@@ -94,7 +96,7 @@ class LoRAWriter:
     # ------------------------------------------------------------------------------------------ metadata
 
     def metadata(self, step: int, epoch: int) -> dict[str, str]:
-        c, s = self.config, self.s
+        c, s = self.config, self.session
         summaries = [d.summary() for d in s.datasets.datasets]
         training = {
             "ss_output_name": c.output_name or "", "ss_learning_rate": c.learning_rate, "ss_unet_lr": c.unet_lr,

@@ -7,24 +7,20 @@ Text encoders and the autoencoder are loaded for caching and released afterwards
 from __future__ import annotations
 
 import gc
-import logging
 import random
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import torch
 
-from . import data
-from .config import ConfigError, TrainConfig
+from . import data, memory
+from .config import TrainConfig, resolve_datasets
 from .distributed import World
+from .errors import ConfigError, Stopped
 from .events import Message, Phase, Reporter
 from .lora import LoRANetwork, read_lora
 from .models import load_autoencoder, load_clip_l, load_flux, load_t5xxl, read_flux_params
 from .optim import create_optimizer, create_scheduler, parse_optimizer_args, warmup_steps
 from .sampling import SamplePrompt, read_prompts
-
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class Session:
@@ -55,40 +51,34 @@ def _weight_dtype(config: TrainConfig) -> torch.dtype:
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
 
 
-def _dataset_configs(config: TrainConfig, world: World) -> list[data.DatasetConfig]:
-    command_line = {"resolution": config.resolution, "batch_size": config.train_batch_size,
-                    "caption_extension": config.caption_extension, "enable_bucket": config.enable_bucket,
-                    "min_bucket_reso": config.min_bucket_reso, "max_bucket_reso": config.max_bucket_reso,
-                    "bucket_reso_steps": config.bucket_reso_steps, "bucket_no_upscale": config.bucket_no_upscale,
-                    "prior_loss_weight": config.prior_loss_weight}
-    if config.dataset_config:
-        configs = data.load_dataset_config(config.dataset_config, command_line)
-    else:
-        configs = [_folder_dataset(config, command_line)]
-    # each process trains an equal slice of every batch: the datasets draw whole (all-process) batches
-    return [replace(c, batch_size=c.batch_size * world.size) for c in configs]
+def plan_steps(batches_per_epoch: int, config: TrainConfig) -> tuple[int, int, int]:
+    """(optimizer steps per epoch, total steps, epochs), as sd-scripts counts them."""
+    steps_per_epoch = -(-batches_per_epoch // config.gradient_accumulation_steps)
+    total = config.max_train_epochs * steps_per_epoch if config.max_train_epochs else config.max_train_steps
+    return steps_per_epoch, total, -(-total // steps_per_epoch)
 
 
-def _folder_dataset(config: TrainConfig, command_line: dict) -> data.DatasetConfig:
-    """--train_data_dir in sd-scripts' DreamBooth convention: subfolders named `<repeats>_<class tokens>`."""
-    root = Path(config.train_data_dir)
-    if config.resolution is None:
-        raise ConfigError("--train_data_dir needs --resolution")
-    if not root.is_dir():
-        raise ConfigError(f"train_data_dir: {root} is not a folder")
-    subsets = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        repeats, _, tokens = folder.name.partition("_")
-        if not repeats.isdigit():
-            log.warning("train_data_dir: skipping %s (not named <repeats>_<class tokens>)", folder)
-            continue
-        subsets.append(data.SubsetConfig(image_dir=str(folder), num_repeats=int(repeats), class_tokens=tokens or None,
-                                         caption_extension=config.caption_extension))
-    if not subsets:
-        subsets = [data.SubsetConfig(image_dir=str(root), caption_extension=config.caption_extension)]
-    fields = {k: v for k, v in command_line.items() if k not in ("caption_extension",) and v is not None}
-    fields["resolution"] = tuple(config.resolution)
-    return data.DatasetConfig(subsets=tuple(subsets), **fields)
+def dataset_configs(config: TrainConfig, world: World) -> list[data.DatasetConfig]:
+    """The resolved datasets; each process trains an equal slice of every batch, so the datasets draw whole
+    (all-process) batches."""
+    return [replace(c, batch_size=c.batch_size * world.size) for c in resolve_datasets(config)]
+
+
+class _StopCheck:
+    """Raises `Stopped` when the front end asks to stop before training began (caches written so far are complete
+    files and are reused next time)."""
+
+    def __init__(self, reporter: Reporter):
+        self.reporter = reporter
+
+    def __call__(self, phase: str) -> None:
+        if self.reporter.should_stop():
+            raise Stopped(f"stopped while {phase}: nothing was trained or saved; caches written so far are kept and "
+                          "reused by the next run")
+
+    def progress(self, phase: str, done: int, total: int) -> None:
+        self.reporter.emit(Phase(phase, done, total))
+        self(phase)
 
 
 def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch.device) -> Session:
@@ -103,8 +93,10 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
     params = read_flux_params(config.pretrained_model_name_or_path)
     t5_length = config.t5xxl_max_token_length or (512 if params.guidance_embed else 256)
 
+    stop = _StopCheck(reporter)
+    stop("reading the datasets")
     reporter.emit(Phase("reading the datasets"))
-    datasets = data.build_datasets(_dataset_configs(config, world), seed)
+    datasets = data.build_datasets(dataset_configs(config, world), seed)
     datasets.log_buckets(lambda line: reporter.emit(Message(line)))
     for dataset in datasets.datasets:
         if dataset.skipped.problems:
@@ -116,17 +108,20 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
     need_ae = not config.cache_latents or bool(config.sample_prompts)
     # the autoencoder is small: float32, or bfloat16 with bf16 training on a GPU (fp16 risks overflow in it)
     ae_dtype = torch.bfloat16 if dtype == torch.bfloat16 and device.type == "cuda" else torch.float32
+    stop("loading the autoencoder")
     ae = load_autoencoder(config.ae, dtype=ae_dtype, device=device)
     if config.cache_latents:
+        stop("caching latents")
         reporter.emit(Phase("caching latents"))
-        progress = lambda phase, done, total: reporter.emit(Phase(phase, done, total))  # noqa: E731
         _cache_share(world, datasets, lambda group: data.cache_latents(
-            group, ae, config.cache_latents_to_disk, config.vae_batch_size, seed, progress), config.cache_latents_to_disk)
+            group, ae, config.cache_latents_to_disk, config.vae_batch_size, seed, stop.progress),
+            config.cache_latents_to_disk)
     if not need_ae:
         ae = None
     elif config.cache_latents:
         ae = ae.to("cpu")  # kept for decoding previews only
 
+    stop("loading the text encoders")
     clip_l = load_clip_l(config.clip_l, dtype=dtype if device.type != "cpu" else torch.float32, device=device,
                          tokenizer=config.clip_l_tokenizer)
     t5 = load_t5xxl(config.t5xxl, dtype=dtype if device.type != "cpu" else torch.float32, device=device,
@@ -140,12 +135,12 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
     prompts = read_prompts(config.sample_prompts) if config.sample_prompts else []
     conds = [_encode_prompt(clip_l, t5, p, config.apply_t5_attn_mask) for p in prompts]
     if config.cache_text_encoder_outputs:
+        stop("caching text-encoder outputs")
         reporter.emit(Phase("caching text-encoder outputs"))
-        progress = lambda phase, done, total: reporter.emit(Phase(phase, done, total))  # noqa: E731
         batch = config.text_encoder_batch_size or config.vae_batch_size
         _cache_share(world, datasets, lambda group: data.cache_text_outputs(
-            group, clip_l, t5, config.cache_text_encoder_outputs_to_disk, batch, config.apply_t5_attn_mask, progress),
-            config.cache_text_encoder_outputs_to_disk)
+            group, clip_l, t5, config.cache_text_encoder_outputs_to_disk, batch, config.apply_t5_attn_mask,
+            stop.progress), config.cache_text_encoder_outputs_to_disk)
         if not train_clip:
             clip_l = None
         if not train_t5:
@@ -154,10 +149,12 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
+    stop("loading the transformer")
     reporter.emit(Phase("loading the transformer"))
     flux = load_flux(config.pretrained_model_name_or_path, dtype=dtype, device=device,
                      fp8=config.fp8_base or config.fp8_base_unet)
-    flux.gradient_checkpointing = config.gradient_checkpointing
+    memory.install(flux, memory.runner_for(config.gradient_checkpointing))
+    stop("loading the transformer")
 
     network = _network(config, flux, clip_l if train_clip else None, t5 if train_t5 else None, dtype)
     network.attach()
@@ -167,12 +164,7 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
         raise ConfigError("nothing to train: every learning rate is 0")
     optimizer = create_optimizer(config.optimizer_type, groups, config.learning_rate,
                                  parse_optimizer_args(config.optimizer_args))
-    steps_per_epoch = -(-len(datasets) // config.gradient_accumulation_steps)
-    if config.max_train_epochs:
-        total = config.max_train_epochs * steps_per_epoch
-    else:
-        total = config.max_train_steps
-    epochs = -(-total // steps_per_epoch)
+    steps_per_epoch, total, epochs = plan_steps(len(datasets), config)
     scheduler = create_scheduler(config.lr_scheduler, optimizer, warmup_steps(config.lr_warmup_steps, total), total,
                                  config.lr_scheduler_num_cycles, config.lr_scheduler_power,
                                  config.lr_scheduler_min_lr_ratio, warmup_steps(config.lr_decay_steps, total))

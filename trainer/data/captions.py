@@ -10,11 +10,8 @@ import random
 import re
 from pathlib import Path
 
-from .config import SubsetConfig
-
-
-class CaptionError(ValueError):
-    pass
+from ..config.data import SubsetConfig
+from ..errors import CaptionError
 
 
 def read_caption(image: Path, extension: str, wildcards: bool = False) -> str | None:

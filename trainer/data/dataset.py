@@ -17,16 +17,14 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..config.data import DatasetConfig, SubsetConfig
+from ..errors import DatasetError
 from .buckets import BucketPlanner, Size
+from .cache_files import read_entry, read_text_entry
 from .captions import CaptionError, process_caption, read_caption
-from .config import DatasetConfig, SubsetConfig
 from .images import SkippedReport, color_aug, list_images, load_rgb, probe_all, resize_and_crop, to_tensor
 
 log = logging.getLogger(__name__)
-
-
-class DatasetError(ValueError):
-    pass
 
 
 @dataclass
@@ -38,7 +36,7 @@ class ImageItem:
     bucket: Size = (0, 0)
     resized: Size = (0, 0)
     repeats: int = 1
-    latents: dict | None = None  # in-memory latent cache: latents, latents_flipped, alpha_mask, original_size, crop_ltrb
+    latents: dict | None = None  # in-memory latent cache, the entry as cache_files.read_entry returns it
     latent_npz: Path | None = None
     text: tuple | None = None  # in-memory text cache: (pooled, t5_out, t5_mask)
     text_npz: Path | None = None
@@ -69,7 +67,8 @@ def _metadata_captions(subset: SubsetConfig) -> dict[Path, str]:
     base = Path(subset.image_dir) if subset.image_dir else path.parent
     out = {}
     for key, entry in entries.items():
-        candidates = [Path(key), base / key] + [base / (key + ext) for ext in (".png", ".jpg", ".jpeg", ".webp", ".bmp")]
+        extensions = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+        candidates = [Path(key), base / key] + [base / (key + ext) for ext in extensions]
         image = next((c for c in candidates if c.is_file()), None)
         if image is None:
             log.warning("metadata_file %s: no image found for '%s'", path, key)
@@ -259,8 +258,6 @@ class FluxDataset:
     def _cached_latents(self, item: ImageItem, flipped: bool):
         entry = item.latents
         if entry is None and item.latent_npz is not None:
-            from .latent_cache import read_entry
-
             entry = read_entry(item.latent_npz, item.bucket)
         if entry is None:
             return None
@@ -274,8 +271,6 @@ class FluxDataset:
         if item.text is not None:
             return item.text
         if item.text_npz is not None:
-            from .text_cache import read_text_entry
-
             return read_text_entry(item.text_npz)
         return None
 

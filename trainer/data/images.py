@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -159,8 +160,6 @@ def color_aug(image: np.ndarray, rng: random.Random) -> np.ndarray:
 
 def to_tensor(image: np.ndarray):
     """[H, W, 3] uint8 -> [3, H, W] float32 in [-1, 1]."""
-    import torch
-
     return torch.from_numpy(image[..., :3].transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0)
 
 

@@ -1,9 +1,5 @@
-"""Latent cache, in memory or on disk in sd-scripts' format: `<stem>_<W>x<H>_flux.npz` (W x H the image's own size)
-holding `latents_<h>x<w>`, `original_size_<h>x<w>`, `crop_ltrb_<h>x<w>` and, when used, `latents_flipped_<h>x<w>`
-and `alpha_mask_<h>x<w>` for each bucket (h, w in latent pixels), so one file serves every resolution.
-
-Beyond sd-scripts (which ignores extra keys): `source_stat` and `source_sha256` record the image the latents came
-from, so an edited image is re-encoded, not silently trained from stale latents.
+"""Latent cache: encodes each image once with the autoencoder, into memory or into the disk files described in
+cache_files (sd-scripts' format), reusing valid files and re-encoding when the image changed.
 """
 
 from __future__ import annotations
@@ -16,33 +12,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .buckets import Size, crop_ltrb
+from .buckets import crop_ltrb
+from .cache_files import LATENT_STRIDE, bucket_suffix, latent_npz_path, read_entry
 from .dataset import DatasetError, DatasetGroup, FluxDataset, ImageItem
 from .npz import file_sha256, file_stat, read_npz, write_npz
 
 log = logging.getLogger(__name__)
-LATENT_STRIDE = 8
 Progress = Callable[[str, int, int], None]
-
-
-def latent_npz_path(image: Path, size: Size) -> Path:
-    return image.with_name(f"{image.stem}_{size[0]:04d}x{size[1]:04d}_flux.npz")
-
-
-def _suffix(bucket: Size) -> str:
-    return f"_{bucket[1] // LATENT_STRIDE}x{bucket[0] // LATENT_STRIDE}"
-
-
-def read_entry(path: Path, bucket: Size) -> dict | None:
-    data = read_npz(path)
-    if data is None:
-        return None
-    s = _suffix(bucket)
-    if "latents" + s not in data:
-        return None
-    return {"latents": data["latents" + s], "latents_flipped": data.get("latents_flipped" + s),
-            "alpha_mask": data.get("alpha_mask" + s), "original_size": data.get("original_size" + s),
-            "crop_ltrb": data.get("crop_ltrb" + s)}
 
 
 def _source_matches(data: dict, image: Path) -> bool:
@@ -57,7 +33,7 @@ def is_cached(path: Path, item: ImageItem) -> bool:
     data = read_npz(path)
     if data is None:
         return False
-    s = _suffix(item.bucket)
+    s = bucket_suffix(item.bucket)
     needed = ["latents" + s] + (["latents_flipped" + s] if item.subset.flip_aug else []) + (
         ["alpha_mask" + s] if item.subset.alpha_mask else [])
     if not all(k in data for k in needed):
@@ -72,15 +48,19 @@ def check_latent_caching(group: DatasetGroup) -> None:
         for i, subset in enumerate(dataset.config.subsets):
             for option in ("color_aug", "random_crop"):
                 if getattr(subset, option):
-                    raise DatasetError(f"{dataset.name} subset {i + 1} ({subset.image_dir}): {option} changes the image "
-                                       "every step, so its latents cannot be cached; turn off --cache_latents or "
-                                       f"{option}")
+                    raise DatasetError(f"{dataset.name} subset {i + 1} ({subset.image_dir}): {option} changes the "
+                                       "image every step, so its latents cannot be cached; turn off --cache_latents "
+                                       f"or {option}")
 
 
 def cache_latents(group: DatasetGroup, ae, to_disk: bool, batch_size: int = 1, seed: int = 0,
                   progress: Progress | None = None) -> dict[str, int]:
     """Encode every image of every dataset once (flipped too with flip_aug); reuse valid disk caches. Disk caches
-    are written batch by batch, so an interrupted run continues where it stopped."""
+    are written batch by batch, each file atomically, so an interrupted run continues where it stopped.
+
+    `progress(phase, done, total)` is called with done=0 before the first batch and after each batch; an exception
+    it raises stops caching there: every file written so far is complete, and each item holds a valid entry (its
+    latents in memory, or latent_npz naming a file with its entry) or none (latent_npz is None)."""
     check_latent_caching(group)
     todo: list[tuple[FluxDataset, ImageItem]] = []
     reused = 0
@@ -89,8 +69,9 @@ def cache_latents(group: DatasetGroup, ae, to_disk: bool, batch_size: int = 1, s
             if item.repeats == 0:
                 continue
             if to_disk:
-                item.latent_npz = latent_npz_path(item.path, item.size)
-                if is_cached(item.latent_npz, item):
+                path = latent_npz_path(item.path, item.size)
+                item.latent_npz = path if is_cached(path, item) else None  # set again once the file holds its entry
+                if item.latent_npz is not None:
                     reused += 1
                     continue
             todo.append((dataset, item))
@@ -98,6 +79,8 @@ def cache_latents(group: DatasetGroup, ae, to_disk: bool, batch_size: int = 1, s
     by_bucket = [list(group) for _, group in groupby(todo, key=lambda pair: pair[1].bucket)]
     chunks = [group[i:i + batch_size] for group in by_bucket for i in range(0, len(group), batch_size)]
     device = next(ae.parameters()).device
+    if progress and todo:
+        progress("caching latents", 0, len(todo))  # a cancel raised here comes before any encoding
     done = 0
     for number, chunk in enumerate(chunks):  # one size per encoder batch
         _encode_chunk(chunk, ae, device, to_disk, seed + number)
@@ -126,17 +109,24 @@ def _encode_chunk(chunk, ae, device, to_disk: bool, seed: int) -> None:
                  "latents_flipped": flipped[i] if flipped is not None and item.subset.flip_aug else None,
                  "alpha_mask": masks[i]}
         if to_disk:
-            _write(item, entry)
+            path = latent_npz_path(item.path, item.size)
+            _write(path, item, entry)
+            item.latent_npz = path
         else:
             item.latents = entry
 
 
-def _write(item: ImageItem, entry: dict) -> None:
-    arrays = read_npz(item.latent_npz) or {}
-    s = _suffix(item.bucket)
+def _write(path: Path, item: ImageItem, entry: dict) -> None:
+    """Add the item's entry to its file (other buckets' entries stay), replacing the file in one rename."""
+    arrays = read_npz(path) or {}
+    s = bucket_suffix(item.bucket)
     for key, value in entry.items():
         if value is not None:
             arrays[key + s] = value
     arrays["source_stat"] = np.array(file_stat(item.path))
     arrays["source_sha256"] = np.array(file_sha256(item.path))
-    write_npz(item.latent_npz, arrays)
+    write_npz(path, arrays)
+
+
+__all__ = ["LATENT_STRIDE", "Progress", "cache_latents", "check_latent_caching", "is_cached", "latent_npz_path",
+           "read_entry"]

@@ -1,12 +1,9 @@
-"""Text-encoder output cache, in memory or on disk in sd-scripts' format: `<stem>_flux_te.npz` with `l_pooled` [768],
-`t5_out` [L, 4096], `txt_ids` [L, 3], `t5_attn_mask` [L] and `apply_t5_attn_mask`.
-
-Beyond sd-scripts: `caption_sha256` records the caption the outputs came from, so an edited caption is re-encoded.
+"""Text-encoder output cache: encodes each caption once with CLIP-L and T5, into memory or into the disk files
+described in cache_files (sd-scripts' format), reusing valid files and re-encoding when the caption changed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
 from pathlib import Path
 from typing import Callable
@@ -14,28 +11,13 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .cache_files import TEXT_KEYS as KEYS
+from .cache_files import caption_sha256, read_text_entry, text_npz_path
 from .captions import caption_is_random
 from .dataset import DatasetError, DatasetGroup, FluxDataset, ImageItem
 from .npz import read_npz, write_npz
 
-KEYS = ("l_pooled", "t5_out", "txt_ids", "t5_attn_mask", "apply_t5_attn_mask")
 Progress = Callable[[str, int, int], None]
-
-
-def text_npz_path(image: Path) -> Path:
-    return image.with_name(image.stem + "_flux_te.npz")
-
-
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def read_text_entry(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    data = read_npz(path)
-    if data is None or not all(k in data for k in KEYS):
-        return None
-    return (torch.from_numpy(data["l_pooled"]), torch.from_numpy(data["t5_out"]),
-            torch.from_numpy(data["t5_attn_mask"].astype(np.int64)))
 
 
 def is_cached(path: Path, caption: str, apply_mask: bool, length: int) -> bool:
@@ -44,7 +26,7 @@ def is_cached(path: Path, caption: str, apply_mask: bool, length: int) -> bool:
         return False
     if bool(data["apply_t5_attn_mask"]) != apply_mask or data["t5_out"].shape[0] != length:
         return False
-    return "caption_sha256" not in data or str(data["caption_sha256"]) == _sha(caption)
+    return "caption_sha256" not in data or str(data["caption_sha256"]) == caption_sha256(caption)
 
 
 def check_text_caching(group: DatasetGroup, train_t5xxl: bool = False) -> None:
@@ -57,8 +39,8 @@ def check_text_caching(group: DatasetGroup, train_t5xxl: bool = False) -> None:
                 options = [o for o in ("shuffle_caption", "caption_dropout_rate", "caption_dropout_every_n_epochs",
                                        "caption_tag_dropout_rate", "token_warmup_step", "enable_wildcard")
                            if getattr(subset, o)]
-                raise DatasetError(f"{dataset.name} subset {i + 1} ({subset.image_dir}): {', '.join(options)} change the "
-                                   "caption every step, so text-encoder outputs cannot be cached; turn off "
+                raise DatasetError(f"{dataset.name} subset {i + 1} ({subset.image_dir}): {', '.join(options)} change "
+                                   "the caption every step, so text-encoder outputs cannot be cached; turn off "
                                    "--cache_text_encoder_outputs or those options")
 
 
@@ -69,6 +51,12 @@ def fixed_caption(dataset: FluxDataset, item: ImageItem) -> str:
 
 def cache_text_outputs(group: DatasetGroup, clip_l, t5, to_disk: bool, batch_size: int = 1,
                        apply_t5_attn_mask: bool = False, progress: Progress | None = None) -> dict[str, int]:
+    """Encode every caption (as trained, see fixed_caption) once; reuse valid disk caches. Disk caches are written
+    batch by batch, each file atomically, so an interrupted run continues where it stopped.
+
+    `progress(phase, done, total)` is called with done=0 before the first batch and after each batch; an exception
+    it raises stops caching there: every file written so far is complete, and each item holds a valid entry (its
+    outputs in memory, or text_npz naming a file with its entry) or none (text_npz is None)."""
     check_text_caching(group)
     length = t5.max_length
     todo: list[tuple[ImageItem, str]] = []
@@ -79,11 +67,15 @@ def cache_text_outputs(group: DatasetGroup, clip_l, t5, to_disk: bool, batch_siz
                 continue
             caption = fixed_caption(dataset, item)
             if to_disk:
-                item.text_npz = text_npz_path(item.path)
-                if is_cached(item.text_npz, caption, apply_t5_attn_mask, length):
+                path = text_npz_path(item.path)
+                valid = is_cached(path, caption, apply_t5_attn_mask, length)
+                item.text_npz = path if valid else None  # set again once the file holds its entry
+                if valid:
                     reused += 1
                     continue
             todo.append((item, caption))
+    if progress and todo:
+        progress("caching text-encoder outputs", 0, len(todo))  # a cancel raised here comes before any encoding
     done = 0
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
@@ -94,14 +86,21 @@ def cache_text_outputs(group: DatasetGroup, clip_l, t5, to_disk: bool, batch_siz
             t5_out = t5(ids, mask if apply_t5_attn_mask else None).float().cpu()
         for i, (item, caption) in enumerate(chunk):
             if to_disk:
-                write_npz(item.text_npz, {
+                path = text_npz_path(item.path)
+                write_npz(path, {
                     "l_pooled": pooled[i].numpy(), "t5_out": t5_out[i].numpy(),
                     "txt_ids": np.zeros((length, 3), dtype=np.float32), "t5_attn_mask": mask[i].numpy(),
-                    "apply_t5_attn_mask": np.array(apply_t5_attn_mask), "caption_sha256": np.array(_sha(caption)),
+                    "apply_t5_attn_mask": np.array(apply_t5_attn_mask),
+                    "caption_sha256": np.array(caption_sha256(caption)),
                 })
+                item.text_npz = path
             else:
                 item.text = (pooled[i], t5_out[i], mask[i])
         done += len(chunk)
         if progress:
             progress("caching text-encoder outputs", done, len(todo))
     return {"encoded": len(todo), "reused": reused}
+
+
+__all__ = ["KEYS", "Progress", "cache_text_outputs", "check_text_caching", "fixed_caption", "is_cached",
+           "read_text_entry", "text_npz_path"]

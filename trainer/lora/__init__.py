@@ -1,6 +1,7 @@
 """LoRA network in the file format of sd-scripts' `networks.lora_flux`, which ComfyUI and Forge load as is."""
 
-from .config import LoRAConfig, LoRAConfigError
+from ..config.lora import LoRAConfig
+from ..errors import LoRAConfigError
 from .files import apply_lora, read_lora, remove_loras, save_lora, safetensors_hashes
 from .metadata import lora_metadata
 from .network import LoRANetwork, LoRAWeightsError

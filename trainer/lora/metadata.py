@@ -8,7 +8,7 @@ import uuid
 from datetime import datetime
 from typing import Mapping
 
-from .config import LoRAConfig, as_mapping
+from ..config.lora import LoRAConfig, as_mapping
 
 MODELSPEC_VERSION = "1.0.1"
 FLUX_IMPLEMENTATION = "https://github.com/black-forest-labs/flux"

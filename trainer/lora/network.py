@@ -9,16 +9,13 @@ from typing import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .config import LoRAConfig, lr_for_text_encoders
+from ..config.lora import LoRAConfig, lr_for_text_encoders
 from .module import LoRAModule
 from .targets import CLIP_L, T5, UNET, Target, linears, plan_flux, plan_text_encoder, _splits
+from ..errors import LoRAWeightsError
 
 # Older tools name the T5 LoRA te2 when a file has no CLIP-G; ComfyUI accepts both.
 _PREFIX_ALIASES = {"lora_te2": T5}
-
-
-class LoRAWeightsError(ValueError):
-    """A LoRA state dict does not fit the model it is applied to; the message names the keys."""
 
 
 def _text_model(encoder: nn.Module | None) -> nn.Module | None:

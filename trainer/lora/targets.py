@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .config import IN_DIM_TARGETS, LoRAConfig, parse_block_selection
+from ..config.lora import IN_DIM_TARGETS, LoRAConfig, parse_block_selection
 
 UNET, CLIP_L, T5 = "lora_unet", "lora_te1", "lora_te3"
 _CLIP_TARGET = re.compile(r"(text_model\.)?encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")

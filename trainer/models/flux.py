@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -328,13 +328,18 @@ class Flux(nn.Module):
         self.single_blocks = nn.ModuleList(SingleStreamBlock(params) for _ in range(params.depth_single_blocks))
         self.final_layer = LastLayer(params.hidden_size, params.out_channels)
         self.gradient_checkpointing = False
+        # Called as block_runner(kind, index, block, *args) for every block (see trainer/memory.py); None: plain
+        # calls, checkpointed when gradient_checkpointing is set.
+        self.block_runner: Callable[..., Any] | None = None
 
     def position_embedding(self, ids: Tensor) -> Tensor:
         """ids [B, L, n_axes] -> rotary matrices [B, 1, L, head_dim/2, 2, 2]."""
         p = self.params
         return torch.cat([rope(ids[..., i], p.axes_dim[i], p.theta) for i in range(ids.shape[-1])], dim=-3)[:, None]
 
-    def _run(self, block: nn.Module, *args):
+    def _run(self, kind: str, index: int, block: nn.Module, *args):
+        if self.block_runner is not None:
+            return self.block_runner(kind, index, block, *args)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
@@ -367,9 +372,9 @@ class Flux(nn.Module):
             keep_img = torch.ones(img.shape[0], img.shape[1], dtype=torch.bool, device=img.device)
             mask = torch.cat((txt_attention_mask.bool(), keep_img), dim=1)[:, None, None, :]
 
-        for block in self.double_blocks:
-            img, txt = self._run(block, img, txt, vec, pe, mask)
+        for i, block in enumerate(self.double_blocks):
+            img, txt = self._run("double", i, block, img, txt, vec, pe, mask)
         x = torch.cat((txt, img), dim=1)
-        for block in self.single_blocks:
-            x = self._run(block, x, vec, pe, mask)
+        for i, block in enumerate(self.single_blocks):
+            x = self._run("single", i, block, x, vec, pe, mask)
         return self.final_layer(x[:, txt.shape[1]:], vec)

@@ -143,6 +143,20 @@ def _open(path: str | os.PathLike, expected: str, kinds: tuple[str, ...], hint: 
     return file, component
 
 
+MODEL_SLOTS = {  # option -> (what it must hold, component kinds, hint for a full checkpoint)
+    "ae": ("the FLUX autoencoder (ae.safetensors)", ("ae",), "first_stage_model"),
+    "clip_l": ("a CLIP-L text encoder (clip_l.safetensors)", ("clip",), "clip_l"),
+    "t5xxl": ("a T5-XXL text encoder (t5xxl_fp16.safetensors)", ("t5",), "t5xxl"),
+}
+
+
+def check_model_file(path: str | os.PathLike, slot: str) -> None:
+    """Read only the header of `path` and check it holds what `slot` (ae, clip_l, t5xxl) needs; raise
+    ModelFileError naming the file, what it holds and what was expected."""
+    expected, kinds, hint = MODEL_SLOTS[slot]
+    _open(path, expected, kinds, hint)[0].close()
+
+
 def _config_metadata(file: SafetensorsFile) -> dict:
     try:
         return json.loads(file.metadata.get("config", "{}"))
@@ -226,7 +240,8 @@ def _fp8_storage(file: SafetensorsFile, fp8: bool | torch.dtype) -> torch.dtype 
 
 def load_autoencoder(path: str | os.PathLike, dtype: torch.dtype | None = None, device: DeviceLike = "cpu") -> AutoEncoder:
     """The FLUX autoencoder (`ae.safetensors`, or the `first_stage_model.` part of a ComfyUI checkpoint)."""
-    file, component = _open(path, "the FLUX autoencoder (ae.safetensors)", ("ae",), hint="first_stage_model")
+    expected, kinds, hint = MODEL_SLOTS["ae"]
+    file, component = _open(path, expected, kinds, hint)
     source = TensorSource.prefixed(file, component.prefix)
     try:
         params = AutoEncoderParams.from_shapes(source.shapes, _config_metadata(file))
@@ -250,7 +265,8 @@ def load_clip_l(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
     Hugging Face id (default: ComfyUI's copy when run inside ComfyUI, else openai/clip-vit-large-patch14)."""
     from .text_encoders import ClipL, build_clip_text_model
 
-    file, component = _open(path, "a CLIP-L text encoder (clip_l.safetensors)", ("clip",), hint="clip_l")
+    expected, kinds, hint = MODEL_SLOTS["clip_l"]
+    file, component = _open(path, expected, kinds, hint)
     source = TensorSource.prefixed(file, component.prefix)
     with torch.device("meta"):
         try:
@@ -271,7 +287,8 @@ def load_t5xxl(path: str | os.PathLike, dtype: torch.dtype | None = None, device
     `max_length`: tokens to pad/truncate to (512 for dev, 256 for schnell). fp8: keep Linear weights in fp8."""
     from .text_encoders import T5XXL, build_t5_encoder
 
-    file, component = _open(path, "a T5-XXL text encoder (t5xxl_fp16.safetensors)", ("t5",), hint="t5xxl")
+    expected, kinds, hint = MODEL_SLOTS["t5xxl"]
+    file, component = _open(path, expected, kinds, hint)
     source = TensorSource.prefixed(file, component.prefix)
     for name, alias in (("shared.weight", "encoder.embed_tokens.weight"), ("encoder.embed_tokens.weight", "shared.weight")):
         if name not in source.readers and alias in source.readers:  # the two names are one tied tensor

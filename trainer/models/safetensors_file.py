@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from ..errors import ModelFileError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -24,10 +25,6 @@ DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-
-
-class ModelFileError(ValueError):
-    """A model file is missing, unreadable or not what was asked for. The message names the file."""
 
 
 def _pickle_kind(head: bytes) -> str | None:

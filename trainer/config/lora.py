@@ -9,15 +9,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields
 from typing import Mapping, Sequence
+from ..errors import LoRAConfigError
 
 TYPE_DIM_OPTIONS = ("img_attn_dim", "txt_attn_dim", "img_mlp_dim", "txt_mlp_dim", "img_mod_dim", "txt_mod_dim",
                     "single_dim", "single_mod_dim")
 IN_DIM_TARGETS = ("img_in", "time_in", "vector_in", "guidance_in", "txt_in")
 TRAIN_BLOCKS = ("all", "single", "double")
-
-
-class LoRAConfigError(ValueError):
-    """A LoRA option has a value it cannot take; the message names the option."""
 
 
 @dataclass(frozen=True)

@@ -9,26 +9,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import ConfigError, LoRAConfigError
+from .data import DatasetConfig
 from .flow import FlowConfig
-from .lora.config import LoRAConfig
+from .lora import LoRAConfig, lr_for_text_encoders
+from .optim import SCHEDULERS, canonical_optimizer, parse_optimizer_args
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SAVE_PRECISION = ("float", "fp16", "bf16")
-SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
-              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay", "adafactor")
+LOG_WITH = ("tensorboard", "wandb", "all")
 
 
-class ConfigError(ValueError):
-    """An option has a value it cannot take, or options conflict; the message names them."""
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    # models
-    pretrained_model_name_or_path: str = ""
-    clip_l: str | None = None
-    t5xxl: str | None = None
-    ae: str = ""
+    # models (required: there is no sensible default file)
+    pretrained_model_name_or_path: str
+    clip_l: str
+    t5xxl: str
+    ae: str
     clip_l_tokenizer: str | None = None  # folder or Hugging Face id (ours; default: $FLUX_TRAINER_TOKENIZERS or HF)
     t5xxl_tokenizer: str | None = None
     t5xxl_max_token_length: int | None = None  # None: 512 for dev, 256 for schnell
@@ -48,7 +46,8 @@ class TrainConfig:
     # flow matching
     flow: FlowConfig = field(default_factory=FlowConfig)
 
-    # data
+    # data: one of a dataset TOML, a DreamBooth-style folder, or typed datasets (what the ComfyUI nodes build)
+    datasets: tuple[DatasetConfig, ...] = ()
     dataset_config: str | None = None
     train_data_dir: str | None = None
     resolution: tuple[int, int] | None = None
@@ -157,10 +156,59 @@ class TrainConfig:
             object.__setattr__(self, "cache_text_encoder_outputs", True)
         if self.resolution is not None and (len(self.resolution) != 2 or min(self.resolution) < 16):
             raise ConfigError(f"resolution: expected WIDTH,HEIGHT (or one size), not {self.resolution}")
-        if not self.dataset_config and not self.train_data_dir:
+        for name in ("pretrained_model_name_or_path", "clip_l", "t5xxl", "ae"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise ConfigError(f"{name}: a model file is required")
+        sources = [name for name in ("datasets", "dataset_config", "train_data_dir") if getattr(self, name)]
+        if not sources:
             raise ConfigError("no training data: give --dataset_config (a dataset TOML) or --train_data_dir")
+        if len(sources) > 1:
+            raise ConfigError(f"training data given twice ({' and '.join(sources)}): use one of them")
+        if self.datasets:
+            object.__setattr__(self, "datasets", tuple(self.datasets))
+            if not all(isinstance(d, DatasetConfig) for d in self.datasets):
+                raise ConfigError("datasets: expected DatasetConfig values")
+        self._check_optimizer()
         if self.resume and not Path(self.resume).is_dir():
             raise ConfigError(f"resume: {self.resume} is not a folder saved with --save_state")
+
+    def _check_optimizer(self) -> None:
+        object.__setattr__(self, "optimizer_args", tuple(self.optimizer_args))
+        canonical_optimizer(self.optimizer_type)
+        parse_optimizer_args(self.optimizer_args)
+        if self.text_encoder_lr is not None:
+            object.__setattr__(self, "text_encoder_lr", tuple(float(v) for v in self.text_encoder_lr))
+            try:
+                lr_for_text_encoders(self.text_encoder_lr, self.learning_rate)
+            except LoRAConfigError as e:
+                raise ConfigError(str(e)) from None
+            if any(v < 0 for v in self.text_encoder_lr):
+                raise ConfigError(f"text_encoder_lr: expected numbers >= 0, not {list(self.text_encoder_lr)}")
+        if self.unet_lr is not None and self.unet_lr < 0:
+            raise ConfigError(f"unet_lr: expected a number >= 0, not {self.unet_lr}")
+        if self.lr_decay_steps < 0:
+            raise ConfigError(f"lr_decay_steps: expected a number >= 0, not {self.lr_decay_steps}")
+        if self.lr_scheduler_power <= 0:
+            raise ConfigError(f"lr_scheduler_power: expected a positive number, not {self.lr_scheduler_power}")
+        ratio = self.lr_scheduler_min_lr_ratio
+        if ratio is not None and not 0 <= ratio <= 1:
+            raise ConfigError(f"lr_scheduler_min_lr_ratio: expected a number between 0 and 1, not {ratio}")
+        if self.lr_scheduler == "adafactor" and canonical_optimizer(self.optimizer_type) != "Adafactor":
+            raise ConfigError("lr_scheduler adafactor follows the Adafactor optimizer's own learning rate: it needs "
+                              "--optimizer_type Adafactor")
+        if self.log_with is not None:
+            _choice("log_with", self.log_with, LOG_WITH)
+
+    def advice(self) -> list[str]:
+        """Values that are legal but unwise, said the same way by every front end."""
+        notes = []
+        if self.flow.guidance_scale != 1.0:
+            notes.append(f"guidance_scale {self.flow.guidance_scale}: 1.0 is recommended for training FLUX.1-dev "
+                         "(dev takes the guidance as an input; schnell ignores it)")
+        if self.mixed_precision == "fp16":
+            notes.append("mixed_precision fp16: FLUX.1 was trained in bf16 and its activations can overflow fp16; "
+                         "bf16 is recommended where the GPU has it")
+        return notes
 
     @property
     def name(self) -> str:

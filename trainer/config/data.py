@@ -12,13 +12,10 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
+from ..errors import DatasetConfigError
 
 log = logging.getLogger(__name__)
 INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
-
-
-class DatasetConfigError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -51,10 +48,13 @@ class SubsetConfig:
     custom_attributes: dict | None = None
     resize_interpolation: str | None = None
 
+    def __post_init__(self):
+        _check_values(self, "subset")
+
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    resolution: tuple[int, int] = (0, 0)  # (width, height)
+    resolution: tuple[int, int] = (0, 0)  # (width, height); required
     batch_size: int = 1
     enable_bucket: bool = False
     min_bucket_reso: int = 256
@@ -67,6 +67,30 @@ class DatasetConfig:
     validation_split: float = 0.0
     validation_seed: int | None = None
     subsets: tuple[SubsetConfig, ...] = field(default=())
+
+    def __post_init__(self):
+        """Typed values (the ComfyUI nodes build these) get the checks a TOML file gets."""
+        if self.resolution == (0, 0):
+            raise DatasetConfigError("dataset: 'resolution' is required")
+        _check_values(self, "dataset")
+        object.__setattr__(self, "subsets", tuple(self.subsets))
+        if not self.subsets or not all(isinstance(s, SubsetConfig) for s in self.subsets):
+            raise DatasetConfigError("dataset: needs at least one subset (a SubsetConfig)")
+        if any(s.image_dir is None and s.metadata_file is None for s in self.subsets):
+            raise DatasetConfigError("dataset: each subset needs 'image_dir' (or 'metadata_file' for fine-tune style "
+                                     "captions)")
+        if len({s.metadata_file is not None for s in self.subsets}) > 1:
+            raise DatasetConfigError("dataset: subsets with 'metadata_file' and folder subsets cannot be mixed in one "
+                                     "dataset; put them in separate datasets")
+        _check_dataset(self, "dataset")
+
+
+def _check_values(config, where: str) -> None:
+    """Each value set away from its default passes the same check as in a TOML file (converted the same way)."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if f.name != "subsets" and value is not None and value != f.default:
+            object.__setattr__(config, f.name, _expect(value, f.name, where))
 
 
 # Which table may set which key (sd-scripts' schema): subset-level keys may also be set on a dataset or in
@@ -190,16 +214,19 @@ def datasets_from_dict(document: Mapping[str, Any], command_line: Mapping[str, A
             if "image_dir" not in values and "metadata_file" not in values:
                 raise DatasetConfigError(f"{subset_where}: 'image_dir' is required (or 'metadata_file' for "
                                          "fine-tune style captions)")
-            subset_configs.append(SubsetConfig(**values))
-        kinds = {s.metadata_file is not None for s in subset_configs}
-        if len(kinds) > 1:
-            raise DatasetConfigError(f"{where}: subsets with 'metadata_file' and folder subsets cannot be mixed in one "
-                                     "dataset; put them in separate [[datasets]]")
-        config = DatasetConfig(**dataset_values, subsets=tuple(subset_configs))
-        _check_dataset(config, where)
+            subset_configs.append(_located(SubsetConfig, values, subset_where))
+        config = _located(DatasetConfig, {**dataset_values, "subsets": tuple(subset_configs)}, where)
         _warn_unsupported(config, where)
         out.append(config)
     return out
+
+
+def _located(cls, values: dict, where: str):
+    """Build a config from a table; its own checks' messages then name the file and table."""
+    try:
+        return cls(**values)
+    except DatasetConfigError as e:
+        raise DatasetConfigError(where + ":" + str(e).split(":", 1)[1]) from None
 
 
 def _check_dataset(config: DatasetConfig, where: str) -> None:
@@ -233,10 +260,8 @@ def single_folder_dataset(image_dir: str | os.PathLike, resolution: int | tuple[
     if unknown:
         raise DatasetConfigError(f"unknown dataset options: {', '.join(sorted(unknown))}")
     resolution = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
-    config = DatasetConfig(resolution=resolution, subsets=(SubsetConfig(image_dir=str(image_dir), **subset_keys),),
-                           **dataset_keys)
-    _check_dataset(config, "dataset")
-    return config
+    return DatasetConfig(resolution=resolution, subsets=(SubsetConfig(image_dir=str(image_dir), **subset_keys),),
+                         **dataset_keys)
 
 
 __all__ = ["DatasetConfig", "SubsetConfig", "DatasetConfigError", "load_dataset_config", "datasets_from_dict",

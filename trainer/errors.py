@@ -1,0 +1,50 @@
+"""The one error root front ends catch: a `TrainerError` is a problem with the user's input (an option, a file, a
+dataset) and its message says what is wrong and what was expected. Any other exception is a bug and keeps its
+traceback. Torch-free, so the option modules and the ComfyUI schemas can use it."""
+
+from __future__ import annotations
+
+
+class TrainerError(ValueError):
+    """Bad input: the message names the option, file or key and what was expected."""
+
+
+class ConfigError(TrainerError):
+    """An option has a value it cannot take, or options conflict."""
+
+
+class LoRAConfigError(TrainerError):
+    """A LoRA option has a value it cannot take."""
+
+
+class LoRAWeightsError(TrainerError):
+    """A LoRA file does not fit the network (names, shapes)."""
+
+
+class DatasetConfigError(TrainerError):
+    """A dataset TOML or typed dataset has a wrong key, type or value."""
+
+
+class DatasetError(TrainerError):
+    """The images or captions of a dataset cannot be used."""
+
+
+class CaptionError(TrainerError):
+    """A caption file cannot be read."""
+
+
+class ModelFileError(TrainerError):
+    """A model file is missing, damaged or not what was asked for."""
+
+
+class PromptFileError(TrainerError):
+    """A preview prompt file cannot be read."""
+
+
+class StateError(TrainerError):
+    """A training state folder (for --resume) cannot be used."""
+
+
+class Stopped(TrainerError):
+    """The run was asked to stop before its first training step: nothing was trained or saved. Caches written so far
+    are complete files and are reused by the next run."""
