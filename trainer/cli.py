@@ -1,28 +1,44 @@
 """`flux-train-network` (also `python -m trainer`): sd-scripts' `flux_train_network.py` command line -> TrainConfig.
 
-Defaults are sd-scripts' own. Options that have no meaning for FLUX are accepted with a warning; options about
-data loaders and attention back ends that the trainer chooses itself are accepted silently.
+The parser is built from the dataclasses in `trainer.config`: every field is a flag of the same name, and a flag
+not given leaves the field's default, so each default is written once (sd-scripts' own). Options that have no
+meaning for FLUX are accepted with a warning; options about data loaders and attention back ends that the trainer
+chooses itself are accepted silently.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
 import signal
 import sys
 import time
 
-from .config import ConfigError, TrainConfig
-from .data import DatasetConfigError, DatasetError
+from .config import FlowConfig, LoRAConfig, TrainConfig
+from .errors import Stopped, TrainerError
 from .events import Finished, Message, Phase, Samples, Saved, StepEnd
-from .flow import FlowConfig
-from .lora import LoRAConfig, LoRAConfigError
-from .models import ModelFileError
 
 NOT_FOR_FLUX = {"v2": "FLUX has no v2 variant", "v_parameterization": "FLUX predicts velocity by construction",
                 "clip_skip": "FLUX uses CLIP-L's pooled output only", "max_token_length": "use --t5xxl_max_token_length"}
 ACCEPTED_AND_UNUSED = ("persistent_data_loader_workers", "highvram", "lowvram", "lowram", "xformers", "mem_eff_attn",
                        "sdpa", "disable_mmap_load_safetensors", "mem_eff_save", "skip_cache_check")
+# TrainConfig fields that are not flags: nested option groups, and values only the library interface takes
+NOT_FLAGS = ("network", "flow", "datasets")
+# LoRAConfig fields with a flag of their own; the rest go through --network_args key=value
+LORA_FLAGS = ("network_dim", "network_alpha", "network_dropout", "network_train_unet_only")
+# flags that are about the command line itself, not a field
+CLI_ONLY = ("network_module", "network_args", "network_train_text_encoder_only", "split_mode", "sample_sampler",
+            "log_prefix", "max_data_loader_n_workers", "check_only", *ACCEPTED_AND_UNUSED, *NOT_FOR_FLUX)
+HELP = {
+    "pretrained_model_name_or_path": "FLUX.1 transformer (.safetensors)", "clip_l": "CLIP-L text encoder",
+    "t5xxl": "T5-XXL text encoder", "ae": "FLUX autoencoder", "clip_l_tokenizer": "folder or Hugging Face id",
+    "t5xxl_tokenizer": "folder or Hugging Face id", "device": "cuda, cuda:1, cpu ... (default: cuda if available)",
+    "cache_dir": "write disk caches here instead of beside the images",
+    "blocks_to_swap": "(not on a GPU yet)", "check_only": "read the datasets and check every input, print the "
+    "pre-flight report, and stop before loading any model",
+}
 
 
 def _int_or_float(text: str):
@@ -39,112 +55,49 @@ def _resolution(text: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
+SPECIAL_TYPES = {"resolution": dict(type=_resolution), "lr_warmup_steps": dict(type=_int_or_float),
+                 "lr_decay_steps": dict(type=_int_or_float), "text_encoder_lr": dict(type=float, nargs="*"),
+                 "optimizer_args": dict(nargs="*")}
+
+
+def _flag_for(field: dataclasses.Field) -> dict:
+    """argparse keywords for a dataclass field, from its annotation (a string under `from __future__`)."""
+    if field.name in SPECIAL_TYPES:
+        return dict(SPECIAL_TYPES[field.name])
+    kind = str(field.type).split("|")[0].strip()
+    if kind == "bool":
+        return dict(action="store_true")
+    if kind in ("int", "float"):
+        return dict(type=int if kind == "int" else float)
+    if kind == "str":
+        return dict(type=str)
+    raise TypeError(f"no command-line form for {field.name}: {field.type}")
+
+
+def option_fields() -> list[dataclasses.Field]:
+    """Every field that has a flag of its name: TrainConfig's, FlowConfig's and four of LoRAConfig's."""
+    train = [f for f in dataclasses.fields(TrainConfig) if f.name not in NOT_FLAGS]
+    lora = [f for f in dataclasses.fields(LoRAConfig) if f.name in LORA_FLAGS]
+    return train + list(dataclasses.fields(FlowConfig)) + lora
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flux-train-network", description="Train a FLUX.1 LoRA (sd-scripts' options).")
+    p = argparse.ArgumentParser(prog="flux-train-network", description="Train a FLUX.1 LoRA (sd-scripts' options).",
+                                argument_default=argparse.SUPPRESS)
+    for field in option_fields():
+        required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        default = "" if required else f" (default: {field.default})"
+        p.add_argument(f"--{field.name}", required=required, help=HELP.get(field.name, "") + default,
+                       **_flag_for(field))
     a = p.add_argument
-    # models
-    a("--pretrained_model_name_or_path", required=True, help="FLUX.1 transformer (.safetensors)")
-    a("--clip_l", required=True)
-    a("--t5xxl", required=True)
-    a("--ae", required=True)
-    a("--clip_l_tokenizer", help="CLIP-L tokenizer folder or Hugging Face id")
-    a("--t5xxl_tokenizer", help="T5 tokenizer folder or Hugging Face id")
-    a("--t5xxl_max_token_length", type=int)
-    a("--apply_t5_attn_mask", action="store_true")
-    a("--fp8_base", action="store_true")
-    a("--fp8_base_unet", action="store_true")
-    a("--blocks_to_swap", type=int)
-    a("--split_mode", action="store_true", help="deprecated: --blocks_to_swap 18")
-    a("--cpu_offload_checkpointing", action="store_true")
-    a("--gradient_checkpointing", action="store_true")
-    a("--device", help="cuda, cuda:1, cpu ... (default: cuda if available)")
-    # network
     a("--network_module", default="networks.lora_flux")
-    a("--network_dim", type=int)
-    a("--network_alpha", type=float)
-    a("--network_dropout", type=float)
-    a("--network_args", nargs="*", default=[])
-    a("--network_weights")
-    a("--dim_from_weights", action="store_true")
-    a("--network_train_unet_only", action="store_true")
-    a("--network_train_text_encoder_only", action="store_true")
-    # flow matching
-    a("--guidance_scale", type=float, default=3.5)
-    a("--timestep_sampling", default="sigma")
-    a("--sigmoid_scale", type=float, default=1.0)
-    a("--model_prediction_type", default="sigma_scaled")
-    a("--discrete_flow_shift", type=float, default=3.0)
-    a("--weighting_scheme", default="uniform")
-    a("--logit_mean", type=float, default=0.0)
-    a("--logit_std", type=float, default=1.0)
-    a("--mode_scale", type=float, default=1.29)
-    a("--loss_type", default="l2")
-    a("--huber_schedule", default="snr")
-    a("--huber_c", type=float, default=0.1)
-    a("--huber_scale", type=float, default=1.0)
-    # data
-    a("--dataset_config")
-    a("--train_data_dir")
-    a("--resolution", type=_resolution)
-    a("--train_batch_size", type=int, default=1)
-    a("--caption_extension", default=".caption")
-    a("--enable_bucket", action="store_true")
-    a("--min_bucket_reso", type=int, default=256)
-    a("--max_bucket_reso", type=int, default=1024)
-    a("--bucket_reso_steps", type=int, default=64)
-    a("--bucket_no_upscale", action="store_true")
-    a("--prior_loss_weight", type=float, default=1.0)
-    a("--cache_latents", action="store_true")
-    a("--cache_latents_to_disk", action="store_true")
-    a("--vae_batch_size", type=int, default=1)
-    a("--cache_text_encoder_outputs", action="store_true")
-    a("--cache_text_encoder_outputs_to_disk", action="store_true")
-    a("--text_encoder_batch_size", type=int)
-    a("--max_data_loader_n_workers", type=int, default=8)
-    # optimisation
-    a("--learning_rate", type=float, default=2e-6)
-    a("--unet_lr", type=float)
-    a("--text_encoder_lr", type=float, nargs="*")
-    a("--optimizer_type", default="")
-    a("--optimizer_args", nargs="*", default=[])
-    a("--lr_scheduler", default="constant")
-    a("--lr_warmup_steps", type=_int_or_float, default=0)
-    a("--lr_decay_steps", type=_int_or_float, default=0)
-    a("--lr_scheduler_num_cycles", type=int, default=1)
-    a("--lr_scheduler_power", type=float, default=1.0)
-    a("--lr_scheduler_min_lr_ratio", type=float)
-    a("--max_grad_norm", type=float, default=1.0)
-    a("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
-    a("--full_bf16", action="store_true")
-    a("--full_fp16", action="store_true")
-    a("--gradient_accumulation_steps", type=int, default=1)
-    a("--max_train_steps", type=int, default=1600)
-    a("--max_train_epochs", type=int)
-    a("--seed", type=int)
-    # output
-    a("--output_dir", default="output")
-    a("--output_name")
-    a("--save_model_as", default="safetensors")
-    a("--save_precision", choices=["float", "fp16", "bf16"])
-    a("--save_every_n_epochs", type=int)
-    a("--save_every_n_steps", type=int)
-    a("--save_last_n_epochs", type=int)
-    a("--save_last_n_steps", type=int)
-    a("--save_state", action="store_true")
-    a("--save_state_on_train_end", action="store_true")
-    a("--resume")
-    a("--training_comment")
-    a("--metadata_title")
-    # previews and logs
-    a("--sample_prompts")
-    a("--sample_every_n_steps", type=int)
-    a("--sample_every_n_epochs", type=int)
-    a("--sample_at_first", action="store_true")
+    a("--network_args", nargs="*", default=[], help="LoRA options as key=value (img_attn_dim=8, split_qkv=True ...)")
+    a("--network_train_text_encoder_only", action="store_true", help=argparse.SUPPRESS)
+    a("--split_mode", action="store_true", help="deprecated: --blocks_to_swap 18")
     a("--sample_sampler", default="euler")
-    a("--logging_dir")
-    a("--log_with")
     a("--log_prefix")
-    # accepted for compatibility
+    a("--max_data_loader_n_workers", type=int)
+    a("--check_only", action="store_true", help=HELP["check_only"])
     for name in ACCEPTED_AND_UNUSED:
         a(f"--{name}", action="store_true", help=argparse.SUPPRESS)
     a("--v2", action="store_true", help=argparse.SUPPRESS)
@@ -155,49 +108,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(ns: argparse.Namespace, warn=print) -> TrainConfig:
+    given = vars(ns)
     for option, why in NOT_FOR_FLUX.items():
-        if getattr(ns, option) not in (None, False):
+        if given.get(option) not in (None, False):
             warn(f"--{option} does not apply to FLUX ({why}); ignored")
-    if ns.network_module != "networks.lora_flux":
-        raise ConfigError(f"network_module: only networks.lora_flux is supported, not {ns.network_module!r}")
-    if ns.guidance_scale != 1.0:
-        warn(f"--guidance_scale {ns.guidance_scale}: 1.0 is recommended for training FLUX.1-dev (schnell ignores it)")
-    if ns.sample_sampler.lower() not in ("euler", "k_euler"):
-        warn(f"--sample_sampler {ns.sample_sampler}: previews use the Euler flow-matching sampler")
-    blocks_to_swap = ns.blocks_to_swap
-    if ns.split_mode:
-        if blocks_to_swap is None:
+    if given.get("network_module", "networks.lora_flux") != "networks.lora_flux":
+        raise TrainerError(f"network_module: only networks.lora_flux is supported, not {given['network_module']!r}")
+    if given.get("sample_sampler", "euler").lower() not in ("euler", "k_euler"):
+        warn(f"--sample_sampler {given['sample_sampler']}: previews use the Euler flow-matching sampler")
+    if given.get("network_train_text_encoder_only"):
+        raise TrainerError("network_train_text_encoder_only is not supported: FLUX LoRAs train the transformer")
+    values = {f.name: given[f.name] for f in dataclasses.fields(TrainConfig) if f.name in given}
+    if given.get("split_mode"):
+        if "blocks_to_swap" not in values:
             warn("--split_mode is deprecated: using --blocks_to_swap 18")
-            blocks_to_swap = 18
+            values["blocks_to_swap"] = 18
         else:
             warn("--split_mode is deprecated and ignored because --blocks_to_swap is given")
-    if ns.network_train_text_encoder_only:
-        raise ConfigError("network_train_text_encoder_only is not supported: FLUX LoRAs train the transformer")
-    network = LoRAConfig.from_network_args(ns.network_args, ns.network_dim, ns.network_alpha, ns.network_dropout,
-                                           network_train_unet_only=ns.network_train_unet_only)
-    flow = FlowConfig(timestep_sampling=ns.timestep_sampling, sigmoid_scale=ns.sigmoid_scale,
-                      discrete_flow_shift=ns.discrete_flow_shift, model_prediction_type=ns.model_prediction_type,
-                      weighting_scheme=ns.weighting_scheme, logit_mean=ns.logit_mean, logit_std=ns.logit_std,
-                      mode_scale=ns.mode_scale, guidance_scale=ns.guidance_scale, loss_type=ns.loss_type,
-                      huber_schedule=ns.huber_schedule, huber_c=ns.huber_c, huber_scale=ns.huber_scale)
-    same = ("pretrained_model_name_or_path", "clip_l", "t5xxl", "ae", "clip_l_tokenizer", "t5xxl_tokenizer",
-            "t5xxl_max_token_length", "apply_t5_attn_mask", "fp8_base", "fp8_base_unet", "cpu_offload_checkpointing",
-            "gradient_checkpointing", "device", "network_weights", "dim_from_weights", "dataset_config",
-            "train_data_dir", "resolution", "train_batch_size", "caption_extension", "enable_bucket",
-            "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale", "prior_loss_weight",
-            "cache_latents", "cache_latents_to_disk", "vae_batch_size", "cache_text_encoder_outputs",
-            "cache_text_encoder_outputs_to_disk", "text_encoder_batch_size", "learning_rate", "unet_lr",
-            "optimizer_type", "lr_scheduler", "lr_warmup_steps", "lr_decay_steps", "lr_scheduler_num_cycles",
-            "lr_scheduler_power", "lr_scheduler_min_lr_ratio", "max_grad_norm", "mixed_precision", "full_bf16",
-            "full_fp16", "gradient_accumulation_steps", "max_train_steps", "max_train_epochs", "seed", "output_dir",
-            "output_name", "save_model_as", "save_precision", "save_every_n_epochs", "save_every_n_steps",
-            "save_last_n_epochs", "save_last_n_steps", "save_state", "save_state_on_train_end", "resume",
-            "training_comment", "metadata_title", "sample_prompts", "sample_every_n_steps", "sample_every_n_epochs",
-            "sample_at_first", "logging_dir", "log_with")
-    values = {name: getattr(ns, name) for name in same}
-    return TrainConfig(network=network, flow=flow, blocks_to_swap=blocks_to_swap,
-                       text_encoder_lr=tuple(ns.text_encoder_lr) if ns.text_encoder_lr else None,
-                       optimizer_args=tuple(ns.optimizer_args), **values)
+    lora = {name: given[name] for name in LORA_FLAGS if name in given}
+    network = LoRAConfig.from_network_args(given.get("network_args", []), **lora)
+    flow = FlowConfig(**{f.name: given[f.name] for f in dataclasses.fields(FlowConfig) if f.name in given})
+    if "text_encoder_lr" in values:
+        values["text_encoder_lr"] = tuple(values["text_encoder_lr"]) or None
+    if "optimizer_args" in values:
+        values["optimizer_args"] = tuple(values["optimizer_args"])
+    return TrainConfig(network=network, flow=flow, **values)
 
 
 class ConsoleReporter:
@@ -262,13 +197,17 @@ class ConsoleReporter:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    import os
-
+    ns = build_parser().parse_args(argv)
     reporter = ConsoleReporter(quiet=os.environ.get("RANK", "0") != "0")  # one console voice under torchrun
     try:
         config = config_from_args(ns, warn=lambda text: reporter.emit(Message(text, "warning")))
+        if getattr(ns, "check_only", False):
+            from .preflight import check, preflight_report
+
+            check(config)
+            print(preflight_report(config).text())
+            print("check only: every input is usable; no model was loaded")
+            return 0
         reporter.install_signals()
         from .loop import train
 
@@ -276,7 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         train(config, reporter)
         reporter.emit(Message(f"total time {time.perf_counter() - started:.1f} s"))
         return 0
-    except (ConfigError, LoRAConfigError, DatasetConfigError, DatasetError, ModelFileError, ValueError) as e:
+    except Stopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 130
+    except TrainerError as e:  # bad input: one message; anything else is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 

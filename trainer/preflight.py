@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .checkpoint import check_state_folder
 from .config import OPTIMIZERS, TrainConfig, canonical_optimizer, resolve_datasets
-from .errors import ConfigError
+from .errors import ConfigError, LoRAWeightsError, TrainerError
 from .lora import read_lora
 from .models import check_model_file, read_flux_params
 from .sampling import read_prompts
@@ -33,7 +33,9 @@ def check(config: TrainConfig) -> None:
     if config.sample_prompts:
         read_prompts(config.sample_prompts)
     if config.network_weights:
-        read_lora(config.network_weights)
+        weights, _ = read_lora(config.network_weights)
+        if not config.dim_from_weights:
+            _check_lora_fits(config, weights)
     if config.resume:
         check_state_folder(Path(config.resume))
     for dataset in resolve_datasets(config):
@@ -42,6 +44,24 @@ def check(config: TrainConfig) -> None:
                 raise ConfigError(f"image_dir {subset.image_dir}: not a folder")
             if subset.metadata_file and not Path(subset.metadata_file).is_file():
                 raise ConfigError(f"metadata_file {subset.metadata_file}: no such file")
+
+
+def _check_lora_fits(config: TrainConfig, weights: dict) -> None:
+    """The transformer layers of --network_weights against the network `config` builds, on the meta device (no
+    memory, no file read beyond the header)."""
+    import torch
+
+    from .lora import LoRANetwork
+    from .models.flux import Flux
+
+    params = read_flux_params(config.pretrained_model_name_or_path)
+    with torch.device("meta"):
+        network = LoRANetwork.create(config.network, Flux(params))
+        try:
+            network.load_kohya({k: v if k.endswith("alpha") else v.to("meta") for k, v in weights.items()
+                                if k.startswith("lora_unet_")})
+        except TrainerError as e:
+            raise LoRAWeightsError(f"network_weights {config.network_weights}: {e}") from None
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,7 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
         stop("caching latents")
         reporter.emit(Phase("caching latents"))
         _cache_share(world, datasets, lambda group: data.cache_latents(
-            group, ae, config.cache_latents_to_disk, config.vae_batch_size, seed, stop.progress),
+            group, ae, config.cache_latents_to_disk, config.vae_batch_size, seed, stop.progress, config.cache_dir),
             config.cache_latents_to_disk)
     if not need_ae:
         ae = None
@@ -140,7 +140,7 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
         batch = config.text_encoder_batch_size or config.vae_batch_size
         _cache_share(world, datasets, lambda group: data.cache_text_outputs(
             group, clip_l, t5, config.cache_text_encoder_outputs_to_disk, batch, config.apply_t5_attn_mask,
-            stop.progress), config.cache_text_encoder_outputs_to_disk)
+            stop.progress, config.cache_dir), config.cache_text_encoder_outputs_to_disk)
         if not train_clip:
             clip_l = None
         if not train_t5:

@@ -88,9 +88,8 @@ class LoRAConfig:
         """sd-scripts' command line: `--network_dim`, `--network_alpha`, `--network_dropout` and
         `--network_args key=value ...`; `options` are further typed fields (e.g. network_train_unet_only)."""
         values: dict = dict(options)
-        values["network_dim"] = 4 if network_dim is None else network_dim
-        values["network_alpha"] = 1.0 if network_alpha is None else network_alpha
-        values["network_dropout"] = network_dropout
+        given = {"network_dim": network_dim, "network_alpha": network_alpha, "network_dropout": network_dropout}
+        values.update({k: v for k, v in given.items() if v is not None})
         known = {f.name: f for f in fields(cls)}
         for arg in network_args:
             if "=" not in arg:

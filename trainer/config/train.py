@@ -64,6 +64,7 @@ class TrainConfig:
     vae_batch_size: int = 1
     cache_text_encoder_outputs: bool = False
     cache_text_encoder_outputs_to_disk: bool = False
+    cache_dir: str | None = None  # ours: disk caches go here instead of beside the images (the nodes use it)
     text_encoder_batch_size: int | None = None
 
     # optimisation

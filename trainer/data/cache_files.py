@@ -14,6 +14,7 @@ came from.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +29,17 @@ TEXT_KEYS = ("l_pooled", "t5_out", "txt_ids", "t5_attn_mask", "apply_t5_attn_mas
 
 # ---------------------------------------------------------------------------------------------------------- latents
 
-def latent_npz_path(image: Path, size: Size) -> Path:
-    return image.with_name(f"{image.stem}_{size[0]:04d}x{size[1]:04d}_flux.npz")
+def cache_folder(image: Path, cache_dir: str | os.PathLike | None) -> Path:
+    """Beside the image (sd-scripts), or under `cache_dir` in a subfolder per image folder, so the image folder is
+    only ever read."""
+    if cache_dir is None:
+        return image.parent
+    key = hashlib.sha256(str(image.parent.resolve()).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"{image.parent.name}-{key}"
+
+
+def latent_npz_path(image: Path, size: Size, cache_dir: str | os.PathLike | None = None) -> Path:
+    return cache_folder(image, cache_dir) / f"{image.stem}_{size[0]:04d}x{size[1]:04d}_flux.npz"
 
 
 def bucket_suffix(bucket: Size) -> str:
@@ -53,8 +63,8 @@ def read_entry(path: Path, bucket: Size) -> dict | None:
 
 # ------------------------------------------------------------------------------------------------------------- text
 
-def text_npz_path(image: Path) -> Path:
-    return image.with_name(image.stem + "_flux_te.npz")
+def text_npz_path(image: Path, cache_dir: str | os.PathLike | None = None) -> Path:
+    return cache_folder(image, cache_dir) / (image.stem + "_flux_te.npz")
 
 
 def caption_sha256(caption: str) -> str:

@@ -54,7 +54,7 @@ def check_latent_caching(group: DatasetGroup) -> None:
 
 
 def cache_latents(group: DatasetGroup, ae, to_disk: bool, batch_size: int = 1, seed: int = 0,
-                  progress: Progress | None = None) -> dict[str, int]:
+                  progress: Progress | None = None, cache_dir: str | Path | None = None) -> dict[str, int]:
     """Encode every image of every dataset once (flipped too with flip_aug); reuse valid disk caches. Disk caches
     are written batch by batch, each file atomically, so an interrupted run continues where it stopped.
 
@@ -69,7 +69,7 @@ def cache_latents(group: DatasetGroup, ae, to_disk: bool, batch_size: int = 1, s
             if item.repeats == 0:
                 continue
             if to_disk:
-                path = latent_npz_path(item.path, item.size)
+                path = latent_npz_path(item.path, item.size, cache_dir)
                 item.latent_npz = path if is_cached(path, item) else None  # set again once the file holds its entry
                 if item.latent_npz is not None:
                     reused += 1
@@ -83,14 +83,14 @@ def cache_latents(group: DatasetGroup, ae, to_disk: bool, batch_size: int = 1, s
         progress("caching latents", 0, len(todo))  # a cancel raised here comes before any encoding
     done = 0
     for number, chunk in enumerate(chunks):  # one size per encoder batch
-        _encode_chunk(chunk, ae, device, to_disk, seed + number)
+        _encode_chunk(chunk, ae, device, to_disk, seed + number, cache_dir)
         done += len(chunk)
         if progress:
             progress("caching latents", done, len(todo))
     return {"encoded": len(todo), "reused": reused}
 
 
-def _encode_chunk(chunk, ae, device, to_disk: bool, seed: int) -> None:
+def _encode_chunk(chunk, ae, device, to_disk: bool, seed: int, cache_dir: str | Path | None) -> None:
     pixels, masks = [], []
     for dataset, item in chunk:
         image, mask = dataset.load_image(item)
@@ -109,7 +109,7 @@ def _encode_chunk(chunk, ae, device, to_disk: bool, seed: int) -> None:
                  "latents_flipped": flipped[i] if flipped is not None and item.subset.flip_aug else None,
                  "alpha_mask": masks[i]}
         if to_disk:
-            path = latent_npz_path(item.path, item.size)
+            path = latent_npz_path(item.path, item.size, cache_dir)
             _write(path, item, entry)
             item.latent_npz = path
         else:
@@ -119,6 +119,8 @@ def _encode_chunk(chunk, ae, device, to_disk: bool, seed: int) -> None:
 def _write(path: Path, item: ImageItem, entry: dict) -> None:
     """Add the item's entry to its file (other buckets' entries stay), replacing the file in one rename."""
     arrays = read_npz(path) or {}
+    if arrays and not _source_matches(arrays, item.path):  # other buckets' entries came from an older image
+        arrays = {}
     s = bucket_suffix(item.bucket)
     for key, value in entry.items():
         if value is not None:

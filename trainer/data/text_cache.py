@@ -50,7 +50,8 @@ def fixed_caption(dataset: FluxDataset, item: ImageItem) -> str:
 
 
 def cache_text_outputs(group: DatasetGroup, clip_l, t5, to_disk: bool, batch_size: int = 1,
-                       apply_t5_attn_mask: bool = False, progress: Progress | None = None) -> dict[str, int]:
+                       apply_t5_attn_mask: bool = False, progress: Progress | None = None,
+                       cache_dir: str | Path | None = None) -> dict[str, int]:
     """Encode every caption (as trained, see fixed_caption) once; reuse valid disk caches. Disk caches are written
     batch by batch, each file atomically, so an interrupted run continues where it stopped.
 
@@ -67,7 +68,7 @@ def cache_text_outputs(group: DatasetGroup, clip_l, t5, to_disk: bool, batch_siz
                 continue
             caption = fixed_caption(dataset, item)
             if to_disk:
-                path = text_npz_path(item.path)
+                path = text_npz_path(item.path, cache_dir)
                 valid = is_cached(path, caption, apply_t5_attn_mask, length)
                 item.text_npz = path if valid else None  # set again once the file holds its entry
                 if valid:
@@ -86,7 +87,7 @@ def cache_text_outputs(group: DatasetGroup, clip_l, t5, to_disk: bool, batch_siz
             t5_out = t5(ids, mask if apply_t5_attn_mask else None).float().cpu()
         for i, (item, caption) in enumerate(chunk):
             if to_disk:
-                path = text_npz_path(item.path)
+                path = text_npz_path(item.path, cache_dir)
                 write_npz(path, {
                     "l_pooled": pooled[i].numpy(), "t5_out": t5_out[i].numpy(),
                     "txt_ids": np.zeros((length, 3), dtype=np.float32), "t5_attn_mask": mask[i].numpy(),

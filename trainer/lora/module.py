@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import LoRAWeightsError
+
 
 class LoRAModule(nn.Module):
     def __init__(self, name: str, org: nn.Linear, rank: int, alpha: float, splits: tuple[int, ...] | None = None,
@@ -131,7 +133,7 @@ class LoRAModule(nn.Module):
         alpha = float(alpha) if alpha is not None else float(file_rank)
         if self.splits:
             if tuple(down.shape) != tuple(self.lora_down.weight.shape) or up.shape[1] != file_rank:
-                raise ValueError(f"{self.lora_name}: file shapes {list(down.shape)}/{list(up.shape)} do not fit "
+                raise LoRAWeightsError(f"{self.lora_name}: file shapes {list(down.shape)}/{list(up.shape)} do not fit "
                                  f"{parts} parts of rank {self.rank}")
             rows, row = [], 0
             for i, size in enumerate(self.splits):
@@ -140,7 +142,7 @@ class LoRAModule(nn.Module):
             up = torch.cat(rows, dim=0)
             alpha = alpha / parts
         elif tuple(down.shape) != tuple(self.lora_down.weight.shape) or tuple(up.shape) != tuple(self.lora_up.weight.shape):
-            raise ValueError(f"{self.lora_name}: file has down {list(down.shape)} and up {list(up.shape)}, the network "
+            raise LoRAWeightsError(f"{self.lora_name}: file has down {list(down.shape)} and up {list(up.shape)}, the network "
                              f"expects {list(self.lora_down.weight.shape)} and {list(self.lora_up.weight.shape)}")
         with torch.no_grad():
             self.lora_down.weight.copy_(down)

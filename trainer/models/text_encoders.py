@@ -15,6 +15,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
+
 CLIP_HEAD_DIM = 64  # the one CLIP-L size not visible in any tensor shape
 CLIP_MAX_LENGTH = 77
 DEFAULT_TOKENIZERS = {"clip_l": "openai/clip-vit-large-patch14", "t5xxl": "google/t5-v1_1-xxl"}
@@ -101,12 +103,12 @@ def load_tokenizer(kind: str, spec: str | os.PathLike | None):
     expected = f"a folder with {' and '.join(needed)}, or a Hugging Face id"
     local = Path(spec).is_dir()
     if local and not all((Path(spec) / name).is_file() for name in needed):
-        raise ValueError(f"{kind} tokenizer folder '{spec}' lacks {' or '.join(needed)}; expected {expected}")
+        raise ConfigError(f"{kind} tokenizer folder '{spec}' lacks {' or '.join(needed)}; expected {expected}")
     try:
         return AutoTokenizer.from_pretrained(str(spec), local_files_only=local)
     except Exception as e:  # transformers raises OSError, ValueError, ... depending on what is wrong
         reason = " ".join(str(e).split())
-        raise ValueError(f"{kind} tokenizer '{spec}' cannot be loaded ({reason}); expected {expected}") from e
+        raise ConfigError(f"{kind} tokenizer '{spec}' cannot be loaded ({reason}); expected {expected}") from e
 
 
 class _WithTokenizer(nn.Module):
