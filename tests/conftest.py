@@ -31,3 +31,6 @@ def tiny_files(tmp_path_factory) -> dict[str, Path]:
     from trainer.models.tiny import write_model_set
 
     return write_model_set(tmp_path_factory.mktemp("tiny_models"))
+
+# the live ComfyUI server fixture `comfyui` (skips with one line where no ComfyUI is set up; fails under CI)
+pytest_plugins = ["comfyui_server"]

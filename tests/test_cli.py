@@ -6,9 +6,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from trainspace import cli_args, make_workspace
 from trainer import cli
 from trainer.cli import build_parser, config_from_args, main
+
+from trainspace import cli_args, make_workspace
 
 SEED_GUIDE = ["--network_module=networks.lora_flux", "--network_dim=16", "--network_alpha=1", "--learning_rate=1e-4",
               "--optimizer_type=AdamW8bit", "--lr_scheduler=constant", "--sdpa", "--max_train_epochs=2",
@@ -257,9 +258,10 @@ def test_network_weights_continue_and_dim_from_weights(ws, tokenizer_dirs, tmp_p
 
 
 def test_train_data_dir_in_dreambooth_convention(tmp_path, ws, tokenizer_dirs):
-    from datagen import rgb
     from trainer.distributed import World
     from trainer.session import dataset_configs
+
+    from datagen import rgb
 
     rgb(tmp_path / "data" / "10_sks dog" / "a.png", 64, 64, caption=None)
     rgb(tmp_path / "data" / "1_dog" / "b.png", 64, 64, caption=None)

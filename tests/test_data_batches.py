@@ -4,9 +4,10 @@ loss weights follow sd-scripts."""
 import pytest
 import torch
 
-from datagen import rgb
-from trainer.data import FluxDataset, load_dataset_config, single_folder_dataset
 from trainer.config import DatasetConfig, SubsetConfig
+from trainer.data import FluxDataset, load_dataset_config, single_folder_dataset
+
+from datagen import rgb
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,19 @@ import numpy as np
 import pytest
 import torch
 
-from datagen import rgb
-from trainer.data import (DatasetError, FluxDataset, cache_latents, cache_text_outputs,
-                          latent_npz_path, single_folder_dataset, text_npz_path)
+from trainer.data import (
+    DatasetError,
+    FluxDataset,
+    cache_latents,
+    cache_text_outputs,
+    latent_npz_path,
+    single_folder_dataset,
+    text_npz_path,
+)
 from trainer.data.dataset import DatasetGroup
 from trainer.models import load_autoencoder, load_clip_l, load_t5xxl
+
+from datagen import rgb
 
 
 @pytest.fixture(scope="module")

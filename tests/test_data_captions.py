@@ -5,8 +5,8 @@ from collections import Counter
 
 import pytest
 
-from trainer.data.captions import CaptionError, process_caption, read_caption
 from trainer.config import SubsetConfig
+from trainer.data.captions import CaptionError, process_caption, read_caption
 
 CAPTION = "sks dog, sitting, grass, sunny day, photo"
 

@@ -6,10 +6,11 @@ import logging
 import numpy as np
 import pytest
 
-from datagen import mixed_folder, rgb
 from trainer.data import DatasetError, FluxDataset, single_folder_dataset
 from trainer.data import images as images_module
 from trainer.data.images import load_rgb, probe
+
+from datagen import mixed_folder, rgb
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from datagen import gradient, rgb, save
-from trainer.data import DatasetGroup, FluxDataset, cache_latents, single_folder_dataset
 from trainer.config import DatasetConfig, SubsetConfig
+from trainer.data import DatasetGroup, FluxDataset, cache_latents, single_folder_dataset
 from trainer.models import load_autoencoder
+
+from datagen import gradient, rgb, save
 
 
 def test_alpha_mask_reaches_the_batch_and_the_latent_cache(tmp_path, tiny_files):

@@ -8,8 +8,9 @@ import sys
 
 from safetensors.torch import load_file
 
-from trainspace import cli_args, make_workspace
 from trainer.cli import main
+
+from trainspace import cli_args, make_workspace
 
 
 def free_port() -> int:

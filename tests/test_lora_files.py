@@ -9,8 +9,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from trainer.lora import (LoRAConfig, LoRANetwork, LoRAWeightsError, apply_lora, lora_metadata, read_lora,
-                          remove_loras, save_lora)
+from trainer.lora import (
+    LoRAConfig,
+    LoRANetwork,
+    LoRAWeightsError,
+    apply_lora,
+    lora_metadata,
+    read_lora,
+    remove_loras,
+    save_lora,
+)
 from trainer.models import load_clip_l, load_flux, load_t5xxl
 
 

@@ -7,8 +7,16 @@ from safetensors.torch import load_file, save_file
 from trainer.models import load_autoencoder, load_clip_l, load_flux, load_t5xxl
 from trainer.models.flux import FP8_DTYPES
 from trainer.models.flux_diffusers import to_diffusers
-from trainer.models.tiny import (TINY_FLUX, ae_state_dict, clip_l_state_dict, flux_state_dict, t5_state_dict,
-                                 to_fp8, write_comfy_checkpoint, write_flux)
+from trainer.models.tiny import (
+    TINY_FLUX,
+    ae_state_dict,
+    clip_l_state_dict,
+    flux_state_dict,
+    t5_state_dict,
+    to_fp8,
+    write_comfy_checkpoint,
+    write_flux,
+)
 
 
 @pytest.fixture(scope="module")

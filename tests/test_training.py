@@ -4,11 +4,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainspace import config, make_workspace
 from trainer.events import Finished, Saved, SilentReporter, StepEnd
 from trainer.loop import train
 from trainer.lora import LoRAConfig, apply_lora
 from trainer.models import load_flux
+
+from trainspace import config, make_workspace
 
 
 @pytest.fixture(scope="module")

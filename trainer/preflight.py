@@ -129,7 +129,7 @@ def preflight_report(config: TrainConfig, processes: int = 1) -> PreflightReport
     reports = []
     for dataset in group.datasets:
         items = dataset.items
-        uncaptioned = tuple(getattr(dataset, "uncaptioned", ()))
+        uncaptioned = tuple(dataset.uncaptioned)
         reports.append(DatasetReport(
             name=dataset.name, resolution=tuple(dataset.config.resolution), batch_size=dataset.config.batch_size,
             images=len(items), training_images=sum(i.repeats for i in items if not i.subset.is_reg),

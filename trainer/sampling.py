@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .flow import image_ids, pack_latents, sampling_schedule, text_ids, unpack_latents
 from .errors import PromptFileError
+from .flow import image_ids, pack_latents, sampling_schedule, text_ids, unpack_latents
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,9 @@ def parse_prompt_line(line: str, index: int = 0) -> SamplePrompt:
     values: dict = {"prompt": parts[0].strip(), "index": index}
     for part in parts[1:]:
         flag, _, value = part.partition(" ")
+        if flag not in _FLAGS:
+            raise PromptFileError(f"prompt {index + 1}: unknown option --{flag}; expected one of "
+                                  f"{', '.join('--' + f for f in _FLAGS)}")
         name, kind = _FLAGS[flag]
         try:
             values[name] = kind(value.strip())
@@ -56,7 +59,10 @@ def read_prompts(path: str | Path) -> list[SamplePrompt]:
         raise PromptFileError(f"{path}: cannot be read ({e.strerror or e})") from e
     if path.suffix.lower() == ".txt":
         lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-        return [parse_prompt_line(line, i) for i, line in enumerate(lines)]
+        try:
+            return [parse_prompt_line(line, i) for i, line in enumerate(lines)]
+        except PromptFileError as e:
+            raise PromptFileError(f"{path}: {e}") from None
     if path.suffix.lower() == ".toml":
         from .tomlio import TOMLError, loads
 

@@ -22,6 +22,7 @@ from .models import load_autoencoder, load_clip_l, load_flux, load_t5xxl, read_f
 from .optim import create_optimizer, create_scheduler, parse_optimizer_args, warmup_steps
 from .sampling import SamplePrompt, read_prompts
 
+
 @dataclass
 class Session:
     config: TrainConfig

@@ -15,11 +15,10 @@ from pathlib import Path
 comfy_dir, work = Path(sys.argv[1]), Path(sys.argv[2])
 sys.path.insert(0, str(comfy_dir))
 
+import comfy.cli_args  # noqa: E402
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-
-import comfy.cli_args  # noqa: E402
 
 comfy.cli_args.args.cpu = True  # as `main.py --cpu`: this probe runs where there may be no GPU
 

@@ -6,8 +6,7 @@ them, so a default is written once.
 
 from ..errors import ConfigError, DatasetConfigError, LoRAConfigError, TrainerError
 from .data import DatasetConfig, SubsetConfig, datasets_from_dict, load_dataset_config, single_folder_dataset
-from .flow import (HUBER_SCHEDULES, LOSS_TYPES, PREDICTION_TYPES, TIMESTEP_SAMPLINGS, WEIGHTING_SCHEMES,
-                   FlowConfig)
+from .flow import HUBER_SCHEDULES, LOSS_TYPES, PREDICTION_TYPES, TIMESTEP_SAMPLINGS, WEIGHTING_SCHEMES, FlowConfig
 from .lora import IN_DIM_TARGETS, TRAIN_BLOCKS, TYPE_DIM_OPTIONS, LoRAConfig, parse_block_selection
 from .optim import ADAFACTOR_RECOMMENDED_ARGS, OPTIMIZERS, SCHEDULERS, canonical_optimizer, parse_optimizer_args
 from .resolve import resolve_datasets

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
+
 from ..errors import DatasetConfigError
 
 log = logging.getLogger(__name__)

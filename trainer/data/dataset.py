@@ -117,11 +117,13 @@ class FluxDataset:
         self.name = name
         self.items: list[ImageItem] = []
         problems: dict[Path, str] = {}
-        uncaptioned: list[Path] = []
+        self.uncaptioned: list[Path] = []  # no caption file: trained with the class tokens, or an empty caption
+        uncaptioned: list[Path] = []  # ... and no class tokens either
         for subset in config.subsets:
             items, subset_problems, missing = _subset_items(subset)
             self.items += items
             problems.update(subset_problems)
+            self.uncaptioned += missing
             uncaptioned += [p for p in missing if not subset.class_tokens]
         self.skipped = SkippedReport(problems)
         if problems:

@@ -2,7 +2,7 @@
 
 from ..config.lora import LoRAConfig
 from ..errors import LoRAConfigError
-from .files import apply_lora, read_lora, remove_loras, save_lora, safetensors_hashes
+from .files import apply_lora, read_lora, remove_loras, safetensors_hashes, save_lora
 from .metadata import lora_metadata
 from .network import LoRANetwork, LoRAWeightsError
 

@@ -10,9 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from ..config.lora import LoRAConfig, lr_for_text_encoders
-from .module import LoRAModule
-from .targets import CLIP_L, T5, UNET, Target, linears, plan_flux, plan_text_encoder, _splits
 from ..errors import LoRAWeightsError
+from .module import LoRAModule
+from .targets import CLIP_L, T5, UNET, Target, _splits, linears, plan_flux, plan_text_encoder
 
 # Older tools name the T5 LoRA te2 when a file has no CLIP-G; ComfyUI accepts both.
 _PREFIX_ALIASES = {"lora_te2": T5}

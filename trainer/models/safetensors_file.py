@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
 from ..errors import ModelFileError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
