@@ -43,7 +43,8 @@ def main() -> None:
     inputs = dict(img_ids=image_ids(1, 2 * side, 2 * side, device=args.device),
                   txt=torch.randn(1, args.text, 4096, device=args.device, dtype=dtype),
                   txt_ids=text_ids(1, args.text, device=args.device), timesteps=torch.tensor([0.5], device=args.device),
-                  y=torch.randn(1, 768, device=args.device, dtype=dtype), guidance=torch.tensor([1.0], device=args.device))
+                  y=torch.randn(1, 768, device=args.device, dtype=dtype),
+                  guidance=torch.tensor([1.0], device=args.device))
 
     def step() -> float:
         x = img.clone().requires_grad_(True)

@@ -56,7 +56,8 @@ def test_t5_given_as_clip_and_clip_given_as_t5(tmp_path):
 
 
 def test_flux_given_as_autoencoder_and_autoencoder_as_flux(tmp_path, golden):
-    expect_error(load_autoencoder, golden / "flux_tiny_weights.safetensors", "FLUX.1 transformer", "expected the FLUX autoencoder")
+    expect_error(load_autoencoder, golden / "flux_tiny_weights.safetensors", "FLUX.1 transformer",
+                 "expected the FLUX autoencoder")
     expect_error(load_flux, golden / "ae_tiny_weights.safetensors", "autoencoder", "expected a FLUX.1 transformer")
 
 
@@ -64,7 +65,8 @@ def test_sd_vae_given_as_flux_autoencoder(tmp_path):
     from trainer.models.autoencoder import AutoEncoderParams
     from trainer.models.tiny import write_ae
 
-    path = write_ae(tmp_path / "sdxl_vae.safetensors", AutoEncoderParams(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4))
+    path = write_ae(tmp_path / "sdxl_vae.safetensors",
+                    AutoEncoderParams(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4))
     expect_error(load_autoencoder, path, "4 latent channels", "16")
 
 
@@ -137,4 +139,5 @@ def test_flux_file_with_a_wrong_shape(tmp_path):
     state = load_file(write_flux(tmp_path / "flux.safetensors"))
     state["double_blocks.1.img_mlp.2.weight"] = torch.zeros(64, 100)
     save_file(state, str(tmp_path / "broken.safetensors"))
-    expect_error(load_flux, tmp_path / "broken.safetensors", "double_blocks.1.img_mlp.2.weight", "[64, 100]", "[64, 256]")
+    expect_error(load_flux, tmp_path / "broken.safetensors",
+                 "double_blocks.1.img_mlp.2.weight", "[64, 100]", "[64, 256]")

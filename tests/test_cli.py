@@ -33,7 +33,8 @@ def test_seed_guide_command_line_runs_end_to_end(ws, tokenizer_dirs, tmp_path, c
     assert main(cli_args(ws, tokenizer_dirs, tmp_path) + SEED_GUIDE) == 0
     out = capsys.readouterr().out
     assert "blocks_to_swap: training on the CPU" in out
-    assert (tmp_path / "my_flux_lora.safetensors").is_file() and (tmp_path / "my_flux_lora-000001.safetensors").is_file()
+    assert ((tmp_path / "my_flux_lora.safetensors").is_file()
+            and (tmp_path / "my_flux_lora-000001.safetensors").is_file())
     with safe_open(str(tmp_path / "my_flux_lora.safetensors"), "pt") as f:
         keys = list(f.keys())
         meta = f.metadata()
@@ -75,7 +76,8 @@ def test_missing_data_and_bad_files_are_named(tokenizer_dirs, tmp_path, capsys, 
 def test_options_that_do_not_apply_warn(ws, tokenizer_dirs, tmp_path):
     warnings = []
     ns = build_parser().parse_args(cli_args(ws, tokenizer_dirs, tmp_path) + ["--v2", "--clip_skip", "2",
-                                                                              "--max_token_length", "225", "--split_mode"])
+                                                                              "--max_token_length", "225",
+                                                                              "--split_mode"])
     config = config_from_args(ns, warn=warnings.append)
     assert any("--v2" in w for w in warnings) and any("--clip_skip" in w for w in warnings)
     assert any("--max_token_length" in w for w in warnings)
@@ -84,7 +86,8 @@ def test_options_that_do_not_apply_warn(ws, tokenizer_dirs, tmp_path):
 
 def test_sd_scripts_defaults(ws, tokenizer_dirs, tmp_path):
     c = parse(ws, tokenizer_dirs, tmp_path)
-    assert (c.flow.guidance_scale, c.flow.timestep_sampling, c.flow.model_prediction_type) == (3.5, "sigma", "sigma_scaled")
+    assert (c.flow.guidance_scale, c.flow.timestep_sampling,
+            c.flow.model_prediction_type) == (3.5, "sigma", "sigma_scaled")
     assert (c.flow.discrete_flow_shift, c.flow.weighting_scheme, c.flow.loss_type) == (3.0, "uniform", "l2")
     assert (c.network.network_dim, c.network.network_alpha, c.learning_rate) == (4, 1.0, 2e-6)
     assert (c.max_train_steps, c.max_grad_norm, c.lr_scheduler, c.mixed_precision) == (1600, 1.0, "constant", "no")
@@ -134,14 +137,16 @@ def run_with_spies(ws, tokenizer_dirs, tmp_path, monkeypatch, *extra):
 
     def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, txt_attention_mask=None):
         seen["forward"].append(dict(dtype=self.img_in.weight.dtype, guidance=guidance, mask=txt_attention_mask,
-                                    txt=txt.shape, checkpointing=isinstance(self.block_runner, CheckpointedRunner), autocast=torch.is_autocast_enabled("cpu")))
+                                    txt=txt.shape, checkpointing=isinstance(self.block_runner, CheckpointedRunner),
+                                    autocast=torch.is_autocast_enabled("cpu")))
         return original_forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance, txt_attention_mask)
 
     monkeypatch.setattr(flow, "sample_sigmas", sigmas)
     monkeypatch.setattr(flow, "elementwise_loss", loss)
     monkeypatch.setattr(Flux, "forward", forward)
     assert main(cli_args(ws, tokenizer_dirs, tmp_path) + ["--max_train_steps", "2", "--network_train_unet_only",
-                                                          "--cache_latents", "--cache_text_encoder_outputs"] + list(extra)) == 0
+                                                          "--cache_latents",
+                                                          "--cache_text_encoder_outputs"] + list(extra)) == 0
     return seen
 
 
@@ -186,14 +191,16 @@ def test_fp8_base_keeps_block_weights_in_fp8(ws, tokenizer_dirs, tmp_path, monke
     monkeypatch.setattr(loop_module, "prepare", prepare)
     assert main(cli_args(ws, tokenizer_dirs, tmp_path) + ["--max_train_steps", "4", "--fp8_base", "--mixed_precision",
                                                           "bf16", "--network_train_unet_only", "--optimizer_type",
-                                                          "Lion", "--lr_scheduler", "linear", "--lr_warmup_steps", "2"]) == 0
+                                                          "Lion", "--lr_scheduler", "linear",
+                                                          "--lr_warmup_steps", "2"]) == 0
     assert captured["weight"] == torch.float8_e4m3fn and captured["optimizer"] == "Lion"
     assert captured["scheduler_lrs"] == [0.0, 0.5, 1.0, 0.5]
 
 
 def test_sample_prompts_write_pngs_named_like_sd_scripts(ws, tokenizer_dirs, tmp_path):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("# a comment\na red circle --w 64 --h 48 --d 5 --s 3 --g 2.0\nblue square --n ugly --l 2.0 --s 2 --w 32 --h 32\n")
+    prompts.write_text("# a comment\na red circle --w 64 --h 48 --d 5 --s 3 --g 2.0\n"
+                       "blue square --n ugly --l 2.0 --s 2 --w 32 --h 32\n")
     assert main(cli_args(ws, tokenizer_dirs, tmp_path) + ["--max_train_steps", "2", "--sample_prompts", str(prompts),
                                                           "--sample_every_n_steps", "1", "--output_name", "pics",
                                                           "--network_train_unet_only", "--seed", "11"]) == 0

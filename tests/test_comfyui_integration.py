@@ -63,7 +63,8 @@ def test_our_lora_loads_fully_in_comfyui_and_computes_the_same(tmp_path, tiny_fi
     inputs = {"x": x, "timesteps": torch.tensor([0.3, 0.8]), "context": torch.randn(2, 5, 32, generator=g),
               "y": torch.randn(2, 64, generator=g), "guidance": torch.tensor([1.0, 3.5]), "strength": torch.tensor(0.8)}
     save_file(inputs, str(tmp_path / "inputs.safetensors"))
-    run = subprocess.run([COMFYUI_PYTHON, str(REPO / "tests" / "comfyui" / "lora_probe.py"), COMFYUI_DIR, str(tmp_path)],
+    run = subprocess.run([COMFYUI_PYTHON, str(REPO / "tests" / "comfyui" / "lora_probe.py"),
+                          COMFYUI_DIR, str(tmp_path)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     report = json.loads((tmp_path / "results.json").read_text())

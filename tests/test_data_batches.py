@@ -73,7 +73,8 @@ def test_regularisation_images_balance_and_weigh(tmp_path):
     dataset = FluxDataset(config)
     summary = dataset.summary()
     assert summary["num_train_images"] == 6 and summary["num_reg_images"] == 6  # 6 of the 8 reg images, once
-    weights = {dataset.batch(i).paths[0].parent.name: float(dataset.batch(i).loss_weights[0]) for i in range(len(dataset))}
+    weights = {dataset.batch(i).paths[0].parent.name: float(dataset.batch(i).loss_weights[0])
+               for i in range(len(dataset))}
     assert weights == {"train": 1.0, "reg": 0.5}
 
 

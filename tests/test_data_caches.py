@@ -119,7 +119,8 @@ def test_text_outputs_on_disk(tmp_path, encoders):
     clip, t5 = encoders
     folder = folder_of(tmp_path)
     g = group(folder, caption_prefix="photo of")
-    assert cache_text_outputs(g, clip, t5, to_disk=True, batch_size=2, apply_t5_attn_mask=True) == {"encoded": 3, "reused": 0}
+    assert cache_text_outputs(g, clip, t5, to_disk=True, batch_size=2,
+                              apply_t5_attn_mask=True) == {"encoded": 3, "reused": 0}
     item = g.datasets[0].items[0]
     assert item.text_npz == text_npz_path(item.path) and item.text_npz.name == "img0_flux_te.npz"
     data = np.load(item.text_npz)
@@ -131,7 +132,8 @@ def test_text_outputs_on_disk(tmp_path, encoders):
     batch = g.datasets[0].batch(0)
     assert batch.text is not None and batch.text[1].shape == (1, 16, 32)
 
-    assert cache_text_outputs(group(folder, caption_prefix="photo of"), clip, t5, True, apply_t5_attn_mask=True)["reused"] == 3
+    assert cache_text_outputs(group(folder, caption_prefix="photo of"), clip, t5, True,
+                              apply_t5_attn_mask=True)["reused"] == 3
     assert cache_text_outputs(group(folder, caption_prefix="photo of"), clip, t5, True)["encoded"] == 3  # mask flag
     (folder / "img1.txt").write_text("a new caption\n")
     assert cache_text_outputs(group(folder, caption_prefix="photo of"), clip, t5, True)["encoded"] == 1

@@ -86,7 +86,8 @@ resolution = [512, 768]
     assert first.batch_size == 7 and first.subsets[0].keep_tokens == 3  # command line below the file
     assert first.resolution == (512, 512) and second.resolution == (512, 768)
     assert first.min_bucket_reso == 256 and first.subsets[0].shuffle_caption is False  # defaults
-    default_ext = load_dataset_config(write(tmp_path, '[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nimage_dir = "x"\n', "d.toml"))
+    default_ext = load_dataset_config(write(tmp_path, '[[datasets]]\nresolution = 512\n[[datasets.subsets]]\n'
+                                                      'image_dir = "x"\n', "d.toml"))
     assert default_ext[0].subsets[0].caption_extension == ".caption"  # sd-scripts' command-line default
 
 
@@ -114,7 +115,8 @@ resolution = [512, 768]
     ('[[datasets]]\nresolution=512\n', ["at least one [[datasets.subsets]]"]),
     ('[[datasets]]\nresolution=512\n[[datasets.subsets]]\nimage_dir="x"\n[[datasets.subsets]]\nmetadata_file="m.json"',
      ["cannot be mixed"]),
-    ('[[datasets]]\nresolution = 512\nenable_bucket = true\nbucket_reso_steps = 40\n[[datasets.subsets]]\nimage_dir="x"',
+    ('[[datasets]]\nresolution = 512\nenable_bucket = true\nbucket_reso_steps = 40\n'
+     '[[datasets.subsets]]\nimage_dir="x"',
      ["bucket_reso_steps", "multiple of 16"]),
     ('[[datasets]\nresolution = 512', ["not valid TOML"]),
 ])

@@ -90,7 +90,8 @@ def test_default_axes_dim_matches_flux_at_full_and_tiny_size():
 ], ids=["schnell-like-no-qkv-bias", "odd-sizes"])
 def test_other_sizes_load_through_the_same_code(tmp_path, params):
     state = flux_state_dict(params, seed=3)
-    save_safetensors(state, tmp_path / "m.safetensors", metadata={"config": json.dumps({"axes_dim": list(params.axes_dim)})})
+    save_safetensors(state, tmp_path / "m.safetensors",
+                     metadata={"config": json.dumps({"axes_dim": list(params.axes_dim)})})
     model = load_flux(tmp_path / "m.safetensors")
     assert model.params == params
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())

@@ -31,7 +31,8 @@ def size(expr, p: FluxParams):
 def expected_table(p: FluxParams, cfg: LoRAConfig, double=None, single=None):
     """name -> (rank, down shape, up shape) by the documented rules."""
     table = {}
-    for kind, count, layers, chosen in (("double", p.depth, DOUBLE_LAYERS, double), ("single", p.depth_single_blocks, SINGLE_LAYERS, single)):
+    for kind, count, layers, chosen in (("double", p.depth, DOUBLE_LAYERS, double),
+                                        ("single", p.depth_single_blocks, SINGLE_LAYERS, single)):
         if cfg.train_blocks not in ("all", kind):
             continue
         for i in range(count):
@@ -41,7 +42,8 @@ def expected_table(p: FluxParams, cfg: LoRAConfig, double=None, single=None):
                 if chosen is not None and i not in chosen:
                     rank = 0
                 if rank:
-                    table[f"lora_unet_{kind}_blocks_{i}_{layer}"] = (rank, (rank, size(fan_in, p)), (size(fan_out, p), rank))
+                    table[f"lora_unet_{kind}_blocks_{i}_{layer}"] = (rank, (rank, size(fan_in, p)),
+                                                                     (size(fan_out, p), rank))
     return table
 
 
@@ -144,14 +146,16 @@ def test_text_encoders_targets(flux, tiny_files):
     t5 = load_t5xxl(tiny_files["t5xxl"], dtype=torch.float32)
     layers = 2
     clip_names = {f"lora_te1_text_model_encoder_layers_{i}_{n}" for i in range(layers)
-                  for n in ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2")}
+                  for n in ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj",
+                            "mlp_fc1", "mlp_fc2")}
     t5_names = {f"lora_te3_encoder_block_{i}_{n}" for i in range(layers)
                 for n in ("layer_0_SelfAttention_q", "layer_0_SelfAttention_k", "layer_0_SelfAttention_v",
                           "layer_0_SelfAttention_o", "layer_1_DenseReluDense_wi_0", "layer_1_DenseReluDense_wi_1",
                           "layer_1_DenseReluDense_wo")}
 
     def te_names(cfg):
-        return {m.lora_name for m in LoRANetwork.create(cfg, flux, clip, t5).loras if not m.lora_name.startswith("lora_unet")}
+        return {m.lora_name for m in LoRANetwork.create(cfg, flux, clip, t5).loras
+                if not m.lora_name.startswith("lora_unet")}
 
     assert te_names(LoRAConfig()) == clip_names
     assert te_names(LoRAConfig(train_t5xxl=True)) == clip_names | t5_names

@@ -22,10 +22,12 @@ def test_prompt_line_flags():
 def test_prompt_files_txt_toml_json(tmp_path):
     (tmp_path / "p.txt").write_text("# comment\n\nfirst --s 4\nsecond\n")
     assert [p.prompt for p in read_prompts(tmp_path / "p.txt")] == ["first", "second"]
-    (tmp_path / "p.toml").write_text('[[prompt]]\nprompt = "a"\nwidth = 256\nsample_steps = 5\n[[prompt]]\nprompt = "b"\n'
+    (tmp_path / "p.toml").write_text('[[prompt]]\nprompt = "a"\nwidth = 256\nsample_steps = 5\n'
+                                     '[[prompt]]\nprompt = "b"\n'
                                      'negative_prompt = "n"\nscale = 2.0\nguidance_scale = 1.5\nseed = 3\n')
     toml = read_prompts(tmp_path / "p.toml")
-    assert toml[0].width == 256 and toml[0].steps == 5 and toml[1] == SamplePrompt("b", "n", guidance=1.5, scale=2.0, seed=3, index=1)
+    assert toml[0].width == 256 and toml[0].steps == 5 and toml[1] == SamplePrompt("b", "n", guidance=1.5, scale=2.0,
+                                                                                   seed=3, index=1)
     (tmp_path / "p.json").write_text(json.dumps([{"prompt": "j", "height": 128}]))
     assert read_prompts(tmp_path / "p.json")[0].height == 128
     (tmp_path / "bad.json").write_text(json.dumps([{"prompt": "j", "hieght": 128}]))
@@ -81,7 +83,8 @@ def test_optimizer_args_are_python_literals():
 
 
 @pytest.mark.parametrize("name,cls", [("", "AdamW"), ("AdamW", "AdamW"), ("adamw8bit", "AdamW8bit"), ("Lion", "Lion"),
-                                      ("SGDNesterov", "SGD"), ("Adafactor", "Adafactor"), ("torch.optim.RMSprop", "RMSprop")])
+                                      ("SGDNesterov", "SGD"), ("Adafactor", "Adafactor"),
+                                      ("torch.optim.RMSprop", "RMSprop")])
 def test_optimizers_by_name(name, cls):
     param = torch.nn.Parameter(torch.randn(8, 8))
     args = {"relative_step": False} if name == "Adafactor" else {}

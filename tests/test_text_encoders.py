@@ -58,7 +58,8 @@ def test_clip_l_is_configured_as_clip_l():
     shapes = {"embeddings.token_embedding.weight": (49408, 768), "embeddings.position_embedding.weight": (77, 768),
               **{f"encoder.layers.{i}.mlp.fc1.weight": (3072, 768) for i in range(12)}}
     cfg = clip_config_from_shapes(shapes)
-    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers, cfg.intermediate_size) == (768, 12, 12, 3072)
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers,
+            cfg.intermediate_size) == (768, 12, 12, 3072)
     assert cfg.hidden_act == "quick_gelu" and cfg.eos_token_id == 49407
 
 

@@ -70,13 +70,14 @@ def test_result_carries_the_saved_lora_as_a_state_dict(ws, tokenizer_dirs, tmp_p
     random.seed(99)
     before = _host_state()
     reporter = SilentReporter()
-    result = train(config(ws, tokenizer_dirs, tmp_path, max_train_steps=3, save_precision="bf16"), reporter)
+    result = train(config(ws, tokenizer_dirs, tmp_path, max_train_steps=3, save_precision="bf16",
+                          optimizer_type="AdamW", optimizer_args=("weight_decay=0.02",)), reporter)
     assert isinstance(result, Finished) and result == reporter.of(Finished)[0]
     assert result.steps == 3 and not result.stopped_early and len(result.losses) == 3
     saved = load_file(result.lora)
     assert result.state_dict.keys() == saved.keys() and len(saved) > 0
     assert all(v.dtype == torch.bfloat16 and torch.equal(v, saved[k]) for k, v in result.state_dict.items())
-    assert result.metadata["ss_steps"] == "3"
+    assert result.metadata["ss_steps"] == "3" and result.metadata["ss_optimizer"] == "AdamW(weight_decay=0.02)"
     _assert_host_untouched(before, flux_refs)
 
 
@@ -154,7 +155,8 @@ def test_a_stop_during_caching_ends_before_training_and_keeps_the_caches(tokeniz
 
 def test_a_stop_while_loading_the_transformer_is_a_clean_stopped(ws, tokenizer_dirs, tmp_path, flux_refs):
     with pytest.raises(Stopped, match="loading the transformer"):
-        train(config(ws, tokenizer_dirs, tmp_path, max_train_steps=2), StopWhen(_phase_reached("loading the transformer")))
+        train(config(ws, tokenizer_dirs, tmp_path, max_train_steps=2),
+              StopWhen(_phase_reached("loading the transformer")))
     gc.collect()
     assert all(ref() is None for ref in flux_refs)
 

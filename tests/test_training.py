@@ -29,7 +29,8 @@ class StopAfter(SilentReporter):
 def test_training_drives_the_loss_down_and_the_lora_changes_the_model(ws, tokenizer_dirs, tmp_path):
     reporter = SilentReporter()
     path = train(config(ws, tokenizer_dirs, tmp_path, max_train_steps=60, lr_scheduler="cosine", lr_warmup_steps=4,
-                        network=LoRAConfig(network_dim=8, network_alpha=8, network_train_unet_only=True)), reporter).lora
+                        network=LoRAConfig(network_dim=8, network_alpha=8, network_train_unet_only=True)),
+                 reporter).lora
     losses = [e.loss for e in reporter.of(StepEnd)]
     assert len(losses) == 60
     first, last = sum(losses[:12]) / 12, sum(losses[-12:]) / 12

@@ -33,7 +33,8 @@ def config(ws: dict[str, Path], tokenizers: dict[str, Path], out: Path, **overri
 
 
 def cli_args(ws: dict[str, Path], tokenizers: dict[str, Path], out: Path) -> list[str]:
-    return ["--pretrained_model_name_or_path", str(ws["flux"]), "--clip_l", str(ws["clip_l"]), "--t5xxl", str(ws["t5xxl"]),
+    return ["--pretrained_model_name_or_path", str(ws["flux"]), "--clip_l", str(ws["clip_l"]),
+            "--t5xxl", str(ws["t5xxl"]),
             "--ae", str(ws["ae"]), "--clip_l_tokenizer", str(tokenizers["clip_l"]), "--t5xxl_tokenizer",
             str(tokenizers["t5xxl"]), "--t5xxl_max_token_length", "16", "--device", "cpu",
             "--dataset_config", str(ws["toml"]), "--output_dir", str(out)]

@@ -64,7 +64,8 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return value
 
 
-def save_state(folder: Path, network_tensors: dict[str, torch.Tensor], parts: dict[str, Any], position: Position) -> Path:
+def save_state(folder: Path, network_tensors: dict[str, torch.Tensor], parts: dict[str, Any],
+               position: Position) -> Path:
     """Write a complete state folder next to its final name, then move it into place."""
     folder = Path(folder)
     staging = folder.with_name(folder.name + ".partial")
@@ -94,7 +95,8 @@ def check_state_folder(folder: Path) -> dict:
     needed = [folder / n for n in ("network.safetensors", "state.safetensors", "state.json")]
     missing = [p.name for p in needed if not p.is_file()]
     if missing:
-        raise StateError(f"resume: {folder} is not a state folder written by this trainer (missing {', '.join(missing)})")
+        raise StateError(f"resume: {folder} is not a state folder written by this trainer "
+                         f"(missing {', '.join(missing)})")
     try:
         document = json.loads((folder / "state.json").read_text())
     except (OSError, ValueError) as e:
@@ -109,7 +111,8 @@ def load_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], P
     folder = Path(folder)
     document = check_state_folder(folder)
     tensors = load_file(folder / "state.safetensors")
-    return load_file(folder / "network.safetensors"), _decode(document["parts"], tensors), Position(**document["position"])
+    return (load_file(folder / "network.safetensors"), _decode(document["parts"], tensors),
+            Position(**document["position"]))
 
 
 def capture_rng() -> dict[str, Any]:

@@ -21,7 +21,8 @@ from .errors import Stopped, TrainerError
 from .events import Finished, Message, Phase, Samples, Saved, StepEnd
 
 NOT_FOR_FLUX = {"v2": "FLUX has no v2 variant", "v_parameterization": "FLUX predicts velocity by construction",
-                "clip_skip": "FLUX uses CLIP-L's pooled output only", "max_token_length": "use --t5xxl_max_token_length"}
+                "clip_skip": "FLUX uses CLIP-L's pooled output only",
+                "max_token_length": "use --t5xxl_max_token_length"}
 ACCEPTED_AND_UNUSED = ("persistent_data_loader_workers", "highvram", "lowvram", "lowram", "xformers", "mem_eff_attn",
                        "sdpa", "disable_mmap_load_safetensors", "mem_eff_save", "skip_cache_check")
 # TrainConfig fields that are not flags: nested option groups, and values only the library interface takes

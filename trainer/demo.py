@@ -82,7 +82,8 @@ def loss_curve(losses: list[float], path: Path, width: int = 640, height: int = 
         chunk = losses[max(0, i - window + 1):i + 1]
         mean.append(sum(chunk) / len(chunk))
     draw.line([point(i, v) for i, v in enumerate(mean)], fill=(30, 80, 220), width=3)
-    draw.text((left, bottom + 8), f"step 1 .. {len(losses)}   loss {high:.3f} (top) .. {low:.3f} (bottom)", fill="black")
+    draw.text((left, bottom + 8), f"step 1 .. {len(losses)}   loss {high:.3f} (top) .. {low:.3f} (bottom)",
+              fill="black")
     image.save(path)
     return path
 
@@ -141,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{out / 'dataset'}; {tokenizer_note}")
 
     class Collecting(ConsoleReporter):
-        samples: list = []
-        finished: Finished | None = None
+        def __init__(self) -> None:
+            super().__init__()
+            self.samples: list = []
+            self.finished: Finished | None = None
 
         def emit(self, event) -> None:
             super().emit(event)

@@ -34,7 +34,8 @@ def image_ids(batch: int, height: int, width: int, device=None, dtype=torch.floa
     """Position ids [B, (h/2)*(w/2), 3] = (0, row, column) of each packed token."""
     rows = torch.arange(height // 2, device=device, dtype=dtype)
     cols = torch.arange(width // 2, device=device, dtype=dtype)
-    ids = torch.stack(torch.broadcast_tensors(torch.zeros((), device=device, dtype=dtype), rows[:, None], cols[None, :]), dim=-1)
+    ids = torch.stack(torch.broadcast_tensors(torch.zeros((), device=device, dtype=dtype), rows[:, None],
+                                              cols[None, :]), dim=-1)
     return ids.reshape(1, -1, 3).expand(batch, -1, -1)
 
 
@@ -105,7 +106,8 @@ def target(latents: Tensor, noise: Tensor, cfg: FlowConfig) -> Tensor:
     return noise - latents
 
 
-def apply_prediction_type(output: Tensor, noisy: Tensor, sigmas: Tensor, cfg: FlowConfig) -> tuple[Tensor, Tensor | None]:
+def apply_prediction_type(output: Tensor, noisy: Tensor, sigmas: Tensor,
+                          cfg: FlowConfig) -> tuple[Tensor, Tensor | None]:
     """The prediction compared with `target`, and the loss weighting (sigma_scaled only)."""
     if cfg.model_prediction_type == "raw":
         return output, None

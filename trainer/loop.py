@@ -116,7 +116,8 @@ class Loop:
                                        f"{s.seed}; the continuation will differ from an uninterrupted run", "warning"))
         self.losses = list(parts["losses"])
         self.position = position
-        self.reporter.emit(Message(f"resumed from {folder} at step {position.global_step} (epoch {position.epoch + 1})"))
+        self.reporter.emit(Message(f"resumed from {folder} at step {position.global_step} "
+                                   f"(epoch {position.epoch + 1})"))
 
     # ------------------------------------------------------------------------------------------ running
 
@@ -237,7 +238,8 @@ class Loop:
         state_dict = None
         if s.world.is_main:
             dtype = SAVE_DTYPES[self.config.save_precision]
-            state_dict = {k: v.detach().to("cpu", dtype, copy=True) for k, v in s.network.kohya_state_dict(dtype).items()}
+            state_dict = {k: v.detach().to("cpu", dtype, copy=True)
+                          for k, v in s.network.kohya_state_dict(dtype).items()}
         if not stopped and self.last_sampled != step:
             self._sample(step=step)
         s.network.eval()

@@ -114,7 +114,8 @@ def lr_lambda(name: str, warmup: int, total: int, num_cycles: int = 1, power: fl
         return lambda s: ramp(s) if s < warmup else 1 / math.sqrt(max(1, s - warmup + max(1, warmup)) / max(1, warmup))
     if name == "cosine_with_min_lr":
         floor = 0.0 if min_lr_ratio is None else min_lr_ratio
-        return lambda s: ramp(s) if s < warmup else floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress(s))))
+        return lambda s: (ramp(s) if s < warmup
+                          else floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress(s)))))
     if name == "warmup_stable_decay":
         floor = 0.0 if min_lr_ratio is None else min_lr_ratio
         stable_end = total - decay_steps

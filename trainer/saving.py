@@ -108,7 +108,8 @@ class LoRAWriter:
             "ss_gradient_accumulation_steps": c.gradient_accumulation_steps, "ss_max_train_steps": s.total_steps,
             "ss_lr_warmup_steps": c.lr_warmup_steps, "ss_lr_scheduler": c.lr_scheduler,
             "ss_mixed_precision": c.mixed_precision, "ss_full_fp16": c.full_fp16, "ss_seed": s.seed,
-            "ss_optimizer": c.optimizer_type or "AdamW" + (f"({','.join(c.optimizer_args)})" if c.optimizer_args else ""),
+            "ss_optimizer": (c.optimizer_type or "AdamW")
+                            + (f"({','.join(c.optimizer_args)})" if c.optimizer_args else ""),
             "ss_max_grad_norm": c.max_grad_norm, "ss_prior_loss_weight": c.prior_loss_weight,
             "ss_caption_dropout_rate": _first(s, "caption_dropout_rate"),
             "ss_caption_tag_dropout_rate": _first(s, "caption_tag_dropout_rate"),

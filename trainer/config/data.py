@@ -116,11 +116,13 @@ def _expect(value: Any, key: str, where: str) -> Any:
             fail("a whole number or [width, height]")
         if isinstance(value, int):
             value = (value, value)
-        if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        if not (isinstance(value, (list, tuple)) and len(value) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
             fail("a whole number or [width, height] of positive whole numbers")
         return tuple(value)
     if key == "face_crop_aug_range":
-        if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)):
+        if not (isinstance(value, (list, tuple)) and len(value) == 2
+                and all(isinstance(v, (int, float)) for v in value)):
             fail("[min, max] numbers")
         return tuple(float(v) for v in value)
     if key in ("resize_interpolation",):
@@ -134,7 +136,8 @@ def _expect(value: Any, key: str, where: str) -> Any:
     if kind.startswith("int"):
         if isinstance(value, bool) or not isinstance(value, int):
             fail("a whole number")
-        if value < 0 or (key in ("batch_size", "num_repeats", "bucket_reso_steps", "min_bucket_reso", "max_bucket_reso") and value == 0):
+        if value < 0 or (key in ("batch_size", "num_repeats", "bucket_reso_steps", "min_bucket_reso", "max_bucket_reso")
+                         and value == 0):
             fail("a positive whole number" if value == 0 else "a whole number >= 0")
         return value
     if kind.startswith("float"):
@@ -232,8 +235,8 @@ def _located(cls, values: dict, where: str):
 
 def _check_dataset(config: DatasetConfig, where: str) -> None:
     if config.bucket_reso_steps % 16 and config.enable_bucket:
-        raise DatasetConfigError(f"{where}: 'bucket_reso_steps' = {config.bucket_reso_steps}: FLUX needs a multiple of 16 "
-                                 "(8x downscaled latents, packed in 2x2 patches)")
+        raise DatasetConfigError(f"{where}: 'bucket_reso_steps' = {config.bucket_reso_steps}: FLUX needs a multiple "
+                                 "of 16 (8x downscaled latents, packed in 2x2 patches)")
     if config.enable_bucket and config.min_bucket_reso > config.max_bucket_reso:
         raise DatasetConfigError(f"{where}: 'min_bucket_reso' {config.min_bucket_reso} is above 'max_bucket_reso' "
                                  f"{config.max_bucket_reso}")
@@ -241,8 +244,8 @@ def _check_dataset(config: DatasetConfig, where: str) -> None:
         raise DatasetConfigError(f"{where}: 'max_bucket_reso' {config.max_bucket_reso} must be at least the resolution "
                                  f"{config.resolution}")
     if not config.enable_bucket and any(size % 16 for size in config.resolution):
-        raise DatasetConfigError(f"{where}: 'resolution' {list(config.resolution)}: without buckets each side must be a "
-                                 "multiple of 16")
+        raise DatasetConfigError(f"{where}: 'resolution' {list(config.resolution)}: without buckets each side must be "
+                                 "a multiple of 16")
 
 
 def _warn_unsupported(config: DatasetConfig, where: str) -> None:

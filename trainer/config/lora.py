@@ -63,7 +63,8 @@ class LoRAConfig:
         if self.in_dims is not None:
             _check(len(self.in_dims) == 5 and all(isinstance(d, int) and d >= 0 for d in self.in_dims), "in_dims",
                    f"exactly five whole numbers >= 0 for [{', '.join(IN_DIM_TARGETS)}], not {list(self.in_dims)!r}")
-        _check(self.train_blocks in TRAIN_BLOCKS, "train_blocks", f"one of {', '.join(TRAIN_BLOCKS)}, not {self.train_blocks!r}")
+        _check(self.train_blocks in TRAIN_BLOCKS, "train_blocks",
+               f"one of {', '.join(TRAIN_BLOCKS)}, not {self.train_blocks!r}")
         for option, count in (("train_double_block_indices", 19), ("train_single_block_indices", 38)):
             value = getattr(self, option)
             if value is not None:

@@ -51,7 +51,8 @@ def process_caption(caption: str, subset: SubsetConfig, rng: random.Random, epoc
     if subset.caption_suffix:
         caption = caption + " " + subset.caption_suffix
     dropped = subset.caption_dropout_rate > 0 and rng.random() < subset.caption_dropout_rate
-    dropped = dropped or (subset.caption_dropout_every_n_epochs > 0 and epoch % subset.caption_dropout_every_n_epochs == 0)
+    dropped = dropped or (subset.caption_dropout_every_n_epochs > 0
+                          and epoch % subset.caption_dropout_every_n_epochs == 0)
     if dropped:
         return ""
     caption = _wildcards(caption, rng) if subset.enable_wildcard else caption.split("\n")[0]

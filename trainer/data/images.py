@@ -45,7 +45,8 @@ def _open(path: Path) -> Image.Image:
         raise ImageProblem(f"cannot be read ({e})") from None
     if image.width * image.height > MAX_PIXELS:
         image.close()
-        raise ImageProblem(f"{image.width}x{image.height} is over the {MAX_PIXELS:,}-pixel limit (decompression-bomb guard)")
+        raise ImageProblem(f"{image.width}x{image.height} is over the {MAX_PIXELS:,}-pixel limit "
+                           "(decompression-bomb guard)")
     return image
 
 

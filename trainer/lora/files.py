@@ -40,7 +40,8 @@ def to_kohya(weights: dict[str, Tensor]) -> dict[str, Tensor]:
         if prefix is None:
             raise LoRAWeightsError(f"'{key}': lora_A/lora_B files are read with the diffusion_model. prefix only")
         body = key[len(prefix):]
-        for old, new in ((".lora_A.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_up.weight"), (".alpha", ".alpha")):
+        for old, new in ((".lora_A.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_up.weight"),
+                         (".alpha", ".alpha")):
             if body.endswith(old):
                 path = body[: -len(old)]
                 out["lora_unet_" + path.replace(".", "_") + new] = value
@@ -55,7 +56,8 @@ def safetensors_hashes(tensors: Mapping[str, Tensor], metadata: Mapping[str, str
     hex of the sha256 of 64 KiB at 1 MiB), both over the file as written with only the ss_* metadata."""
     from safetensors.torch import save
 
-    blob = save({k: v.contiguous() for k, v in tensors.items()}, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    blob = save({k: v.contiguous() for k, v in tensors.items()},
+                {k: v for k, v in metadata.items() if k.startswith("ss_")})
     header = int.from_bytes(blob[:8], "little")
     return hashlib.sha256(blob[8 + header:]).hexdigest(), hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
 

@@ -87,7 +87,8 @@ class LoRAModule(nn.Module):
             if self.dropout:
                 lx = F.dropout(lx, p=self.dropout)
             if self.rank_dropout:
-                keep = torch.rand(lx.shape[0], *([1] * (lx.ndim - 2)), lx.shape[-1], device=lx.device) > self.rank_dropout
+                keep = torch.rand(lx.shape[0], *([1] * (lx.ndim - 2)), lx.shape[-1],
+                                  device=lx.device) > self.rank_dropout
                 lx = lx * keep
                 scale = scale / (1.0 - self.rank_dropout)  # as if the rank were smaller
         if not self.splits:
@@ -141,9 +142,11 @@ class LoRAModule(nn.Module):
                 row += size
             up = torch.cat(rows, dim=0)
             alpha = alpha / parts
-        elif tuple(down.shape) != tuple(self.lora_down.weight.shape) or tuple(up.shape) != tuple(self.lora_up.weight.shape):
-            raise LoRAWeightsError(f"{self.lora_name}: file has down {list(down.shape)} and up {list(up.shape)}, the network "
-                             f"expects {list(self.lora_down.weight.shape)} and {list(self.lora_up.weight.shape)}")
+        elif (tuple(down.shape) != tuple(self.lora_down.weight.shape)
+              or tuple(up.shape) != tuple(self.lora_up.weight.shape)):
+            raise LoRAWeightsError(f"{self.lora_name}: file has down {list(down.shape)} and up {list(up.shape)}, "
+                                   f"the network expects {list(self.lora_down.weight.shape)} and "
+                                   f"{list(self.lora_up.weight.shape)}")
         with torch.no_grad():
             self.lora_down.weight.copy_(down)
             self.lora_up.weight.copy_(up)

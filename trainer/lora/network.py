@@ -93,11 +93,13 @@ class LoRANetwork(nn.Module):
             raise LoRAWeightsError(
                 f"{len(unknown)} LoRA layers match no layer of the given model(s): {', '.join(sorted(unknown)[:5])}"
                 f"{' ...' if len(unknown) > 5 else ''}; expected names like lora_unet_double_blocks_0_img_attn_qkv "
-                "(FLUX), lora_te1_text_model_encoder_layers_0_mlp_fc1 (CLIP-L) or lora_te3_encoder_block_0_layer_0_SelfAttention_q (T5)")
+                "(FLUX), lora_te1_text_model_encoder_layers_0_mlp_fc1 (CLIP-L) or "
+                "lora_te3_encoder_block_0_layer_0_SelfAttention_q (T5)")
         network = cls(targets, config, dtype)
         network.skipped = skipped
         for target, parts in zip(targets, loaded):
-            network.by_name[target.name].load_kohya(parts["lora_down.weight"], parts["lora_up.weight"], parts.get("alpha"))
+            network.by_name[target.name].load_kohya(parts["lora_down.weight"], parts["lora_up.weight"],
+                                                    parts.get("alpha"))
         return network
 
     # ---------------------------------------------------------------------------------------- use
@@ -131,7 +133,8 @@ class LoRANetwork(nn.Module):
         weights at lr × ratio; groups whose lr is 0 are left out (not trained)."""
         c = self.config
         te1_lr, te3_lr = lr_for_text_encoders(text_encoder_lr, learning_rate)
-        plan = [(UNET, unet_lr if unet_lr is not None else learning_rate, c.loraplus_unet_lr_ratio or c.loraplus_lr_ratio),
+        plan = [(UNET, unet_lr if unet_lr is not None else learning_rate,
+                 c.loraplus_unet_lr_ratio or c.loraplus_lr_ratio),
                 (CLIP_L, te1_lr, c.loraplus_text_encoder_lr_ratio or c.loraplus_lr_ratio),
                 (T5, te3_lr, c.loraplus_text_encoder_lr_ratio or c.loraplus_lr_ratio)]
         groups = []

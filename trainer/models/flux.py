@@ -39,7 +39,8 @@ class FluxParams:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if sum(self.axes_dim) != self.head_dim or any(a % 2 for a in self.axes_dim):
-            raise ValueError(f"axes_dim {list(self.axes_dim)} must be even sizes summing to the head size {self.head_dim}")
+            raise ValueError(f"axes_dim {list(self.axes_dim)} must be even sizes summing to the head size "
+                             f"{self.head_dim}")
 
     @property
     def head_dim(self) -> int:

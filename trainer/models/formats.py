@@ -22,7 +22,8 @@ class Signature:
 SIGNATURES = (
     Signature("flux", "double_blocks.0.img_attn.qkv.weight", "a FLUX.1 transformer (BFL layout)"),
     Signature("flux", "single_blocks.0.linear1.weight", "a FLUX.1 transformer (BFL layout)"),
-    Signature("flux_diffusers", "single_transformer_blocks.0.attn.to_q.weight", "a FLUX.1 transformer (diffusers layout)"),
+    Signature("flux_diffusers", "single_transformer_blocks.0.attn.to_q.weight",
+              "a FLUX.1 transformer (diffusers layout)"),
     Signature("sd3", "joint_blocks.0.x_block.attn.qkv.weight", "an SD3 MMDiT"),
     Signature("sd3_diffusers", "transformer_blocks.0.attn.add_q_proj.weight", "an SD3 transformer (diffusers layout)",
               shadowed_by=("flux_diffusers",)),

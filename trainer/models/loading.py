@@ -135,7 +135,8 @@ def _compute_dtype(file: SafetensorsFile, prefix: str, dtype: torch.dtype | None
     return torch.bfloat16 if most in FP8_DTYPES else most
 
 
-def _open(path: str | os.PathLike, expected: str, kinds: tuple[str, ...], hint: str = "") -> tuple[SafetensorsFile, Component]:
+def _open(path: str | os.PathLike, expected: str, kinds: tuple[str, ...],
+          hint: str = "") -> tuple[SafetensorsFile, Component]:
     file = SafetensorsFile(path, expected)
     component = find_component(file.keys, kinds, hint)
     if component is None:
@@ -238,7 +239,8 @@ def _fp8_storage(file: SafetensorsFile, fp8: bool | torch.dtype) -> torch.dtype 
 
 # ------------------------------------------------------------------------------------------ AE
 
-def load_autoencoder(path: str | os.PathLike, dtype: torch.dtype | None = None, device: DeviceLike = "cpu") -> AutoEncoder:
+def load_autoencoder(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                     device: DeviceLike = "cpu") -> AutoEncoder:
     """The FLUX autoencoder (`ae.safetensors`, or the `first_stage_model.` part of a ComfyUI checkpoint)."""
     expected, kinds, hint = MODEL_SLOTS["ae"]
     file, component = _open(path, expected, kinds, hint)
@@ -290,7 +292,8 @@ def load_t5xxl(path: str | os.PathLike, dtype: torch.dtype | None = None, device
     expected, kinds, hint = MODEL_SLOTS["t5xxl"]
     file, component = _open(path, expected, kinds, hint)
     source = TensorSource.prefixed(file, component.prefix)
-    for name, alias in (("shared.weight", "encoder.embed_tokens.weight"), ("encoder.embed_tokens.weight", "shared.weight")):
+    for name, alias in (("shared.weight", "encoder.embed_tokens.weight"),
+                        ("encoder.embed_tokens.weight", "shared.weight")):
         if name not in source.readers and alias in source.readers:  # the two names are one tied tensor
             source.readers[name], source.shapes[name] = source.readers[alias], source.shapes[alias]
     with torch.device("meta"):

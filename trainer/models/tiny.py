@@ -109,7 +109,8 @@ def clip_l_state_dict(seed: int = 0, **sizes) -> dict[str, Tensor]:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     cfg = CLIPTextConfig(vocab_size=CLIP_VOCAB, hidden_act="quick_gelu",
-                         num_attention_heads=max(1, {**TINY_CLIP, **sizes}["hidden_size"] // 64), **{**TINY_CLIP, **sizes})
+                         num_attention_heads=max(1, {**TINY_CLIP, **sizes}["hidden_size"] // 64),
+                         **{**TINY_CLIP, **sizes})
     with torch.device("meta"):
         model = CLIPTextModel(cfg)
     state = _randomize(model, seed)

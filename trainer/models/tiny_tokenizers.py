@@ -13,7 +13,8 @@ CLIP_SPECIALS = ("<|startoftext|>", "<|endoftext|>")
 
 def _byte_alphabet() -> list[str]:
     """The 256 printable stand-ins byte-level BPE uses for bytes (GPT-2's table)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+            + list(range(ord("®"), ord("ÿ") + 1)))
     chars, extra = [], 0
     for b in range(256):
         if b in keep:
