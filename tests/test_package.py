@@ -14,15 +14,17 @@ spec = importlib.util.spec_from_file_location("flux_lora_trainer_pack", sys.argv
 module = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = module
 spec.loader.exec_module(module)
-heavy = sorted(m for m in ("torch", "transformers", "safetensors", "numpy", "PIL") if m in sys.modules)
-print("mappings", type(module.NODE_CLASS_MAPPINGS).__name__, "heavy", heavy)
+heavy = sorted(m for m in ("torch", "transformers", "safetensors", "numpy", "PIL", "comfy_api") if m in sys.modules)
+print("entrypoint", callable(getattr(module, "comfy_entrypoint", None)), "v1", hasattr(module, "NODE_CLASS_MAPPINGS"),
+      "web", module.WEB_DIRECTORY, "heavy", heavy)
 """
 
 
 def test_pack_imports_like_comfyui_without_heavy_modules():
     out = subprocess.run([sys.executable, "-c", IMPORT_LIKE_COMFYUI, str(REPO)], capture_output=True, text=True,
                          check=True).stdout
-    assert "mappings dict heavy []" in out, out
+    # a V3 entry point and no NODE_CLASS_MAPPINGS beside it (ComfyUI would then read only the V1 mappings)
+    assert "entrypoint True v1 False web ./js heavy []" in out, out
 
 
 def quick_start_commands() -> list[str]:

@@ -1,0 +1,80 @@
+"""Memory node: gradient checkpointing, block swap, CPU-offloaded checkpointing, fp8 base, and where latents and
+text-encoder outputs are cached; or `auto`, which the train node plans from the free VRAM after it has unloaded
+ComfyUI's models (the guide's 24/16/12/10/8 GB table, explained on the node)."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from .common import CATEGORY, PREFIX, Memory, node_errors
+from .paths import CACHE_FOLDER, OUR_FOLDER
+from .translate import CACHE_MODES, MEMORY_MODES, cache_mode, memory_fields, plan_memory, recommended
+
+
+class FluxLoraTrainerMemory(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        rec = recommended()
+        return io.Schema(
+            node_id=f"{PREFIX}Memory", display_name="FLUX LoRA Trainer: Memory", category=CATEGORY,
+            description="How training fits in the GPU's memory. 'auto' picks from the free VRAM following the "
+                        "guide's table and says why; 'manual' uses the widgets.",
+            inputs=[
+                io.Combo.Input("mode", options=list(MEMORY_MODES), default="manual",
+                               tooltip="auto: the train node measures the free VRAM after unloading ComfyUI's "
+                                       "models and picks the settings below itself (shown on the train node)."),
+                io.Boolean.Input("gradient_checkpointing", default=rec.gradient_checkpointing,
+                                 tooltip="Recompute activations in the backward pass: far less memory, ~25% slower."),
+                io.Int.Input("blocks_to_swap", default=rec.blocks_to_swap or 0, min=0, max=35,
+                             tooltip="Keep this many transformer blocks in CPU memory and stream them in (0 = off). "
+                                     "Not available on a GPU yet: the trainer refuses it there."),
+                io.Boolean.Input("cpu_offload_checkpointing", default=rec.cpu_offload_checkpointing,
+                                 tooltip="Keep checkpointed activations in CPU memory (needs gradient "
+                                         "checkpointing; not available on a GPU yet)."),
+                io.Boolean.Input("fp8_base", default=rec.fp8_base,
+                                 tooltip="Transformer block weights in fp8 (also set by the models node's "
+                                         "base_precision; either turns it on)."),
+                io.Combo.Input("latent_cache", options=list(CACHE_MODES),
+                               default=cache_mode(rec.cache_latents, rec.cache_latents_to_disk),
+                               tooltip="Encode every image once before training: in memory, on disk (reused by "
+                                       f"later runs; in output/{OUR_FOLDER}/{CACHE_FOLDER}) or off."),
+                io.Combo.Input("text_cache", options=list(CACHE_MODES),
+                               default=cache_mode(rec.cache_text_encoder_outputs,
+                                                  rec.cache_text_encoder_outputs_to_disk),
+                               tooltip="Encode every caption once, then free the text encoders: in memory, on disk "
+                                       "or off (off when captions change each step or T5 is trained)."),
+                io.Boolean.Input("cache_beside_images", default=False,
+                                 tooltip="Write disk caches beside the images, as sd-scripts does (so sd-scripts "
+                                         "can reuse them), instead of in our cache folder. Writes into the image "
+                                         "folder."),
+            ],
+            outputs=[Memory.Output("memory", tooltip="Memory settings, for the train node.")],
+        )
+
+    @classmethod
+    def execute(cls, **widgets) -> io.NodeOutput:
+        with node_errors():
+            values = memory_fields(**widgets)
+        if values["auto"]:
+            text = _auto_preview()
+        else:
+            f = values["fields"]
+            text = (f"checkpointing {'on' if f['gradient_checkpointing'] else 'off'}, blocks to swap "
+                    f"{f['blocks_to_swap'] or 0}, fp8 base {'on' if f['fp8_base'] else 'off'}, latents "
+                    f"{widgets['latent_cache']}, text {widgets['text_cache']}")
+        return io.NodeOutput(values, ui={"text": [text]})
+
+
+def _auto_preview() -> str:
+    """What auto would pick now; the train node plans again after unloading ComfyUI's models."""
+    try:
+        import comfy.model_management as mm
+
+        device = mm.get_torch_device()
+        plan = plan_memory(mm.get_free_memory(device), getattr(device, "type", str(device)))
+    except Exception as e:  # a preview only: the train node's plan is the one that counts
+        return f"auto: planned by the train node ({e})"
+    return plan.text() + "\n(measured now; the train node measures again after unloading ComfyUI's models)"
+
+
+NODES = [FluxLoraTrainerMemory]

@@ -1,0 +1,601 @@
+"""Widgets -> the core's config pieces, for every node: pure functions, no torch, no ComfyUI, so each is tested
+without either (tests/test_nodes_translate.py). The node files call these and only add ComfyUI's folders.
+
+Defaults and choice lists come from `trainer.config`: a widget's default is the value of `TrainConfig.recommended()`
+(what the README recommends for the nodes) or the dataclass field's default. Where a core value is None, the
+widget uses a sentinel the tooltip explains (0 or -1, or an empty text). Every bad value raises the core's
+TrainerError, whose message names the option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from ..trainer.config import (
+    ADAFACTOR_RECOMMENDED_ARGS,
+    DatasetConfig,
+    FlowConfig,
+    LoRAConfig,
+    SubsetConfig,
+    TrainConfig,
+    canonical_optimizer,
+    datasets_from_dict,
+    load_dataset_config,
+    single_folder_dataset,
+)
+from ..trainer.errors import ConfigError, DatasetConfigError, TrainerError
+from .paths import resolve_input_file, resolve_input_folder
+
+NONE = "(none)"
+FROM_CHECKPOINT = "(from checkpoint)"
+PLACEHOLDER = "-"  # stands in for the model files where only datasets are looked at (the dataset node's report)
+BASE_PRECISIONS = {"bf16": False, "fp8_e4m3fn": True}  # the models node's choice -> TrainConfig.fp8_base
+CACHE_MODES = ("memory", "disk", "off")
+MEMORY_MODES = ("manual", "auto")
+T5_FP8_FIELD = "t5xxl_fp8"  # not in TrainConfig yet: passed on once the core has it
+# The core refuses blocks_to_swap and cpu_offload_checkpointing on a GPU until their machinery lands (session.py
+# _check_memory_options); the auto plan says what it would pick and picks what runs.
+SWAP_RUNS_ON_GPU = False
+# Block-index presets for the network node: (double blocks, single blocks) in the core's syntax; "custom" uses the
+# two text widgets as typed.
+BLOCK_PRESETS: dict[str, tuple[str, str] | None] = {
+    "custom": None,
+    "all": ("all", "all"),
+    "double blocks only": ("all", "none"),
+    "single blocks only": ("none", "all"),
+    "single 10-20": ("none", "10-20"),
+    "double 0-9 + single 0-18": ("0-9", "0-18"),
+}
+
+
+# ------------------------------------------------------------------------------------------ defaults
+
+@lru_cache(maxsize=1)
+def recommended() -> TrainConfig:
+    """`TrainConfig.recommended()` with placeholder files: where every widget default is read."""
+    return TrainConfig.recommended(pretrained_model_name_or_path=PLACEHOLDER, clip_l=PLACEHOLDER,
+                                   t5xxl=PLACEHOLDER, ae=PLACEHOLDER, train_data_dir=PLACEHOLDER)
+
+
+def default(cls: type, name: str) -> Any:
+    """A dataclass field's default."""
+    for f in fields(cls):
+        if f.name == name:
+            if f.default is not MISSING:
+                return f.default
+            if f.default_factory is not MISSING:
+                return f.default_factory()
+            raise KeyError(f"{cls.__name__}.{name} has no default")
+    raise KeyError(f"{cls.__name__} has no field {name}")
+
+
+def cache_mode(in_memory: bool, to_disk: bool) -> str:
+    return "disk" if to_disk else "memory" if in_memory else "off"
+
+
+def _none_if(value, *empty):
+    return None if value in empty else value
+
+
+def _lines(text: str) -> list[str]:
+    return [ln.strip() for ln in (text or "").splitlines() if ln.strip() and not ln.strip().startswith("#")]
+
+
+# ------------------------------------------------------------------------------------------ models
+
+def model_fields(*, transformer: str, clip_l: str, t5xxl: str, ae: str, checkpoint: str = NONE,
+                 base_precision: str = "bf16", t5xxl_fp8: bool = False,
+                 full_path: Callable[[str, str], str | None], tokenizers: tuple[str, str] | None = None) -> dict:
+    """The models node: file names from ComfyUI's folder lists -> absolute paths (TrainConfig field names).
+    `full_path(folder, name)` is folder_paths.get_full_path; a slot set to FROM_CHECKPOINT reads its part of the
+    full checkpoint chosen in `checkpoint`. Nothing is loaded."""
+    if base_precision not in BASE_PRECISIONS:
+        raise ConfigError(f"base_precision: expected one of {', '.join(BASE_PRECISIONS)}, not {base_precision!r}")
+    checkpoint_path = None
+    if checkpoint not in (None, "", NONE):
+        checkpoint_path = full_path("checkpoints", checkpoint)
+        if checkpoint_path is None:
+            raise ConfigError(f"checkpoint: {checkpoint!r} is not in ComfyUI's checkpoints folder")
+    out = {}
+    slots = (("pretrained_model_name_or_path", "transformer", transformer, "diffusion_models"),
+             ("clip_l", "clip_l", clip_l, "text_encoders"), ("t5xxl", "t5xxl", t5xxl, "text_encoders"),
+             ("ae", "ae", ae, "vae"))
+    for slot, option, name, folder in slots:
+        if name == FROM_CHECKPOINT:
+            if checkpoint_path is None:
+                raise ConfigError(f"{option}: {FROM_CHECKPOINT} needs a full checkpoint chosen in 'checkpoint'")
+            out[slot] = checkpoint_path
+            continue
+        if not name or name == NONE:
+            raise ConfigError(f"{option}: choose a file (ComfyUI's {folder} folder) or {FROM_CHECKPOINT}")
+        path = full_path(folder, name)
+        if path is None:
+            raise ConfigError(f"{option}: {name!r} is not in ComfyUI's {folder} folder")
+        out[slot] = path
+    out["fp8_base"] = BASE_PRECISIONS[base_precision]
+    out[T5_FP8_FIELD] = bool(t5xxl_fp8)
+    if tokenizers is not None:
+        out["clip_l_tokenizer"], out["t5xxl_tokenizer"] = (str(t) for t in tokenizers)
+    return out
+
+
+def comfy_tokenizers(comfy_package_dir: str | os.PathLike) -> tuple[str, str]:
+    """ComfyUI's own CLIP-L and T5 tokenizer folders (`comfy/sd1_tokenizer`, `comfy/text_encoders/t5_tokenizer`),
+    checked for the files the core's tokenizer loader needs."""
+    base = Path(comfy_package_dir)
+    clip, t5 = base / "sd1_tokenizer", base / "text_encoders" / "t5_tokenizer"
+    for folder, needed in ((clip, ("vocab.json", "merges.txt")), (t5, ("tokenizer.json",))):
+        missing = [n for n in needed if not (folder / n).is_file()]
+        if missing:
+            raise ConfigError(f"ComfyUI's tokenizer folder {folder} lacks {', '.join(missing)}: is this ComfyUI "
+                              "complete?")
+    return str(clip), str(t5)
+
+
+# ------------------------------------------------------------------------------------------ datasets
+
+DATASET_WIDGETS = ("batch_size", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
+                   "bucket_no_upscale", "network_multiplier")
+SUBSET_WIDGETS = ("caption_extension", "class_tokens", "num_repeats", "shuffle_caption", "keep_tokens",
+                  "caption_separator", "caption_dropout_rate", "caption_dropout_every_n_epochs",
+                  "caption_tag_dropout_rate", "flip_aug", "random_crop", "is_reg")
+_PATH_KEYS = ("image_dir", "metadata_file")
+
+
+def dataset_config(image_folder: str, input_dir: str | os.PathLike, resolution: int, height: int = 0,
+                   extra_options: str = "", **widgets) -> DatasetConfig:
+    """The dataset node: one folder -> one DatasetConfig (the core's checks apply). `resolution` is the width
+    (and height when `height` is 0); `extra_options` holds further dataset/subset keys in TOML syntax
+    (`color_aug = true`, `caption_prefix = "photo of "`)."""
+    folder = resolve_input_folder(image_folder, input_dir)
+    unknown = set(widgets) - set(DATASET_WIDGETS) - set(SUBSET_WIDGETS)
+    if unknown:
+        raise TypeError(f"unknown dataset widgets: {sorted(unknown)}")
+    options = {k: v for k, v in widgets.items()}
+    if "class_tokens" in options:
+        options["class_tokens"] = (options["class_tokens"] or "").strip() or None
+    options.update(_toml_options(extra_options))
+    size = (resolution, height or resolution)
+    return single_folder_dataset(folder, size, **options)
+
+
+def _toml_options(text: str) -> dict:
+    if not (text or "").strip():
+        return {}
+    from ..trainer.tomlio import TOMLError, loads
+
+    try:
+        values = loads(text)
+    except TOMLError as e:
+        raise DatasetConfigError(f"extra_options: not valid TOML key = value lines ({e})") from None
+    for key in _PATH_KEYS:
+        if key in values:
+            raise DatasetConfigError(f"extra_options: '{key}' is set by the node's folder widget, not here")
+    if "subsets" in values or any(isinstance(v, dict) and k != "custom_attributes" for k, v in values.items()):
+        raise DatasetConfigError("extra_options: plain key = value lines only (use the TOML node for tables)")
+    if "resolution" in values:
+        raise DatasetConfigError("extra_options: 'resolution' is set by the node's resolution widget")
+    return values
+
+
+def chain(previous: tuple | None, *new: DatasetConfig) -> tuple[DatasetConfig, ...]:
+    return tuple(previous or ()) + tuple(new)
+
+
+def toml_datasets(toml_file: str, toml_text: str, input_dir: str | os.PathLike) -> list[DatasetConfig]:
+    """The TOML node: sd-scripts' dataset TOML from a file or pasted text (one of the two). Relative image folders
+    in it are read under ComfyUI's input folder and may not leave it; absolute ones are taken as written."""
+    has_file, has_text = bool((toml_file or "").strip()), bool((toml_text or "").strip())
+    if has_file == has_text:
+        raise DatasetConfigError("dataset TOML: give a file or paste the TOML text (exactly one of the two)")
+    if has_file:
+        path = resolve_input_file(toml_file, input_dir, "toml_file")
+        configs = load_dataset_config(path)
+    else:
+        from ..trainer.tomlio import TOMLError, loads
+
+        try:
+            document = loads(toml_text)
+        except TOMLError as e:
+            raise DatasetConfigError(f"dataset TOML (text): not valid TOML ({e})") from None
+        configs = datasets_from_dict(document, source="dataset TOML (text)")
+    out = []
+    for d, config in enumerate(configs):
+        subsets = []
+        for s, subset in enumerate(config.subsets):
+            where = f"[[datasets]] #{d + 1} [[datasets.subsets]] #{s + 1}"
+            changes = {}
+            for key in _PATH_KEYS:
+                value = getattr(subset, key)
+                if value is None:
+                    continue
+                if key == "image_dir":
+                    changes[key] = str(resolve_input_folder(value, input_dir, f"{where} image_dir"))
+                else:
+                    changes[key] = str(resolve_input_file(value, input_dir, f"{where} metadata_file"))
+            subsets.append(replace(subset, **changes))
+        out.append(replace(config, subsets=tuple(subsets)))
+    return out
+
+
+def preview_config(datasets: tuple[DatasetConfig, ...]) -> TrainConfig:
+    """A TrainConfig around the datasets alone, for the core's pre-flight report (no model is looked at)."""
+    return TrainConfig.recommended(pretrained_model_name_or_path=PLACEHOLDER, clip_l=PLACEHOLDER,
+                                   t5xxl=PLACEHOLDER, ae=PLACEHOLDER, datasets=tuple(datasets))
+
+
+def report_lines(report) -> list[str]:
+    """The core's pre-flight report for the dataset nodes: its step line counts the train node's defaults, so it
+    is replaced by the batches per epoch (the train node sets steps or epochs)."""
+    lines = report.lines()
+    steps_line = f"{report.batches_per_epoch} batches per epoch"
+    return [f"{report.batches_per_epoch} batches per epoch (all chained datasets); steps or epochs are set on the "
+            "train node" if ln.startswith(steps_line) else ln for ln in lines]
+
+
+def dataset_folders(datasets: tuple[DatasetConfig, ...]) -> list[str]:
+    return [s.image_dir for d in datasets for s in d.subsets if s.image_dir]
+
+
+# ------------------------------------------------------------------------------------------ network
+
+def network_fields(*, network_dim: int, network_alpha: float, block_preset: str = "custom",
+                   train_double_block_indices: str = "all", train_single_block_indices: str = "all",
+                   train_blocks: str = "all", split_qkv: bool = False, in_dims: str = "",
+                   type_dims: Mapping[str, int] | None = None, train_clip_l: bool = False,
+                   train_t5xxl: bool = False, clip_l_lr: float = 0.0, t5xxl_lr: float = 0.0,
+                   loraplus_lr_ratio: float = 0.0, loraplus_unet_lr_ratio: float = 0.0,
+                   loraplus_text_encoder_lr_ratio: float = 0.0, network_dropout: float = 0.0,
+                   rank_dropout: float = 0.0, module_dropout: float = 0.0, network_args: str = "",
+                   network_weights: str | None = None, dim_from_weights: bool = False) -> dict:
+    """The network node -> {network: LoRAConfig, network_weights, dim_from_weights, text_encoder_lr}.
+
+    Sentinels: a per-type rank of -1 is the main rank (the core's None), 0 is no LoRA there; a ratio, dropout or
+    learning rate of 0 is "not set" (None; for the text-encoder rates: the optimizer node's learning rate).
+    `in_dims` ("4,0,0,0,4") and `network_args` (key=value lines: network_reg_dims ...) are read by the core's
+    own --network_args parser, so they take the CLI's syntax and give its messages."""
+    if block_preset not in BLOCK_PRESETS:
+        raise ConfigError(f"block_preset: expected one of {', '.join(BLOCK_PRESETS)}, not {block_preset!r}")
+    if BLOCK_PRESETS[block_preset] is not None:
+        train_double_block_indices, train_single_block_indices = BLOCK_PRESETS[block_preset]
+    typed: dict[str, Any] = {
+        "train_double_block_indices": _blocks(train_double_block_indices),
+        "train_single_block_indices": _blocks(train_single_block_indices),
+        "train_blocks": train_blocks, "split_qkv": bool(split_qkv), "train_t5xxl": bool(train_t5xxl),
+        "network_train_unet_only": not (train_clip_l or train_t5xxl),
+        "loraplus_lr_ratio": _none_if(loraplus_lr_ratio, 0, 0.0),
+        "loraplus_unet_lr_ratio": _none_if(loraplus_unet_lr_ratio, 0, 0.0),
+        "loraplus_text_encoder_lr_ratio": _none_if(loraplus_text_encoder_lr_ratio, 0, 0.0),
+        "rank_dropout": _none_if(rank_dropout, 0, 0.0), "module_dropout": _none_if(module_dropout, 0, 0.0),
+    }
+    for name, value in (type_dims or {}).items():
+        typed[name] = None if value is None or value < 0 else int(value)
+    args = _lines(network_args)
+    if (in_dims or "").strip():
+        args.append(f"in_dims={in_dims.strip()}")
+    network = LoRAConfig.from_network_args(args, network_dim=int(network_dim), network_alpha=float(network_alpha),
+                                           network_dropout=_none_if(network_dropout, 0, 0.0), **typed)
+    te_lr = None
+    if train_clip_l or train_t5xxl:
+        te_lr = ((_none_if(clip_l_lr, 0, 0.0) if train_clip_l else 0.0), _none_if(t5xxl_lr, 0, 0.0))
+    return {"network": network, "network_weights": network_weights, "dim_from_weights": bool(dim_from_weights),
+            "text_encoder_lr": te_lr}
+
+
+def _blocks(text: str) -> str | None:
+    text = (text or "").strip()
+    return None if text.lower() == "all" else text
+
+
+# ------------------------------------------------------------------------------------------ optimizer
+
+def optimizer_fields(*, optimizer_type: str, learning_rate: float, lr_scheduler: str, lr_warmup_steps: float = 0,
+                     lr_scheduler_num_cycles: int = 1, lr_scheduler_power: float = 1.0,
+                     lr_scheduler_min_lr_ratio: float = 0.0, max_grad_norm: float = 1.0,
+                     gradient_accumulation_steps: int = 1, optimizer_args: str = "") -> tuple[dict, list[str]]:
+    """The optimizer node -> (TrainConfig fields, notes). Warmup below 1 is a fraction of the steps, from 1 a step
+    count (sd-scripts). `optimizer_args`: key=value, one per line or separated by spaces; empty with Adafactor
+    means the guide's recipe (ADAFACTOR_RECOMMENDED_ARGS)."""
+    name = canonical_optimizer(optimizer_type)
+    args = tuple(token for line in _lines(optimizer_args) for token in _split(line, "optimizer_args"))
+    notes = []
+    if name == "Adafactor" and not args:
+        args = tuple(ADAFACTOR_RECOMMENDED_ARGS)
+        notes.append(f"Adafactor with the guide's arguments: {' '.join(args)}")
+    warmup = float(lr_warmup_steps)
+    values = {"optimizer_type": name, "learning_rate": float(learning_rate), "optimizer_args": args,
+              "lr_scheduler": lr_scheduler, "lr_warmup_steps": warmup if warmup < 1 else int(warmup),
+              "lr_scheduler_num_cycles": int(lr_scheduler_num_cycles), "lr_scheduler_power": float(lr_scheduler_power),
+              "lr_scheduler_min_lr_ratio": _none_if(lr_scheduler_min_lr_ratio, 0, 0.0),
+              "max_grad_norm": float(max_grad_norm), "gradient_accumulation_steps": int(gradient_accumulation_steps)}
+    _check_fields(values)
+    return values, notes
+
+
+def _split(line: str, option: str) -> list[str]:
+    try:
+        return shlex.split(line)
+    except ValueError as e:
+        raise ConfigError(f"{option}: {line!r} cannot be read ({e})") from None
+
+
+def _check_fields(values: dict) -> None:
+    """Run TrainConfig's own checks on a piece now, so the node that holds the widgets shows the message."""
+    replace(recommended(), **values)
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What `auto` picked from the free memory: the fields it sets, what it would set if block swap ran on a GPU,
+    and the explanation shown on the node."""
+    free_gib: float
+    row: int | None  # the guide's table row (GB), None on the CPU or above the table
+    fields: dict
+    would: dict = field(default_factory=dict)
+    lines: tuple[str, ...] = ()
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+# the guide's table (sd-scripts README, FLUX.1 LoRA): card size -> what it needs
+GUIDE_ROWS: tuple[tuple[int, dict, str], ...] = (
+    (24, {}, "the base settings work (batch size 2 fits)"),
+    (16, {"blocks_to_swap": 8}, "block swap (the guide names no count; 8 keeps about 2 GiB spare in our "
+                                "reference measurements)"),
+    (12, {"blocks_to_swap": 16, "optimizer_type": "AdamW8bit"}, "--blocks_to_swap 16 with 8-bit AdamW"),
+    (10, {"blocks_to_swap": 22, T5_FP8_FIELD: True}, "--blocks_to_swap 22 and T5-XXL in fp8"),
+    (8, {"blocks_to_swap": 28, T5_FP8_FIELD: True}, "--blocks_to_swap 28 and T5-XXL in fp8"),
+)
+BF16_BASE_GIB = 28  # measured peak 25.6 GiB at 1024² with a bf16 base and checkpointing (DESIGN.md)
+FP8_PEAK_GIB = 14.6  # measured fp8 base + checkpointing at 1024² (13.1 at 512²)
+ROW_SHARE = 0.9  # a card of N GB has somewhat less than N GiB free
+
+
+def plan_memory(free_bytes: float, device_type: str = "cuda") -> MemoryPlan:
+    """The memory node's `auto`: from the free memory, the guide's row and the settings that run today."""
+    gib = free_bytes / 2**30
+    base = {"gradient_checkpointing": True, "cpu_offload_checkpointing": False, "blocks_to_swap": None,
+            "cache_latents": True, "cache_latents_to_disk": False, "cache_text_encoder_outputs": True,
+            "cache_text_encoder_outputs_to_disk": False}
+    if device_type == "cpu":
+        return MemoryPlan(gib, None, {**base, "fp8_base": False}, {}, (
+            f"auto: training on the CPU ({gib:.1f} GiB free RAM): nothing to move off a GPU; gradient checkpointing "
+            "on, latents and text-encoder outputs cached in memory, bf16 base",))
+    if gib >= BF16_BASE_GIB:
+        return MemoryPlan(gib, None, {**base, "fp8_base": False}, {}, (
+            f"auto: {gib:.1f} GiB free, more than the guide's largest row (24 GB): bf16 base (peak about 25.6 GiB "
+            "at 1024² in our reference), gradient checkpointing, caches in memory",))
+    row, would, why = next(((r, w, y) for r, w, y in GUIDE_ROWS if gib >= ROW_SHARE * r), GUIDE_ROWS[-1])
+    fields_ = {**base, "fp8_base": True}
+    lines = [f"auto: {gib:.1f} GiB free -> the guide's {row} GB row: {why}"
+             + ("" if gib >= ROW_SHARE * row else " (below its smallest row: expect out-of-memory errors)")]
+    swap = would.get("blocks_to_swap")
+    if swap and SWAP_RUNS_ON_GPU:
+        fields_["blocks_to_swap"] = swap
+    elif swap:
+        fits = FP8_PEAK_GIB < gib
+        lines.append(f"would pick --blocks_to_swap {swap}, but this trainer refuses block swap on a GPU until its "
+                     "machinery lands; running with fp8 base + gradient checkpointing instead (peak about "
+                     f"{FP8_PEAK_GIB} GiB at 1024²): "
+                     + ("it should fit" if fits else "more than is free: lower the resolution or expect an "
+                        "out-of-memory error"))
+    if "optimizer_type" in would:
+        lines.append(f"the guide also uses {would['optimizer_type']}: choose it on the optimizer node")
+    if would.get(T5_FP8_FIELD):
+        lines.append("the guide also keeps T5-XXL in fp8: turn on t5xxl_fp8 on the models node")
+    lines.append("settings: fp8 base, gradient checkpointing, latents and text-encoder outputs cached in memory")
+    return MemoryPlan(gib, row, fields_, dict(would), tuple(lines))
+
+
+def memory_fields(*, mode: str = "manual", gradient_checkpointing: bool, blocks_to_swap: int = 0,
+                  cpu_offload_checkpointing: bool = False, fp8_base: bool = False, latent_cache: str = "memory",
+                  text_cache: str = "memory", cache_beside_images: bool = False) -> dict:
+    """The memory node -> {"auto": bool, "fields": TrainConfig fields, "cache_beside_images": bool}. With auto
+    the train node plans after it has unloaded ComfyUI's models (plan_memory) and the other widgets are unused."""
+    if mode not in MEMORY_MODES:
+        raise ConfigError(f"memory mode: expected one of {', '.join(MEMORY_MODES)}, not {mode!r}")
+    for option, value in (("latent_cache", latent_cache), ("text_cache", text_cache)):
+        if value not in CACHE_MODES:
+            raise ConfigError(f"{option}: expected one of {', '.join(CACHE_MODES)}, not {value!r}")
+    values = {"gradient_checkpointing": bool(gradient_checkpointing),
+              "blocks_to_swap": _none_if(int(blocks_to_swap), 0),
+              "cpu_offload_checkpointing": bool(cpu_offload_checkpointing), "fp8_base": bool(fp8_base),
+              "cache_latents": latent_cache != "off", "cache_latents_to_disk": latent_cache == "disk",
+              "cache_text_encoder_outputs": text_cache != "off",
+              "cache_text_encoder_outputs_to_disk": text_cache == "disk"}
+    if mode == "manual":
+        _check_fields(values)
+    return {"auto": mode == "auto", "fields": values, "cache_beside_images": bool(cache_beside_images),
+            "chosen_by_user": mode == "manual"}
+
+
+# ------------------------------------------------------------------------------------------ train
+
+# TrainConfig fields the nodes own: never taken from the train node's extra options (files and folders stay inside
+# ComfyUI's, datasets and the network come from their nodes)
+NODE_OWNED = ("pretrained_model_name_or_path", "clip_l", "t5xxl", "ae", "clip_l_tokenizer", "t5xxl_tokenizer",
+              "device", "output_dir", "output_name", "logging_dir", "cache_dir", "resume", "dataset_config",
+              "train_data_dir", "datasets", "network", "flow", "network_weights", "dim_from_weights",
+              "sample_prompts", "resolution", "train_batch_size", "caption_extension", "enable_bucket",
+              "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale", "network_dim",
+              "network_alpha", "network_dropout", "network_train_unet_only")
+FLOW_WIDGETS = ("timestep_sampling", "discrete_flow_shift", "sigmoid_scale", "model_prediction_type",
+                "guidance_scale", "loss_type")
+
+
+def parse_extra_options(text: str) -> tuple[dict, dict]:
+    """The train node's `extra_options`: any other sd-scripts option, in command-line syntax
+    (`--weighting_scheme logit_normal --huber_c 0.2 --save_last_n_steps 2`), read by the core's CLI parser ->
+    (TrainConfig fields, FlowConfig fields). Options the nodes own (files, folders, datasets, network) are
+    refused."""
+    tokens = [t for line in _lines(text) for t in _split(line, "extra_options")]
+    if not tokens:
+        return {}, {}
+    from ..trainer.cli import build_parser
+
+    parser = build_parser()
+    parser.allow_abbrev = False  # `--output_d x` must not reach output_dir
+
+    def fail(message: str):
+        raise ConfigError(f"extra_options: {message}")
+
+    parser.error = fail
+    short = [t for t in tokens if t.startswith("-") and not t.startswith("--") and not _is_number(t)]
+    if short:
+        fail(f"{short[0]}: write options in full, e.g. --huber_c 0.2")
+    given = [t[2:].split("=", 1)[0] for t in tokens if t.startswith("--")]
+    train_names = {f.name for f in fields(TrainConfig)}
+    flow_names = {f.name for f in fields(FlowConfig)}
+    for name in given:
+        if name in NODE_OWNED:
+            fail(f"--{name} is set by the nodes (models, dataset, network or the train node's own widgets), not here")
+        if name not in train_names and name not in flow_names:
+            fail(f"--{name} is not a training option the train node takes")
+    placeholders = ["--pretrained_model_name_or_path", PLACEHOLDER, "--clip_l", PLACEHOLDER, "--t5xxl", PLACEHOLDER,
+                    "--ae", PLACEHOLDER]
+    try:
+        namespace = parser.parse_args(placeholders + tokens)
+    except argparse.ArgumentError as e:
+        fail(str(e))
+    values = vars(namespace)
+    train = {n: values[n] for n in given if n in train_names}
+    flow = {n: values[n] for n in given if n in flow_names}
+    for name in ("text_encoder_lr", "optimizer_args"):
+        if name in train:
+            train[name] = tuple(train[name]) or None if name == "text_encoder_lr" else tuple(train[name])
+    return train, flow
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def flow_config(extra_flow: Mapping | None = None, **widgets) -> FlowConfig:
+    """Recommended flow options, the train node's flow widgets over them, then the extra options."""
+    unknown = set(widgets) - set(FLOW_WIDGETS)
+    if unknown:
+        raise TypeError(f"unknown flow widgets: {sorted(unknown)}")
+    return FlowConfig(**{**asdict(recommended().flow), **widgets, **(extra_flow or {})})
+
+
+LATENT_RANDOM_OPTIONS = ("color_aug", "random_crop")  # the core's check_latent_caching refuses these with caching
+
+
+def _drop_impossible_caches(values: dict, datasets: tuple, network: LoRAConfig) -> list[str]:
+    """Caching picked by default (no memory node, or auto) is turned off where a dataset changes images or captions
+    every step, instead of failing after the models have loaded; a cache the user chose keeps the core's error."""
+    from ..trainer.data.captions import caption_is_random
+
+    notes = []
+    subsets = [s for d in datasets for s in d.subsets]
+    random_latents = [o for o in LATENT_RANDOM_OPTIONS if any(getattr(s, o) for s in subsets)]
+    if random_latents and values.get("cache_latents", recommended().cache_latents):
+        values["cache_latents"] = values["cache_latents_to_disk"] = False
+        notes.append(f"latents are not cached: {', '.join(random_latents)} changes the images every step")
+    text_cached = values.get("cache_text_encoder_outputs", recommended().cache_text_encoder_outputs)
+    if network.train_t5xxl and text_cached:
+        values["cache_text_encoder_outputs"] = values["cache_text_encoder_outputs_to_disk"] = False
+        notes.append("text-encoder outputs are not cached: T5-XXL is trained (its outputs change every step)")
+    elif any(caption_is_random(s) for s in subsets) and values.get("cache_text_encoder_outputs",
+                                                                  recommended().cache_text_encoder_outputs):
+        values["cache_text_encoder_outputs"] = values["cache_text_encoder_outputs_to_disk"] = False
+        notes.append("text-encoder outputs are not cached: a dataset changes its captions every step (shuffle, "
+                     "dropout, warmup or wildcards)")
+    return notes
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    config: TrainConfig
+    notes: tuple[str, ...]
+    memory: MemoryPlan | None
+    prompts: str | None  # the sample prompts text to write to config.sample_prompts before training
+
+
+def train_config(*, models: Mapping, datasets: tuple, network: Mapping | None = None,
+                 optimizer: Mapping | None = None, memory: Mapping | None = None, flow: Mapping,
+                 max_train_steps: int, max_train_epochs: int = 0, seed: int = -1, save_every_n_steps: int = 0,
+                 save_state: bool = False, sample_prompts: str = "", sample_every_n_steps: int = 0,
+                 apply_t5_attn_mask: bool = False, t5xxl_max_token_length: int = 0, extra_options: str = "",
+                 output_dir: str | os.PathLike, output_name: str, cache_dir: str | os.PathLike | None,
+                 resume: str | os.PathLike | None = None, device: str | None = None,
+                 free_memory: float | None = None, device_type: str = "cuda") -> RunPlan:
+    """Every piece -> one TrainConfig, built on TrainConfig.recommended(). Later pieces win: recommended <
+    memory (or its auto plan from `free_memory`) < models (fp8_base is on when either asks) < optimizer < network <
+    the train node's widgets < its extra options."""
+    if not datasets:
+        raise ConfigError("datasets: connect a dataset node (or the TOML node) to the train node")
+    extra_train, extra_flow = parse_extra_options(extra_options)
+    notes: list[str] = []
+    values: dict[str, Any] = {}
+    plan = None
+    memory = memory or {"auto": False, "fields": {}, "cache_beside_images": False, "chosen_by_user": False}
+    if memory["auto"]:
+        if free_memory is None:
+            raise ConfigError("memory auto: the free memory is unknown")
+        plan = plan_memory(free_memory, device_type)
+        values.update(plan.fields)
+        notes += plan.lines
+    else:
+        values.update(memory["fields"])
+    model_values = dict(models)
+    t5_fp8 = model_values.pop(T5_FP8_FIELD, False)
+    model_values["fp8_base"] = bool(model_values.get("fp8_base")) or bool(values.get("fp8_base"))
+    values.update(model_values)
+    if t5_fp8:
+        if T5_FP8_FIELD in {f.name for f in fields(TrainConfig)}:
+            values[T5_FP8_FIELD] = True
+        else:
+            notes.append("t5xxl_fp8: not applied yet (the trainer core has no option for it); T5-XXL is loaded in "
+                         "the compute precision")
+    opt_values = dict(optimizer or {})
+    values.update(opt_values)
+    if network is not None:
+        values["network"] = network["network"]
+        if network.get("network_weights"):
+            values["network_weights"] = str(network["network_weights"])
+            values["dim_from_weights"] = bool(network.get("dim_from_weights"))
+        te = network.get("text_encoder_lr")
+        if te is not None:
+            lr = values.get("learning_rate", recommended().learning_rate)
+            values["text_encoder_lr"] = tuple(lr if v is None else float(v) for v in te)
+    values.update({
+        "max_train_steps": int(max_train_steps), "max_train_epochs": _none_if(int(max_train_epochs), 0),
+        "seed": None if int(seed) < 0 else int(seed), "save_every_n_steps": _none_if(int(save_every_n_steps), 0),
+        "save_state": bool(save_state), "sample_every_n_steps": _none_if(int(sample_every_n_steps), 0),
+        "apply_t5_attn_mask": bool(apply_t5_attn_mask),
+        "t5xxl_max_token_length": _none_if(int(t5xxl_max_token_length), 0),
+        "output_dir": str(output_dir), "output_name": output_name, "device": device,
+        "cache_dir": None if memory.get("cache_beside_images") or cache_dir is None else str(cache_dir),
+        "resume": None if resume is None else str(resume),
+    })
+    prompts = "\n".join(_lines(sample_prompts)) or None
+    if prompts:
+        values["sample_prompts"] = str(Path(output_dir) / "sample_prompts.txt")
+    if memory.get("chosen_by_user") is False or memory["auto"]:
+        notes += _drop_impossible_caches(values, datasets, values.get("network", recommended().network))
+    values.update(extra_train)
+    flow_cfg = flow_config(extra_flow, **dict(flow))
+    config = TrainConfig.recommended(flow=flow_cfg, datasets=tuple(datasets), **values)
+    notes += config.advice()
+    return RunPlan(config, tuple(notes), plan, prompts)
+
+
+__all__ = ["TrainerError", "NONE", "FROM_CHECKPOINT", "BLOCK_PRESETS", "CACHE_MODES", "MEMORY_MODES",
+           "BASE_PRECISIONS", "recommended", "default", "model_fields", "comfy_tokenizers", "dataset_config",
+           "toml_datasets", "chain", "preview_config", "report_lines", "network_fields", "optimizer_fields",
+           "memory_fields", "plan_memory", "MemoryPlan", "parse_extra_options", "flow_config", "train_config",
+           "RunPlan", "SubsetConfig"]
