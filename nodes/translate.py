@@ -38,7 +38,7 @@ PLACEHOLDER = "-"  # stands in for the model files where only datasets are looke
 BASE_PRECISIONS = {"bf16": False, "fp8_e4m3fn": True}  # the models node's choice -> TrainConfig.fp8_base
 CACHE_MODES = ("memory", "disk", "off")
 MEMORY_MODES = ("manual", "auto")
-T5_FP8_FIELD = "t5xxl_fp8"  # not in TrainConfig yet: passed on once the core has it
+T5_FP8_FIELD = "t5xxl_fp8"  # the models node's T5 precision switch -> TrainConfig.t5xxl_fp8
 # The core refuses blocks_to_swap and cpu_offload_checkpointing on a GPU until their machinery lands (session.py
 # _check_memory_options); the auto plan says what it would pick and picks what runs.
 SWAP_RUNS_ON_GPU = False
@@ -555,12 +555,7 @@ def train_config(*, models: Mapping, datasets: tuple, network: Mapping | None = 
     t5_fp8 = model_values.pop(T5_FP8_FIELD, False)
     model_values["fp8_base"] = bool(model_values.get("fp8_base")) or bool(values.get("fp8_base"))
     values.update(model_values)
-    if t5_fp8:
-        if T5_FP8_FIELD in {f.name for f in fields(TrainConfig)}:
-            values[T5_FP8_FIELD] = True
-        else:
-            notes.append("t5xxl_fp8: not applied yet (the trainer core has no option for it); T5-XXL is loaded in "
-                         "the compute precision")
+    values[T5_FP8_FIELD] = bool(t5_fp8)
     opt_values = dict(optimizer or {})
     values.update(opt_values)
     if network is not None:

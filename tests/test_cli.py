@@ -184,16 +184,24 @@ def test_fp8_base_keeps_block_weights_in_fp8(ws, tokenizer_dirs, tmp_path, monke
         captured["scheduler_lrs"] = [s.scheduler.lr_lambdas[0](i) for i in range(4)]
         return s
 
+    original_t5 = session_module.load_t5xxl
+
+    def load_t5xxl(*args, **kwargs):
+        t5 = original_t5(*args, **kwargs)
+        captured["t5"] = t5.model.encoder.block[0].layer[1].DenseReluDense.wi_0.weight.dtype
+        return t5
+
     monkeypatch.setattr(session_module, "prepare", prepare)
-    monkeypatch.setattr(cli, "main", cli.main)
+    monkeypatch.setattr(session_module, "load_t5xxl", load_t5xxl)
     import trainer.loop as loop_module
 
     monkeypatch.setattr(loop_module, "prepare", prepare)
     assert main(cli_args(ws, tokenizer_dirs, tmp_path) + ["--max_train_steps", "4", "--fp8_base", "--mixed_precision",
                                                           "bf16", "--network_train_unet_only", "--optimizer_type",
                                                           "Lion", "--lr_scheduler", "linear",
-                                                          "--lr_warmup_steps", "2"]) == 0
+                                                          "--lr_warmup_steps", "2", "--t5xxl_fp8"]) == 0
     assert captured["weight"] == torch.float8_e4m3fn and captured["optimizer"] == "Lion"
+    assert captured["t5"] == torch.float8_e4m3fn  # --t5xxl_fp8: T5 stays in fp8 while it encodes
     assert captured["scheduler_lrs"] == [0.0, 0.5, 1.0, 0.5]
 
 

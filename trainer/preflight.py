@@ -114,18 +114,11 @@ class PreflightReport:
         return "\n".join(self.lines())
 
 
-def preflight_report(config: TrainConfig, processes: int = 1) -> PreflightReport:
-    """What training on `config`'s datasets will see, without loading a model (reads the images' headers)."""
+def dataset_report(datasets: list, seed: int = 0) -> tuple[list[DatasetReport], int]:
+    """Per-dataset reports and the batches per epoch of typed datasets (reads the images' headers, no model)."""
     from .data import build_datasets
-    from .session import plan_steps
 
-    seed = config.seed if config.seed is not None else 0
-    configs = resolve_datasets(config)
-    if processes > 1:
-        from dataclasses import replace
-
-        configs = [replace(c, batch_size=c.batch_size * processes) for c in configs]
-    group = build_datasets(configs, seed)
+    group = build_datasets(list(datasets), seed)
     reports = []
     for dataset in group.datasets:
         items = dataset.items
@@ -138,5 +131,16 @@ def preflight_report(config: TrainConfig, processes: int = 1) -> PreflightReport
             captioned=len(items) - len(uncaptioned), uncaptioned=uncaptioned,
             skipped=tuple(sorted(dataset.skipped.problems.items())),
             buckets=tuple((w, h, n) for (w, h), n in dataset.bucket_table()), batches=len(dataset)))
-    steps_per_epoch, total, epochs = plan_steps(len(group), config)
-    return PreflightReport(tuple(reports), len(group), steps_per_epoch, total, epochs, tuple(config.advice()))
+    return reports, len(group)
+
+
+def preflight_report(config: TrainConfig, processes: int = 1) -> PreflightReport:
+    """What training on `config`'s datasets will see, without loading a model (reads the images' headers)."""
+    from dataclasses import replace
+
+    from .session import plan_steps
+
+    configs = [replace(c, batch_size=c.batch_size * processes) for c in resolve_datasets(config)]
+    reports, batches = dataset_report(configs, config.seed if config.seed is not None else 0)
+    steps_per_epoch, total, epochs = plan_steps(batches, config)
+    return PreflightReport(tuple(reports), batches, steps_per_epoch, total, epochs, tuple(config.advice()))

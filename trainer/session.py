@@ -126,7 +126,7 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
     clip_l = load_clip_l(config.clip_l, dtype=dtype if device.type != "cpu" else torch.float32, device=device,
                          tokenizer=config.clip_l_tokenizer)
     t5 = load_t5xxl(config.t5xxl, dtype=dtype if device.type != "cpu" else torch.float32, device=device,
-                    tokenizer=config.t5xxl_tokenizer, max_length=t5_length)
+                    tokenizer=config.t5xxl_tokenizer, max_length=t5_length, fp8=config.t5xxl_fp8)
     if clip_l.model.config.hidden_size != params.vec_in_dim:
         raise ConfigError(f"clip_l {config.clip_l}: pooled size {clip_l.model.config.hidden_size} does not fit the "
                           f"transformer's vector input of {params.vec_in_dim} (a CLIP-G or other encoder?)")

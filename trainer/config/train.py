@@ -33,6 +33,7 @@ class TrainConfig:
     apply_t5_attn_mask: bool = False
     fp8_base: bool = False
     fp8_base_unet: bool = False
+    t5xxl_fp8: bool = False  # ours: keep T5-XXL's Linear weights in fp8 while it encodes (the guide's 8-10 GB rows)
     blocks_to_swap: int | None = None
     cpu_offload_checkpointing: bool = False
     gradient_checkpointing: bool = False
@@ -217,13 +218,17 @@ class TrainConfig:
 
     @classmethod
     def recommended(cls, **overrides) -> "TrainConfig":
-        """What the ComfyUI nodes start from: guidance 1.0, raw prediction, flux_shift sampling, AdamW at 1e-4,
-        bf16, gradient checkpointing, rank 16."""
-        base = dict(flow=FlowConfig(guidance_scale=1.0, model_prediction_type="raw", timestep_sampling="flux_shift"),
-                    network=LoRAConfig(network_dim=16, network_alpha=16, network_train_unet_only=True),
-                    learning_rate=1e-4, mixed_precision="bf16", gradient_checkpointing=True, save_precision="bf16",
-                    cache_latents=True, cache_text_encoder_outputs=True, max_train_steps=1000)
-        return cls(**{**base, **overrides})
+        """What the ComfyUI nodes start from (RECOMMENDED, below); the model files and data come in `overrides`."""
+        return cls(**{**RECOMMENDED, **overrides})
+
+
+# Where the nodes' defaults differ from sd-scripts' (the CLI's): guidance 1.0, raw prediction, flux_shift sampling,
+# AdamW at 1e-4, bf16, gradient checkpointing, rank 16, caches in memory. Readable without any model file.
+RECOMMENDED: dict = dict(
+    flow=FlowConfig(guidance_scale=1.0, model_prediction_type="raw", timestep_sampling="flux_shift"),
+    network=LoRAConfig(network_dim=16, network_alpha=16, network_train_unet_only=True),
+    learning_rate=1e-4, mixed_precision="bf16", gradient_checkpointing=True, save_precision="bf16",
+    cache_latents=True, cache_text_encoder_outputs=True, max_train_steps=1000)
 
 
 def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:
