@@ -6,7 +6,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from trainer import cli
 from trainer.cli import build_parser, config_from_args, main
 
 from trainspace import cli_args, make_workspace
