@@ -27,6 +27,14 @@ class World:
         if self.enabled:
             dist.barrier()
 
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every process if `flag` is True on any."""
+        if not self.enabled:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
     def share(self, items: list) -> list:
         """This process's share of `items` (every size-th, from rank)."""
         return items[self.rank::self.size]

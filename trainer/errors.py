@@ -48,3 +48,11 @@ class StateError(TrainerError):
 class Stopped(TrainerError):
     """The run was asked to stop before its first training step: nothing was trained or saved. Caches written so far
     are complete files and are reused by the next run."""
+
+
+class NonFiniteError(TrainerError):
+    """The loss or the gradients became NaN or infinite; nothing non-finite was saved."""
+
+
+class SaveError(TrainerError):
+    """A file could not be written; the previous file of that name is intact."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import random
 import time
 import traceback
@@ -20,7 +21,7 @@ import torch
 from .checkpoint import Position, capture_rng, load_state, restore_rng, save_state
 from .config import TrainConfig
 from .distributed import init_world, pick_device
-from .errors import Stopped
+from .errors import NonFiniteError, Stopped
 from .events import Finished, Message, Reporter, Samples, Saved, StepEnd
 from .metrics import Fanout, MetricsLog
 from .preflight import check
@@ -33,15 +34,15 @@ from .step import StepContext, TrainStep
 def train(config: TrainConfig, reporter: Reporter) -> Finished:
     """Train the LoRA `config` describes; events go to `reporter`, which is asked `should_stop()` wherever time is
     spent. Returns the result (also emitted as the last event). A stop before the first step raises `Stopped`."""
+    for note in config.advice():
+        reporter.emit(Message(note, "warning"))
+    check(config)  # cheap file reads: bad input fails here, before any model loads
     device = pick_device(config.device)
     python_rng = random.getstate()
     cuda_devices = [device.index or 0] if device.type == "cuda" else []
     session = loop = metrics = None
     try:
         with torch.random.fork_rng(devices=cuda_devices), torch.inference_mode(False), torch.enable_grad():
-            for note in config.advice():
-                reporter.emit(Message(note, "warning"))
-            check(config)
             world = init_world(device)
             if world.is_main:
                 metrics = MetricsLog(Path(config.logging_dir or config.output_dir), config.name, config.log_with,
@@ -86,6 +87,7 @@ class Loop:
         self.position = Position(global_step=0, epoch=0, next_batch=0)
         self.started = time.perf_counter()
         self.last_sampled: int | None = None
+        self.nonfinite_steps = 0
 
     # ------------------------------------------------------------------------------------------ state
 
@@ -150,7 +152,7 @@ class Loop:
     def _train_epoch(self, epoch: int) -> bool:
         """Train from `position.next_batch` to the end of the epoch (or the last step); True if asked to stop."""
         s, accumulation = self.session, self.config.gradient_accumulation_steps
-        micro, micro_losses = 0, 0.0
+        micro, micro_losses, paths = 0, 0.0, []
         for index in range(self.position.next_batch, len(s.datasets)):
             sync = (micro + 1) % accumulation == 0 or index == len(s.datasets) - 1
             step = self.position.global_step
@@ -161,20 +163,64 @@ class Loop:
                 scaled = loss / accumulation
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             micro_losses += loss.detach().item()
+            paths += batch.paths
             micro += 1
             if not sync:
                 continue
-            self._optimizer_step()
+            finite = self._gradients_finite(micro_losses)
+            if finite:
+                self._optimizer_step()
+                self._check_weights_finite(micro_losses / micro)
             self.position.global_step += 1
             self.position.next_batch = index + 1
-            self._report_step(micro_losses / micro, epoch)
-            micro, micro_losses = 0, 0.0
+            if not finite:
+                self._skip_nonfinite(micro_losses / micro, paths)
+            else:
+                self._report_step(micro_losses / micro, epoch)
+            micro, micro_losses, paths = 0, 0.0, []
             if self.reporter.should_stop():
                 return True  # saving is left to `_finish`, and no previews are rendered
             self._step_cadence(epoch)
             if self.position.global_step >= s.total_steps:
                 return False
         return False
+
+    def _gradients_finite(self, loss: float) -> bool:
+        """The step's loss and gradients are finite on every process (with fp16 loss scaling an overflow is the
+        scaler's to handle: it skips that step and lowers the scale)."""
+        finite = math.isfinite(loss)
+        if finite and self.scaler is None:
+            grads = [p.grad for g in self.session.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            finite = not grads or bool(torch.isfinite(torch.stack([g.float().abs().sum() for g in grads]).sum()))
+        return not self.session.world.any(not finite, self.session.device)
+
+    def _check_weights_finite(self, loss: float) -> None:
+        weights = [p.detach().float().abs().sum() for p in self.session.network.parameters()]
+        if weights and not torch.isfinite(torch.stack(weights).sum()):
+            raise NonFiniteError(f"step {self.position.global_step + 1}: the LoRA weights became NaN or infinite in "
+                                 f"the optimizer step (loss {loss:.4g}); the learning rate ({self.config.learning_rate:g}) "
+                                 "is likely far too high. Training stopped; the files saved before are kept.")
+
+    def _skip_nonfinite(self, loss: float, paths: list) -> None:
+        """Skip a step whose loss or gradients are not finite while the --skip_nonfinite_steps budget lasts, else
+        stop the run: nothing non-finite is ever applied or saved, so the files written so far stay good."""
+        self.session.optimizer.zero_grad(set_to_none=True)
+        cfg, step = self.config, self.position.global_step
+        self.nonfinite_steps += 1
+        files = ", ".join(Path(p).name for p in paths[:4]) + (" ..." if len(paths) > 4 else "")
+        what = (f"step {step}: the loss is {loss}" if not math.isfinite(loss)
+                else f"step {step}: the gradients hold NaN or infinite values (loss {loss:.4g})")
+        if self.nonfinite_steps <= cfg.skip_nonfinite_steps:
+            self.reporter.emit(Message(f"{what}; step skipped ({self.nonfinite_steps} of --skip_nonfinite_steps "
+                                       f"{cfg.skip_nonfinite_steps}); batch: {files}", "warning"))
+            return
+        causes = [f"a learning rate too high ({cfg.learning_rate:g})"]
+        if cfg.mixed_precision == "fp16" or cfg.full_fp16:
+            causes.append("fp16 overflow (bf16 has the range fp16 lacks)")
+        causes.append(f"a broken image or cached latent in this batch ({files})")
+        raise NonFiniteError(f"{what}. Likely causes: {'; '.join(causes)}. Training stopped; nothing non-finite was "
+                             "saved, and the files saved before this step are kept. --skip_nonfinite_steps N skips "
+                             "up to N such steps.")
 
     def _optimizer_step(self) -> None:
         cfg, s = self.config, self.session

@@ -6,11 +6,14 @@ The CLI prints the report with --check_only and the ComfyUI dataset node shows i
 from __future__ import annotations
 
 import importlib.util
+import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import check_state_folder
-from .config import OPTIMIZERS, TrainConfig, canonical_optimizer, resolve_datasets
+from .config import OPTIMIZERS, TrainConfig, canonical_optimizer, parse_optimizer_args, resolve_datasets
 from .errors import ConfigError, LoRAWeightsError, TrainerError
 from .lora import read_lora
 from .models import check_model_file, read_flux_params
@@ -30,6 +33,8 @@ def check(config: TrainConfig) -> None:
         from .optim import import_optimizer_class
 
         import_optimizer_class(optimizer)
+    _check_optimizer_args(config, optimizer)
+    _check_device(config.device)
     if config.sample_prompts:
         read_prompts(config.sample_prompts)
     if config.network_weights:
@@ -38,12 +43,119 @@ def check(config: TrainConfig) -> None:
             _check_lora_fits(config, weights)
     if config.resume:
         check_state_folder(Path(config.resume))
-    for dataset in resolve_datasets(config):
+    datasets = resolve_datasets(config)
+    for dataset in datasets:
         for subset in dataset.subsets:
             if subset.image_dir and not Path(subset.image_dir).is_dir():
                 raise ConfigError(f"image_dir {subset.image_dir}: not a folder")
             if subset.metadata_file and not Path(subset.metadata_file).is_file():
                 raise ConfigError(f"metadata_file {subset.metadata_file}: no such file")
+    _check_outputs_spare_inputs(config, datasets)
+    _check_writable(config)
+
+
+def _check_optimizer_args(config: TrainConfig, optimizer: str) -> None:
+    """Build the optimizer over one dummy parameter: a bad --optimizer_args value fails now, not after caching."""
+    import torch
+
+    from .optim import create_optimizer
+
+    if optimizer in OPTIMIZERS and OPTIMIZERS[optimizer] not in (None, "bitsandbytes"):
+        return  # a package of its own (Prodigy): constructed with the real parameters only
+    dummy = [{"params": [torch.zeros(1, requires_grad=True)]}]
+    create_optimizer(config.optimizer_type, dummy, config.learning_rate, parse_optimizer_args(config.optimizer_args))
+
+
+def _check_device(device: str | None) -> None:
+    if not device:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"device {device!r}: not a device name ({e}); expected cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device}: this PyTorch sees no CUDA GPU (torch {torch.__version__}); use "
+                              "--device cpu or a CUDA build of PyTorch")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+
+
+def output_patterns(name: str) -> list[re.Pattern]:
+    """The file names a run writes into its output folder (sd-scripts' names)."""
+    n = re.escape(name)
+    return [re.compile(p) for p in (rf"{n}\.safetensors", rf"{n}-\d{{6}}\.safetensors",
+                                    rf"{n}-step\d{{8}}\.safetensors", rf"{n}_metrics\.jsonl",
+                                    rf"{n}(-\d{{6}}|-step\d{{8}})?-state(\.old|\.partial)?")]
+
+
+def _check_outputs_spare_inputs(config: TrainConfig, datasets: list) -> None:
+    """No file the run writes may replace one it reads: the model files, --network_weights, the images (previews
+    go to <output_dir>/sample), --resume (its own state folder is replaced by the newer state, as intended)."""
+    out = Path(config.output_dir).resolve()
+    patterns = output_patterns(config.name)
+    inputs = [(option, Path(getattr(config, option))) for option in
+              ("pretrained_model_name_or_path", "clip_l", "t5xxl", "ae", "network_weights") if getattr(config, option)]
+    for option, path in inputs:
+        path = path.resolve()
+        if path.parent == out and any(p.fullmatch(path.name) for p in patterns):
+            raise ConfigError(f"output_name {config.name!r} in output_dir {config.output_dir} would replace "
+                              f"--{option} {path}; choose another output_name or output_dir")
+    samples = out / "sample"
+    for dataset in datasets:
+        for subset in dataset.subsets:
+            folder = Path(subset.image_dir or subset.metadata_file or ".").resolve()
+            if folder in (out, samples) and subset.image_dir:
+                raise ConfigError(f"output_dir {config.output_dir}: the run writes into {folder}, which holds "
+                                  f"training images (image_dir {subset.image_dir}); choose another output_dir")
+
+
+def _check_writable(config: TrainConfig) -> None:
+    """The output folder (and the cache folder for disk caches) can be created and written, and has room."""
+    folders = [("output_dir", Path(config.output_dir))]
+    if config.logging_dir:
+        folders.append(("logging_dir", Path(config.logging_dir)))
+    if config.cache_dir and (config.cache_latents_to_disk or config.cache_text_encoder_outputs_to_disk):
+        folders.append(("cache_dir", Path(config.cache_dir)))
+    for option, folder in folders:
+        existing = folder.absolute()
+        while not existing.exists():  # a folder still to be made: its nearest existing parent must take it
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ConfigError(f"{option} {folder}: {existing} is a file, not a folder")
+        try:
+            with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-check-"):
+                pass
+        except OSError as e:
+            raise ConfigError(f"{option} {folder}: cannot be written ({e.strerror or e})") from None
+    output = Path(config.output_dir).absolute()
+    while not output.exists():
+        output = output.parent
+    free = shutil.disk_usage(output).free
+    needed = _output_bytes(config)
+    if needed > free:
+        raise ConfigError(f"output_dir {config.output_dir}: {free / 2**20:.0f} MiB free, but the LoRA files and "
+                          f"training states need about {needed / 2**20:.0f} MiB")
+
+
+def _output_bytes(config: TrainConfig) -> int:
+    """A generous estimate of what the run writes into output_dir: each LoRA kept, and each state (LoRA in fp32 +
+    optimizer moments)."""
+    import torch
+
+    from .lora import LoRANetwork
+    from .models.flux import Flux
+
+    with torch.device("meta"):
+        network = LoRANetwork.create(config.network, Flux(read_flux_params(config.pretrained_model_name_or_path)))
+    params = sum(p.numel() for p in network.parameters())
+    lora = params * (4 if config.save_precision in (None, "float") else 2)
+    kept_loras = 1 + (config.save_last_n_epochs or config.save_last_n_steps or 4 if (
+        config.save_every_n_epochs or config.save_every_n_steps) else 0)
+    states = (kept_loras if config.save_state else 1) * params * 4 * 3
+    return lora * kept_loras + states
 
 
 def _check_lora_fits(config: TrainConfig, weights: dict) -> None:

@@ -110,5 +110,6 @@ def loss(ctx: StepContext, batch, step: int) -> Tensor:
     alpha = None
     if batch.alpha_masks is not None:
         alpha = flow.alpha_mask_for_latents(batch.alpha_masks.to(device), h, w)
-    return flow.batch_loss(prediction, flow.target(latents, noise, cfg), cfg, sigmas, weighting, alpha,
+    loss = flow.batch_loss(prediction, flow.target(latents, noise, cfg), cfg, sigmas, weighting, alpha,
                            batch.loss_weights.to(device))
+    return loss if batch.loss_scale == 1.0 else loss * batch.loss_scale

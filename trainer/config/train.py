@@ -13,6 +13,7 @@ from ..errors import ConfigError, LoRAConfigError
 from .data import DatasetConfig
 from .flow import FlowConfig
 from .lora import LoRAConfig, lr_for_text_encoders
+from .names import check_file_name
 from .optim import SCHEDULERS, canonical_optimizer, parse_optimizer_args
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -81,6 +82,7 @@ class TrainConfig:
     lr_scheduler_power: float = 1.0
     lr_scheduler_min_lr_ratio: float | None = None
     max_grad_norm: float = 1.0
+    skip_nonfinite_steps: int = 0  # ours: skip up to this many steps whose loss or gradients are NaN/inf, then stop
     mixed_precision: str = "no"
     full_bf16: bool = False
     full_fp16: bool = False
@@ -129,6 +131,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name}: expected a positive whole number, not {value}")
+        if self.skip_nonfinite_steps < 0:
+            raise ConfigError(f"skip_nonfinite_steps: expected a whole number >= 0, not {self.skip_nonfinite_steps}")
         if self.learning_rate < 0 or self.max_grad_norm < 0 or self.lr_warmup_steps < 0:
             raise ConfigError("learning_rate, max_grad_norm and lr_warmup_steps must not be negative")
         if self.t5xxl_max_token_length is not None and not 1 <= self.t5xxl_max_token_length <= 512:
@@ -171,6 +175,10 @@ class TrainConfig:
             if not all(isinstance(d, DatasetConfig) for d in self.datasets):
                 raise ConfigError("datasets: expected DatasetConfig values")
         self._check_optimizer()
+        if self.output_name is not None:
+            check_file_name(self.output_name, "output_name")
+        if not str(self.output_dir).strip():
+            raise ConfigError("output_dir: a folder is required")
         if self.resume and not Path(self.resume).is_dir():
             raise ConfigError(f"resume: {self.resume} is not a folder saved with --save_state")
 

@@ -55,6 +55,7 @@ class Batch:
     text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # cached (pooled, t5_out, t5_mask)
     flipped: list[bool] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)  # each sample's place in the whole (all-process) batch
+    loss_scale: float = 1.0  # this slice's share of the whole batch x processes (1.0 in one process)
 
 
 def _metadata_captions(subset: SubsetConfig) -> dict[Path, str]:
@@ -246,6 +247,8 @@ class FluxDataset:
             out.flipped.append(flipped)
             weights.append(self.config.prior_loss_weight if item.subset.is_reg else 1.0)
         out.loss_weights = torch.tensor(weights) * (0.0 if idle else 1.0)
+        # the slice's mean loss, rescaled so that DDP's average over processes is the mean over the whole batch
+        out.loss_scale = (0 if idle else len(chosen)) * world / len(indices)
         if latents and images:
             raise DatasetError(f"{self.name}: latents are cached for some images of a batch but not others")
         out.latents = torch.stack(latents) if latents else None
