@@ -197,9 +197,10 @@ class Loop:
     def _check_weights_finite(self, loss: float) -> None:
         weights = [p.detach().float().abs().sum() for p in self.session.network.parameters()]
         if weights and not torch.isfinite(torch.stack(weights).sum()):
+            lr = self.config.learning_rate
             raise NonFiniteError(f"step {self.position.global_step + 1}: the LoRA weights became NaN or infinite in "
-                                 f"the optimizer step (loss {loss:.4g}); the learning rate ({self.config.learning_rate:g}) "
-                                 "is likely far too high. Training stopped; the files saved before are kept.")
+                                 f"the optimizer step (loss {loss:.4g}); the learning rate ({lr:g}) is likely far too "
+                                 "high. Training stopped; the files saved before are kept.")
 
     def _skip_nonfinite(self, loss: float, paths: list) -> None:
         """Skip a step whose loss or gradients are not finite while the --skip_nonfinite_steps budget lasts, else
