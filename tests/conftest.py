@@ -1,28 +1,29 @@
-import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("FLUX_TRAINER_SHARED", REPO.parent / "shared"))
+# reference data the tests need, carried in the repository (tests/reference/README.md says where each came from):
+# a fresh clone passes its tests alone; only the ComfyUI snapshot lives outside (comfyui_server.py)
+REFERENCE = REPO / "tests" / "reference"
 
 
-def _shared(sub: str) -> Path:
-    path = SHARED / sub
+def _reference(sub: str) -> Path:
+    path = REFERENCE / sub
     if not path.is_dir():
-        pytest.fail(f"{path} is missing: the reference tensors and tokenizers live in ../shared beside the checkout "
-                    "(or set FLUX_TRAINER_SHARED)")
+        pytest.fail(f"{path} is missing: the reference tensors and tokenizers are part of the repository "
+                    "(a partial checkout?)")
     return path
 
 
 @pytest.fixture(scope="session")
 def golden() -> Path:
-    return _shared("golden")
+    return _reference("golden")
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dirs() -> dict[str, Path]:
-    base = _shared("tokenizers")
+    base = _reference("tokenizers")
     return {"clip_l": base / "clip_l", "t5xxl": base / "t5xxl"}
 
 

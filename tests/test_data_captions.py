@@ -1,12 +1,16 @@
 """Each caption option, with a fixed seed."""
 
+import json
 import random
 from collections import Counter
 
 import pytest
 
-from trainer.config import SubsetConfig
+from trainer.config import DatasetConfig, SubsetConfig
+from trainer.data import FluxDataset
 from trainer.data.captions import CaptionError, process_caption, read_caption
+
+from datagen import rgb
 
 CAPTION = "sks dog, sitting, grass, sunny day, photo"
 
@@ -94,3 +98,22 @@ def test_read_caption_first_line_and_errors(tmp_path):
     (tmp_path / "img.bad").write_bytes(b"\xff\xfe\x00broken")
     with pytest.raises(CaptionError, match="img.bad: not UTF-8"):
         read_caption(image, ".bad")
+
+
+def test_a_utf8_bom_is_not_part_of_the_caption(tmp_path):
+    """Notepad and some taggers start files with a UTF-8 BOM; left in, CLIP and T5 see junk tokens."""
+    image = tmp_path / "img.png"
+    image.touch()
+    (tmp_path / "img.txt").write_bytes("\ufeffsks dog, grass\r\nsecond\r\n".encode())
+    assert read_caption(image, ".txt") == "sks dog, grass"
+    assert read_caption(image, ".txt", wildcards=True) == "sks dog, grass\nsecond"
+    (tmp_path / "img.caption").write_bytes(b"\xef\xbb\xbf")  # a BOM and nothing else: an empty caption
+    assert read_caption(image, ".caption") == ""
+
+
+def test_a_utf8_bom_in_a_metadata_file_is_accepted(tmp_path):
+    rgb(tmp_path / "img" / "one.png", 64, 64, caption=None)
+    (tmp_path / "meta.json").write_bytes(b"\xef\xbb\xbf" + json.dumps({"one": {"caption": "a photo"}}).encode())
+    config = DatasetConfig(resolution=(64, 64), subsets=(SubsetConfig(metadata_file=str(tmp_path / "meta.json"),
+                                                                      image_dir=str(tmp_path / "img")),))
+    assert [i.caption for i in FluxDataset(config).items] == ["a photo"]

@@ -2,9 +2,13 @@
 skipped with one summary, the folder is only read."""
 
 import logging
+import struct
+import warnings
+import zlib
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from trainer.data import DatasetError, FluxDataset, single_folder_dataset
 from trainer.data import images as images_module
@@ -71,6 +75,58 @@ def test_decompression_bomb_guard(tmp_path, monkeypatch):
     dataset = FluxDataset(single_folder_dataset(tmp_path, 64, caption_extension=".txt"))
     assert "decompression-bomb guard" in dataset.skipped.problems[tmp_path / "big.png"]
     assert [i.path.name for i in dataset.items] == ["ok.png"]
+
+
+def png_header(path, width, height):
+    """A PNG of a few dozen bytes that claims width x height: signature, IHDR (8-bit RGB) with its CRC, IEND."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_header_past_pillows_own_limit_is_skipped_not_fatal(tmp_path):
+    """Pillow's default limit fires inside Image.open (before ours): still one skipped file, and Pillow's global
+    limit (shared with ComfyUI) is left as it was."""
+    default = Image.MAX_IMAGE_PIXELS
+    assert default == int(1024 * 1024 * 1024 // 4 // 3)  # Pillow's default: errors above twice this
+    bomb = png_header(tmp_path / "bomb.png", 14000, 14000)
+    assert bomb.stat().st_size < 100
+    rgb(tmp_path / "ok.png", 64, 64)
+    dataset = FluxDataset(single_folder_dataset(tmp_path, 64, caption_extension=".txt"))
+    why = dataset.skipped.problems[bomb]
+    assert "14000x14000" in why and f"{2 * default:,}" in why and "decompression-bomb guard" in why, why
+    assert [i.path.name for i in dataset.items] == ["ok.png"]
+    assert Image.MAX_IMAGE_PIXELS == default
+    with pytest.raises(images_module.ImageProblem, match="14000x14000"):
+        load_rgb(bomb)
+
+
+def test_pillows_bomb_warning_and_a_host_without_pillows_limit(tmp_path, monkeypatch):
+    """Between Pillow's warning and error limits an image is used (our own limit decides); a process that turns
+    warnings into errors gets a skip, not a traceback; with Pillow's limit off (MAX_IMAGE_PIXELS = None) ours holds."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64)  # Pillow warns above 4096 pixels, refuses above 8192
+    rgb(tmp_path / "warned.png", 80, 80)  # 6400 pixels
+    rgb(tmp_path / "ok.png", 64, 64)
+    config = single_folder_dataset(tmp_path, 64, caption_extension=".txt")
+    with pytest.warns(Image.DecompressionBombWarning):
+        dataset = FluxDataset(config)
+    assert sorted(i.path.name for i in dataset.items) == ["ok.png", "warned.png"] and not dataset.skipped.problems
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        dataset = FluxDataset(config)
+    why = dataset.skipped.problems[tmp_path / "warned.png"]
+    assert "80x80" in why and "4,096" in why, why
+    assert [i.path.name for i in dataset.items] == ["ok.png"]
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    png_header(tmp_path / "huge.png", 17000, 17000)
+    dataset = FluxDataset(config)
+    why = dataset.skipped.problems[tmp_path / "huge.png"]
+    assert "17000x17000" in why and f"{images_module.MAX_PIXELS:,}" in why, why
+    assert sorted(i.path.name for i in dataset.items) == ["ok.png", "warned.png"]
 
 
 def test_a_dataset_left_empty_is_a_clear_error(tmp_path):

@@ -27,7 +27,7 @@ def find_tokenizers(explicit: str | None, scratch: Path) -> tuple[dict[str, Path
     else:
         env = os.environ.get("FLUX_TRAINER_TOKENIZERS")
         candidates = [Path(env)] if env else []
-        candidates += [REPO_ROOT.parent / "shared" / "tokenizers", REPO_ROOT.parents[1] / "comfy"]
+        candidates += [REPO_ROOT / "tests" / "reference" / "tokenizers", REPO_ROOT.parents[1] / "comfy"]
     for base in candidates:
         found = {"clip_l": base / "clip_l", "t5xxl": base / "t5xxl"}
         if base.name == "comfy":  # running inside ComfyUI's custom_nodes: use ComfyUI's own copies

@@ -54,7 +54,7 @@ def parse_prompt_line(line: str, index: int = 0) -> SamplePrompt:
 def read_prompts(path: str | Path) -> list[SamplePrompt]:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM from a Windows editor is not part of the text
     except OSError as e:
         raise PromptFileError(f"{path}: cannot be read ({e.strerror or e})") from e
     if path.suffix.lower() == ".txt":

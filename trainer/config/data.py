@@ -169,7 +169,7 @@ def load_dataset_config(path: str | os.PathLike, command_line: Mapping[str, Any]
 
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM from a Windows editor is not part of the text
     except OSError as e:
         raise DatasetConfigError(f"{path}: cannot be read ({e.strerror or e})") from e
     try:

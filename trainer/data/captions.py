@@ -20,7 +20,7 @@ def read_caption(image: Path, extension: str, wildcards: bool = False) -> str | 
     if not path.is_file():
         return None
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a leading BOM is not caption text
     except UnicodeDecodeError as e:
         raise CaptionError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     lines = [line.strip() for line in lines]

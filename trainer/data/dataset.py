@@ -62,7 +62,7 @@ def _metadata_captions(subset: SubsetConfig) -> dict[Path, str]:
     """Fine-tune style captions: {"image key": {"caption": ..., "tags": ...}} with keys as paths or stems."""
     path = Path(subset.metadata_file)
     try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
+        entries = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError) as e:
         raise DatasetError(f"metadata_file {path}: cannot be read as JSON ({e})") from e
     base = Path(subset.image_dir) if subset.image_dir else path.parent

@@ -15,7 +15,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-MAX_PIXELS = 16384 * 16384  # larger images are refused before decoding (decompression-bomb guard)
+MAX_PIXELS = 16384 * 16384  # larger images are refused before decoding (decompression-bomb guard; Pillow's own
+# limit, PIL.Image.MAX_IMAGE_PIXELS, by default refuses above about 179 million pixels first: see _open)
 _INTERPOLATION = {
     "lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR, "linear": Image.Resampling.BILINEAR,
@@ -34,19 +35,56 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def _claimed_size(path: Path) -> tuple[int, int] | None:
+    """The width and height a file's header claims, read by the format's own plugin without the decompression-bomb
+    check that `Image.open` adds (which raises before telling the size); None when no plugin reads the header."""
+    try:
+        with open(path, "rb") as fp:
+            prefix = fp.read(16)
+            for name in list(Image.ID):
+                factory, accept = Image.OPEN[name]
+                accepted = not accept or accept(prefix)  # as Image.open asks (a str is a reason for refusing)
+                if not accepted or isinstance(accepted, str):
+                    continue
+                fp.seek(0)
+                try:
+                    return tuple(factory(fp, str(path)).size)
+                except Exception:  # any plugin's complaint: try the next one
+                    continue
+    except Exception:  # only for the message: never a reason to fail
+        pass
+    return None
+
+
+def _too_large(path: Path, over: str) -> ImageProblem:
+    size = _claimed_size(path)
+    claimed = f"{size[0]}x{size[1]} ({size[0] * size[1]:,} pixels)" if size else "its claimed size"
+    return ImageProblem(f"{claimed} is over {over} (decompression-bomb guard)")
+
+
 def _open(path: Path) -> Image.Image:
+    """Opened lazily (header only). Too large: over our MAX_PIXELS, or over Pillow's own limit, which fires inside
+    `Image.open` (DecompressionBombError above twice `Image.MAX_IMAGE_PIXELS`). Pillow's limit is read, never
+    changed: it is process-wide and shared with the host (ComfyUI). Between once and twice that limit Pillow only
+    warns (DecompressionBombWarning) and the image is used, our own limit deciding; where the process turns warnings
+    into errors, the raised warning is a skip like the error."""
     if path.stat().st_size == 0:
         raise ImageProblem("empty file (0 bytes)")
     try:
         image = Image.open(path)
     except UnidentifiedImageError:
         raise ImageProblem("not an image Pillow can read") from None
+    except Image.DecompressionBombError:
+        raise _too_large(path, f"Pillow's {2 * (Image.MAX_IMAGE_PIXELS or 0):,}-pixel limit") from None
+    except Image.DecompressionBombWarning:
+        raise _too_large(path, f"Pillow's {Image.MAX_IMAGE_PIXELS or 0:,}-pixel warning limit, and warnings are "
+                               "errors in this process") from None
     except OSError as e:
         raise ImageProblem(f"cannot be read ({e})") from None
     if image.width * image.height > MAX_PIXELS:
         image.close()
-        raise ImageProblem(f"{image.width}x{image.height} is over the {MAX_PIXELS:,}-pixel limit "
-                           "(decompression-bomb guard)")
+        raise ImageProblem(f"{image.width}x{image.height} ({image.width * image.height:,} pixels) is over the "
+                           f"{MAX_PIXELS:,}-pixel limit (decompression-bomb guard)")
     return image
 
 
@@ -65,8 +103,8 @@ def probe(path: Path) -> tuple[int, int]:
             image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))  # decodes every block, 64x faster
         try:
             image.load()
-        except Image.DecompressionBombError as e:
-            raise ImageProblem(str(e)) from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # a plugin checking in load()
+            raise ImageProblem(f"{e} (decompression-bomb guard)") from None
         except (OSError, SyntaxError, ValueError) as e:
             raise ImageProblem(f"damaged or truncated ({e})") from None
         if _orientation(image) in _ROTATED:
