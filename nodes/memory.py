@@ -48,7 +48,7 @@ class FluxLoraTrainerMemory(io.ComfyNode):
                                          "can reuse them), instead of in our cache folder. Writes into the image "
                                          "folder."),
             ],
-            outputs=[Memory.Output("memory", tooltip="Memory settings, for the train node.")],
+            outputs=[Memory.Output("memory", display_name="memory", tooltip="Memory settings, for the train node.")],
         )
 
     @classmethod

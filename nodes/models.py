@@ -54,7 +54,7 @@ class FluxLoraTrainerModels(io.ComfyNode):
                                  tooltip="Keep T5-XXL's weights in fp8 while it encodes the captions (the guide's "
                                          "10 GB and 8 GB rows)."),
             ],
-            outputs=[Models.Output("models", tooltip="The chosen files, for the train node.")],
+            outputs=[Models.Output("models", display_name="models", tooltip="The chosen files, for the train node.")],
         )
 
     @classmethod

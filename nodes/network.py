@@ -88,7 +88,7 @@ class FluxLoraTrainerNetwork(io.ComfyNode):
                                 tooltip="More sd-scripts network_args, key=value, one per line, e.g. "
                                         "network_reg_dims=single.*linear1=8 or network_reg_lrs=double.*=5e-5."),
             ],
-            outputs=[Network.Output("network", tooltip="The LoRA layout, for the train node.")],
+            outputs=[Network.Output("network", display_name="network", tooltip="The LoRA layout, for the train node.")],
         )
 
     @classmethod

@@ -49,7 +49,8 @@ class FluxLoraTrainerOptimizer(io.ComfyNode):
                                         "or betas=(0.9,0.99). Empty with Adafactor = the guide's recipe "
                                         "(relative_step=False scale_parameter=False warmup_init=False)."),
             ],
-            outputs=[Optimizer.Output("optimizer", tooltip="Optimizer settings, for the train node.")],
+            outputs=[Optimizer.Output("optimizer", display_name="optimizer",
+                                      tooltip="Optimizer settings, for the train node.")],
         )
 
     @classmethod

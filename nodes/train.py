@@ -55,7 +55,10 @@ class FluxLoraTrainerTrain(io.ComfyNode):
                              tooltip="Optimizer steps to train (unless epochs are set)."),
                 io.Int.Input("max_train_epochs", default=rec.max_train_epochs or 0, min=0, max=100_000,
                              tooltip="Epochs to train instead of steps; 0 = use the steps."),
+                # control_after_generate=False: without it the frontend adds its "randomize" control to any INT
+                # named seed, which reseeds after every queue, so the next queue would train again
                 io.Int.Input("seed", default=-1 if rec.seed is None else rec.seed, min=-1, max=2**31 - 1,
+                             control_after_generate=False,
                              tooltip="Seed of noise, timesteps and LoRA initialisation; -1 = a new random seed "
                                      "each run (it is written in the LoRA's metadata)."),
                 io.Int.Input("save_every_n_steps", default=rec.save_every_n_steps or 0, min=0, max=1_000_000,
@@ -97,11 +100,15 @@ class FluxLoraTrainerTrain(io.ComfyNode):
                                         "folders are set by the nodes, not here."),
             ],
             outputs=[
-                io.LoraModel.Output("lora", tooltip="The trained LoRA (kohya keys) for 'Apply LoRA' or ComfyUI's "
-                                                    "Load LoRA Model."),
-                io.String.Output("lora_name", tooltip="The LoRA's file name in models/loras."),
-                io.Image.Output("loss_curve", tooltip="Loss per step and its moving average."),
-                io.Image.Output("previews", tooltip="The newest preview images (a blank 64x64 if none)."),
+                io.LoraModel.Output("lora", display_name="lora",
+                                    tooltip="The trained LoRA (kohya keys) for 'Apply LoRA' or ComfyUI's Load LoRA "
+                                            "Model."),
+                io.String.Output("lora_name", display_name="lora_name",
+                                 tooltip="The LoRA's file name in models/loras."),
+                io.Image.Output("loss_curve", display_name="loss_curve",
+                                tooltip="Loss per step and its moving average."),
+                io.Image.Output("previews", display_name="previews",
+                                tooltip="The newest preview images (a blank 64x64 if none)."),
             ],
         )
 

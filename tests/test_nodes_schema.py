@@ -24,7 +24,7 @@ NODE_IDS = ["FluxLoraTrainerModels", "FluxLoraTrainerDataset", "FluxLoraTrainerD
 TORCH_FREE = {"", ".nodes", ".nodes.common", ".nodes.paths", ".nodes.translate", ".trainer", ".trainer.config",
               ".trainer.errors", *(f".nodes.{n}" for n in ("models", "dataset", "network", "optimizer", "memory",
                                                             "train", "apply")),
-              *(f".trainer.config.{n}" for n in ("data", "flow", "lora", "optim", "resolve", "train"))}
+              *(f".trainer.config.{n}" for n in ("data", "flow", "lora", "names", "optim", "resolve", "train"))}
 
 MEASURE = """
 import asyncio, importlib.util, json, sys
@@ -107,7 +107,7 @@ def test_schemas_use_our_prefix_types_and_the_cores_defaults(comfy):
     assert train["timestep_sampling"].options == list(pack("trainer.config").TIMESTEP_SAMPLINGS)
     assert schemas["FluxLoraTrainerTrain"].is_output_node and not schemas["FluxLoraTrainerTrain"].not_idempotent
     assert io.Hidden.unique_id in schemas["FluxLoraTrainerTrain"].hidden
-    assert train["seed"].control_after_generate is None  # a randomised seed would retrain on every queue
+    assert train["seed"].control_after_generate is False  # a randomised seed would retrain on every queue
     network = {p.id: p for p in schemas["FluxLoraTrainerNetwork"].inputs}
     assert network["network_dim"].default == rec.network.network_dim
     optimizer = {p.id: p for p in schemas["FluxLoraTrainerOptimizer"].inputs}
