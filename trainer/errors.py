@@ -54,5 +54,6 @@ class NonFiniteError(TrainerError):
     """The loss or the gradients became NaN or infinite; nothing non-finite was saved."""
 
 
-class SaveError(TrainerError):
-    """A file could not be written; the previous file of that name is intact."""
+class SaveError(TrainerError, OSError):
+    """A file could not be written; the previous file of that name is intact. Also an OSError, so code that guards
+    a write with `except OSError` still catches it."""

@@ -9,6 +9,7 @@ epochs -> batches -> step -> optimizer -> the cadence of saves and previews.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import math
 import random
@@ -18,8 +19,17 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Position, capture_rng, load_state, restore_rng, save_state
-from .config import TrainConfig
+from .checkpoint import (
+    Position,
+    capture_rng,
+    load_state,
+    network_shapes,
+    restore_rng,
+    restoring,
+    save_state,
+    state_position,
+)
+from .config import TrainConfig, canonical_optimizer
 from .distributed import init_world, pick_device
 from .errors import NonFiniteError, Stopped
 from .events import Finished, Message, Reporter, Samples, Saved, StepEnd
@@ -47,6 +57,8 @@ def train(config: TrainConfig, reporter: Reporter) -> Finished:
             if world.is_main:
                 metrics = MetricsLog(Path(config.logging_dir or config.output_dir), config.name, config.log_with,
                                      reporter.emit)
+                if config.resume:  # the steps after the state's are trained (and logged) again
+                    metrics.truncate_after(state_position(Path(config.resume)).global_step)
             events = Fanout(reporter, metrics)
             session = prepare(config, events, world, device)
             loop = Loop(session, events)
@@ -101,18 +113,26 @@ class Loop:
 
     def save_state(self, folder: Path) -> None:
         if self.session.world.is_main:
-            save_state(folder, self.session.network.kohya_state_dict(torch.float32), self._parts(), self.position)
+            save_state(folder, self.session.network.kohya_state_dict(torch.float32), self._parts(), self.position,
+                       optimizer=canonical_optimizer(self.config.optimizer_type),
+                       network_config=dataclasses.asdict(self.config.network))
             self.reporter.emit(Saved(folder, "state", self.position.global_step))
 
     def resume(self, folder: Path) -> None:
         s = self.session
-        network, parts, position = load_state(folder)
-        s.network.load_kohya(network)
-        s.optimizer.load_state_dict(parts["optimizer"])
-        s.scheduler.load_state_dict(parts["scheduler"])
-        restore_rng(parts)
+        network, parts, position = load_state(
+            folder, network_shapes(s.network), optimizer=canonical_optimizer(self.config.optimizer_type),
+            warn=lambda text: self.reporter.emit(Message(text, "warning")))
+        with restoring(folder, "LoRA"):
+            s.network.load_kohya(network)
+        with restoring(folder, "optimizer"):
+            s.optimizer.load_state_dict(parts["optimizer"])
+        with restoring(folder, "scheduler"):
+            s.scheduler.load_state_dict(parts["scheduler"])
+        restore_rng(parts, folder)
         if self.scaler is not None and "scaler" in parts:
-            self.scaler.load_state_dict(parts["scaler"])
+            with restoring(folder, "loss scaler"):
+                self.scaler.load_state_dict(parts["scaler"])
         if parts.get("seed") != s.seed:
             self.reporter.emit(Message(f"resume: the state was trained with seed {parts.get('seed')}, this run uses "
                                        f"{s.seed}; the continuation will differ from an uninterrupted run", "warning"))

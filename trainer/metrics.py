@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .atomic import atomic_path, write_bytes
 from .events import Event, Finished, Message, StepEnd
 
 
 class MetricsLog:
     def __init__(self, folder: Path, name: str, log_with: str | None, warn) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        self.file = open(folder / f"{name}_metrics.jsonl", "a", encoding="utf-8")
+        self.path = folder / f"{name}_metrics.jsonl"
+        self.file = open(self.path, "a", encoding="utf-8")
         self.tensorboard = None
         if log_with in ("tensorboard", "all"):
             try:
@@ -34,6 +36,31 @@ class MetricsLog:
                     self.tensorboard.add_scalar(key, values[key], event.step)
         elif isinstance(event, Finished):
             self.close()
+
+    def truncate_after(self, step: int) -> int:
+        """Drop the lines of steps after `step` (a resumed run trains them again) and any damaged line (a kill
+        while writing); returns how many lines were dropped. The file is replaced in one rename."""
+        self.file.flush()
+        kept, dropped = [], 0
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    values = json.loads(line)
+                    keep = line.endswith("\n") and isinstance(values, dict) and int(values["step"]) <= step
+                except (ValueError, KeyError, TypeError):
+                    keep = False
+                if keep:
+                    kept.append(line)
+                else:
+                    dropped += 1
+        if dropped:
+            self.file.close()
+            try:
+                with atomic_path(self.path) as tmp:
+                    write_bytes(tmp, "".join(kept).encode("utf-8"))
+            finally:
+                self.file = open(self.path, "a", encoding="utf-8")
+        return dropped
 
     def should_stop(self) -> bool:
         return False

@@ -42,7 +42,7 @@ def check(config: TrainConfig) -> None:
         if not config.dim_from_weights:
             _check_lora_fits(config, weights)
     if config.resume:
-        check_state_folder(Path(config.resume))
+        _check_resume_state(config, optimizer)
     datasets = resolve_datasets(config)
     for dataset in datasets:
         for subset in dataset.subsets:
@@ -156,6 +156,23 @@ def _output_bytes(config: TrainConfig) -> int:
         config.save_every_n_epochs or config.save_every_n_steps) else 0)
     states = (kept_loras if config.save_state else 1) * params * 4 * 3
     return lora * kept_loras + states
+
+
+def _check_resume_state(config: TrainConfig, optimizer: str) -> None:
+    """The whole --resume state from its headers: complete, undamaged, made by this optimizer for the network this
+    config builds (the transformer's layers, on the meta device; with --dim_from_weights the loop checks them)."""
+    expected = None
+    if not (config.network_weights and config.dim_from_weights):
+        import torch
+
+        from .checkpoint import network_shapes
+        from .lora import LoRANetwork
+        from .models.flux import Flux
+
+        with torch.device("meta"):
+            network = LoRANetwork.create(config.network, Flux(read_flux_params(config.pretrained_model_name_or_path)))
+        expected = network_shapes(network)
+    check_state_folder(Path(config.resume), expected, optimizer=optimizer, scope="lora_unet_")
 
 
 def _check_lora_fits(config: TrainConfig, weights: dict) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -65,7 +66,7 @@ class LoRAWriter:
 
     def save_step(self, step: int, epoch: int, reporter: Reporter) -> None:
         self._save(self.step_path(step), step, epoch, reporter)
-        self._drop_old_steps(step, "{name}-step*.safetensors", lambda p: p.unlink(missing_ok=True))
+        self._drop_old_steps(step, ".safetensors", lambda p: p.unlink(missing_ok=True))
 
     def rotate_states_for_epoch(self, epoch: int) -> None:
         old = self._expired_epoch(epoch)
@@ -81,17 +82,24 @@ class LoRAWriter:
         return old if old > 0 else None
 
     def rotate_states_for_step(self, step: int) -> None:
-        self._drop_old_steps(step, "{name}-step*-state", lambda p: shutil.rmtree(p, ignore_errors=True))
+        self._drop_old_steps(step, "-state", lambda p: shutil.rmtree(p, ignore_errors=True))
 
-    def _drop_old_steps(self, step: int, pattern: str, remove) -> None:
-        """--save_last_n_steps N: keep what was saved in the last N steps."""
+    def _drop_old_steps(self, step: int, suffix: str, remove) -> None:
+        """--save_last_n_steps N: keep what was saved in the last N steps. Names are matched literally (`[`, `*`
+        and `?` are ordinary characters in an output name), as `<name>-stepNNNNNNNN<suffix>` exactly."""
         keep = self.config.save_last_n_steps
         if not keep or not self.session.world.is_main:
             return
-        for path in self.folder.glob(pattern.format(name=self.name)):
-            digits = path.name[len(self.name) + len("-step"):][:8]
-            if digits.isdigit() and int(digits) <= step - keep:
-                remove(path)
+        prefix = f"{self.name}-step"
+        try:
+            names = os.listdir(self.folder)
+        except OSError:
+            return
+        for name in names:
+            digits = name[len(prefix):-len(suffix)]
+            if (name.startswith(prefix) and name.endswith(suffix) and len(digits) == 8 and digits.isascii()
+                    and digits.isdigit() and int(digits) <= step - keep):
+                remove(self.folder / name)
 
     # ------------------------------------------------------------------------------------------ metadata
 

@@ -179,7 +179,7 @@ class TrainConfig:
             check_file_name(self.output_name, "output_name")
         if not str(self.output_dir).strip():
             raise ConfigError("output_dir: a folder is required")
-        if self.resume and not Path(self.resume).is_dir():
+        if self.resume and not any(Path(f"{self.resume}{s}").is_dir() for s in ("", ".partial", ".old")):
             raise ConfigError(f"resume: {self.resume} is not a folder saved with --save_state")
 
     def _check_optimizer(self) -> None:
