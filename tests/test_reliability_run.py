@@ -116,3 +116,15 @@ def test_bad_settings_fail_before_any_model_loads(ws, tokenizer_dirs, tmp_path, 
     with pytest.raises(ConfigError, match=message):
         train(config(ws, tokenizer_dirs, tmp_path, **overrides), SilentReporter())
     assert not no_model_loads
+
+
+def test_disk_caches_are_counted_against_the_free_space(ws, tokenizer_dirs, tmp_path, monkeypatch, no_model_loads):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 0, 2**20))  # 1 MiB
+    disk = dict(cache_latents_to_disk=True, cache_text_encoder_outputs_to_disk=True, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ConfigError, match=r"cache_dir .*/c: 1 MiB free, but the disk caches need about 2 MiB"):
+        train(config(ws, tokenizer_dirs, tmp_path / "out", **disk), SilentReporter())
+    assert not no_model_loads

@@ -5,6 +5,7 @@ The CLI prints the report with --check_only and the ComfyUI dataset node shows i
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import re
 import shutil
@@ -130,14 +131,48 @@ def _check_writable(config: TrainConfig) -> None:
                 pass
         except OSError as e:
             raise ConfigError(f"{option} {folder}: cannot be written ({e.strerror or e})") from None
-    output = Path(config.output_dir).absolute()
-    while not output.exists():
-        output = output.parent
-    free = shutil.disk_usage(output).free
-    needed = _output_bytes(config)
-    if needed > free:
-        raise ConfigError(f"output_dir {config.output_dir}: {free / 2**20:.0f} MiB free, but the LoRA files and "
-                          f"training states need about {needed / 2**20:.0f} MiB")
+    needs = {Path(config.output_dir): ("output_dir", "the LoRA files and training states", _output_bytes(config))}
+    for folder, size in _cache_bytes(config).items():
+        option, what, known = needs.get(folder, ("cache_dir" if config.cache_dir else "image_dir", "", 0))
+        needs[folder] = (option, (what + " and " if what else "") + "the disk caches", known + size)
+    for folder, (option, what, needed) in needs.items():
+        existing = folder.absolute()
+        while not existing.exists():
+            existing = existing.parent
+        free = shutil.disk_usage(existing).free
+        if needed > free:
+            raise ConfigError(f"{option} {folder}: {free / 2**20:.0f} MiB free, but {what} need about "
+                              f"{needed / 2**20:.0f} MiB")
+
+
+def _cache_bytes(config: TrainConfig) -> dict[Path, int]:
+    """What the disk caches of images not cached yet would take, per folder they go to (an upper bound: every
+    image counted, flipped latents and a full T5 sequence included)."""
+    latents, text = config.cache_latents_to_disk, config.cache_text_encoder_outputs_to_disk
+    if not (latents or text):
+        return {}
+    from .data.cache_files import cache_folder, text_npz_path
+    from .data.images import list_images
+
+    t5_tokens = config.t5xxl_max_token_length or 512
+    text_bytes = (t5_tokens * 4096 + 768) * 4 + t5_tokens * 8
+    out: dict[Path, int] = {}
+    for dataset in resolve_datasets(config):
+        width, height = dataset.resolution
+        latent_bytes = 16 * (height // 8) * (width // 8) * 4 * 2
+        for subset in dataset.subsets:
+            if not subset.image_dir or not Path(subset.image_dir).is_dir():
+                continue
+            for image in list_images(subset.image_dir):
+                folder = cache_folder(image, config.cache_dir)
+                size = 0
+                if latents and not any(folder.glob(f"{glob.escape(image.stem)}_*_flux.npz")):
+                    size += latent_bytes
+                if text and not text_npz_path(image, config.cache_dir).exists():
+                    size += text_bytes
+                root = Path(config.cache_dir) if config.cache_dir else folder
+                out[root] = out.get(root, 0) + size
+    return out
 
 
 def _output_bytes(config: TrainConfig) -> int:
