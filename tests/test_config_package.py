@@ -164,3 +164,16 @@ def test_one_function_resolves_every_kind_of_dataset_source(tmp_path):
     (folder,) = resolve_datasets(make(dataset_config=None, train_data_dir=str(tmp_path), resolution=(512, 512),
                                       train_batch_size=2))
     assert [(s.num_repeats, s.class_tokens) for s in folder.subsets] == [(4, "sks")] and folder.batch_size == 2
+
+
+def test_the_readme_dataset_example_reads_as_described():
+    import re
+
+    from trainer.config import datasets_from_dict
+    from trainer.tomlio import loads
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    (example,) = re.findall(r"```toml\n(.*?)```", readme, flags=re.S)
+    first, second = datasets_from_dict(loads(example))
+    assert (first.resolution, first.batch_size, second.resolution, second.batch_size) == ((1024, 1024), 2, (512, 512), 4)
+    assert first.subsets[0].keep_tokens == 1 and first.subsets[1].is_reg and first.max_bucket_reso == 1536
