@@ -1,24 +1,109 @@
-"""The embedded default trains, writes what it promises and says where, even with no real tokenizers at hand."""
+"""The embedded default trains, writes what it promises and says where, even with no real tokenizers at hand; its
+summary names its numbers, its pictures are labelled, and its dataset TOML works from any folder."""
 
+import contextlib
+import io
+import os
 import re
 from pathlib import Path
 
-from PIL import Image
+import pytest
+from PIL import Image, ImageFont
 
 import trainer.demo as demo
+from trainer.cli import main as cli_main
 
 
-def test_demo_trains_and_writes_lora_curve_and_previews(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(demo, "REPO_ROOT", tmp_path / "nowhere" / "repo")  # no ../shared, no ComfyUI around
-    monkeypatch.delenv("FLUX_TRAINER_TOKENIZERS", raising=False)
-    assert demo.main(["--output", str(tmp_path / "out"), "--steps", "40"]) == 0
-    out = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The demo run as a newcomer runs it: a relative --output from some working folder."""
+    base = tmp_path_factory.mktemp("demo")
+    (base / "here").mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(demo, "REPO_ROOT", base / "nowhere" / "repo")  # no ../shared, no ComfyUI around
+        mp.delenv("FLUX_TRAINER_TOKENIZERS", raising=False)
+        mp.chdir(base / "here")
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            code = demo.main(["--output", "out", "--steps", "40"])
+    return base, code, buffer.getvalue()
+
+
+def test_demo_trains_and_writes_lora_curve_and_previews(demo_run):
+    base, code, out = demo_run
+    folder = base / "here" / "out"
+    assert code == 0
     assert "generated character-level tokenizers" in out
-    for name in ("demo_lora.safetensors", "loss_curve.png", "before_after.png"):
-        assert (tmp_path / "out" / name).is_file() and str(tmp_path / "out" / name) in out
-    match = re.search(r"loss ([\d.]+) over the first \d+ steps -> ([\d.]+) over the last", out)
+    assert f"files, in {folder}" in out
+    for name in ("demo_lora.safetensors", "loss_curve.png", "before_after.png", "dataset.toml"):
+        assert (folder / name).is_file() and re.search(rf"^  {re.escape(name)} +\S", out, re.M), name
+    match = re.search(r"loss: +([\d.]+) \(mean of steps 1-8\) -> ([\d.]+) \(mean of steps 33-40\): falling", out)
     assert match and float(match.group(2)) < float(match.group(1))
-    assert Image.open(tmp_path / "out" / "before_after.png").size == (64 * 4 * 2 + 8, 64 * 4)
+    assert "random weights" in out and "the evidence that training worked" in out
+
+
+def test_demo_summary_spells_out_its_numbers_and_they_match_the_trainer(demo_run):
+    _, _, out = demo_run
+    said = "8 images x 2 repeats = 16 per epoch, batch 2 -> 8 steps per epoch, 40 steps = 5 epochs"
+    assert out.count(said) == 2  # announced before training and repeated in the summary
+    assert "training 26 LoRA layers for 40 steps (5 epochs of 8), 8 batches per epoch" in out  # the trainer agrees
+    assert demo.plan(45).endswith("45 steps = 5.625 epochs")
+
+
+def test_demo_pictures_are_labelled(demo_run):
+    base, _, _ = demo_run
+    folder = base / "here" / "out"
+    pictures = Image.open(folder / "before_after.png").convert("L")
+    panels = 64 * 4
+    assert pictures.width == 2 * panels + 16 + 2 * 14 and pictures.height > panels + 120  # room for the labels
+    title = pictures.crop((0, 0, pictures.width, 40))
+    assert title.getextrema()[0] < 80  # dark text above the previews
+    curve = Image.open(folder / "loss_curve.png").convert("L")
+    assert curve.size == (720, 420)
+    assert curve.crop((0, 100, 40, 320)).getextrema()[0] < 80  # the rotated 'loss' label left of the axis
+    assert curve.crop((300, 385, 420, 420)).getextrema()[0] < 80  # 'step' under the axis
+
+
+def test_demo_dataset_toml_works_from_any_folder(demo_run, tmp_path, monkeypatch, capsys):
+    base, _, _ = demo_run
+    folder = base / "here" / "out"
+    toml = (folder / "dataset.toml").read_text(encoding="utf-8")
+    image_dir = re.search(r'image_dir = "(.*)"', toml).group(1)
+    assert Path(image_dir).is_absolute() and Path(image_dir) == folder / "dataset"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # train from another working folder with the demo's TOML as written
+    models, tokenizers = folder / "models", folder / "tokenizers"
+    assert cli_main(["--pretrained_model_name_or_path", str(models / "flux.safetensors"),
+                     "--clip_l", str(models / "clip_l.safetensors"), "--t5xxl", str(models / "t5xxl_fp16.safetensors"),
+                     "--ae", str(models / "ae.safetensors"), "--clip_l_tokenizer", str(tokenizers / "clip_l"),
+                     "--t5xxl_tokenizer", str(tokenizers / "t5xxl"), "--t5xxl_max_token_length", "32",
+                     "--device", "cpu", "--dataset_config", os.path.relpath(folder / "dataset.toml", elsewhere),
+                     "--output_dir", "again", "--output_name", "again", "--network_dim", "4",
+                     "--network_train_unet_only", "--max_train_steps", "2", "--cache_latents"]) == 0
+    assert "16 images" in capsys.readouterr().out
+    assert (elsewhere / "again" / "again.safetensors").is_file()
+
+
+def test_pictures_fall_back_to_the_bitmap_font(tmp_path, monkeypatch):
+    """Pillow 10.0 (no size parameter) or a Pillow without FreeType: the small bitmap font, still laid out."""
+    if not hasattr(ImageFont, "load_default_imagefont"):
+        pytest.skip("this Pillow has no separate bitmap default font")
+    bitmap = ImageFont.load_default_imagefont
+
+    def old_load_default(*args, **kwargs):
+        if args or kwargs:
+            raise TypeError("load_default() got an unexpected keyword argument 'size'")
+        return bitmap()
+
+    monkeypatch.setattr(ImageFont, "load_default", old_load_default)
+    assert isinstance(demo.font(15), ImageFont.ImageFont)
+    noise = tmp_path / "noise.png"
+    Image.effect_noise((64, 64), 60).convert("RGB").save(noise)
+    demo.side_by_side(noise, noise, tmp_path / "pair.png", before_step=0, after_step=80, prompt=demo.PROMPT,
+                      settings="64x64", note="a note that is long enough to be wrapped onto a second line " * 3)
+    demo.loss_curve([3.0 - 0.02 * i for i in range(80)], tmp_path / "curve.png")
+    assert Image.open(tmp_path / "pair.png").height > 64 * 4 + 60
 
 
 def test_demo_prefers_real_tokenizers(tokenizer_dirs, tmp_path):
