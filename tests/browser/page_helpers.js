@@ -69,11 +69,72 @@
     async prompt() {
       return JSON.parse(JSON.stringify((await app.graphToPrompt()).output));
     },
+    /** expand a collapsed node and move it below the rest of the graph (where nothing overlaps it), or to the
+     *  right of node `beside` (in front of what is there) */
+    openApart(id, beside) {
+      const n = app.graph.getNodeById(id);
+      if (n.flags?.collapsed) n.collapse();
+      const others = app.graph._nodes.filter((o) => o !== n);
+      const b = beside === undefined ? null : app.graph.getNodeById(beside);
+      n.pos = b ? [b.pos[0] + b.size[0] + 30, b.pos[1]]
+        : [Math.min(...others.map((o) => o.pos[0])), Math.max(...others.map((o) => o.pos[1] + o.size[1])) + 80];
+      app.canvas.bringToFront?.(n);
+      app.graph.setDirtyCanvas(true, true);
+    },
+    /** the current graph cut down to the pack's settings and train nodes, expanded, laid out in columns (for a
+     *  screenshot where no node overlaps another) */
+    async onlyOurs() {
+      const wf = JSON.parse(JSON.stringify(app.graph.serialize()));
+      const columns = [["FluxLoraTrainerModels", "FluxLoraTrainerOptimizer", "FluxLoraTrainerMemory"],
+                       ["FluxLoraTrainerDataset", "FluxLoraTrainerDatasetToml"], ["FluxLoraTrainerNetwork"],
+                       ["FluxLoraTrainerTrain"]];
+      wf.nodes = wf.nodes.filter((n) => columns.flat().includes(n.type));
+      const kept = new Set(wf.nodes.map((n) => n.id));
+      wf.links = wf.links.filter((l) => kept.has(l[1]) && kept.has(l[3]));
+      const links = new Set(wf.links.map((l) => l[0]));
+      wf.groups = [];
+      let x = 0;
+      for (const column of columns) {
+        let y = 0;
+        let width = 0;
+        for (const n of wf.nodes.filter((m) => column.includes(m.type))) {
+          n.flags = {};
+          n.pos = [x, y];
+          for (const i of n.inputs ?? []) if (!links.has(i.link)) i.link = null;
+          for (const o of n.outputs ?? []) o.links = (o.links ?? []).filter((l) => links.has(l));
+          y += n.size[1] + 60;
+          width = Math.max(width, n.size[0]);
+        }
+        x += width + 40;
+      }
+      await app.loadGraphData(wf);
+    },
+    /** push nodes down where a node above them grew over them (the example workflows are laid out for the nodes'
+     *  own sizes; the chart, the picker and the status texts make ours taller) */
+    makeRoom(gap = 30) {
+      const box = (n) => {
+        const b = new Float32Array(4);
+        n.getBounding(b);
+        return b; // [x, y (title included), width, height]
+      };
+      const nodes = [...app.graph._nodes].sort((a, b) => a.pos[1] - b.pos[1]);
+      for (let i = 0; i < nodes.length; i++) {
+        const a = box(nodes[i]);
+        for (let j = i + 1; j < nodes.length; j++) {
+          const b = box(nodes[j]);
+          const overlapX = a[0] < b[0] + b[2] && b[0] < a[0] + a[2];
+          const shift = a[1] + a[3] + gap - b[1];
+          if (overlapX && b[1] >= a[1] && shift > 0) nodes[j].pos[1] += shift;
+        }
+      }
+      app.graph.setDirtyCanvas(true, true);
+    },
     /** show the nodes `ids` (all when empty) at zoom `scale` with their top-left at (x, y) in the viewport */
     frame(ids, scale = 1, x = 40, y = 40) {
       const nodes = ids?.length ? ids.map((i) => app.graph.getNodeById(i)) : app.graph._nodes;
       const left = Math.min(...nodes.map((n) => n.pos[0]));
       const top = Math.min(...nodes.map((n) => n.pos[1] - window.LiteGraph.NODE_TITLE_HEIGHT));
+      app.canvas.deselectAll?.(); // no selection outline or selection toolbox in screenshots
       app.canvas.ds.scale = scale;
       app.canvas.ds.offset = [x / scale - left, y / scale - top];
       app.canvas.setDirty(true, true);

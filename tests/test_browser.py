@@ -1,0 +1,527 @@
+"""The pack in the real ComfyUI frontend, in a real (headless) Chromium, against the live test server (the `comfyui`
+fixture of tests/comfyui_server.py): the example workflows load with every node known and convert exactly as the
+tests' own converter does; the train-then-test workflow trains on the tiny models with the loss chart filling and
+a preview on the train node while it runs; the chart survives a re-opened workflow and a page reload; the block
+picker and the text fields stay in sync and the queued prompt carries the picker's choice; light and dark themes;
+and nothing is logged as an error in the browser console. Screenshots go to docs/browser_*.png (the README shows
+them).
+
+Needs `playwright` (pip; only the Python package: its browser download does not work here) and Debian's
+`chromium` at /usr/bin/chromium (or $CHROMIUM). Without either the module is skipped with one line, or fails when
+CI=true.
+"""
+
+import importlib
+import importlib.util
+import json
+import os
+import random
+import re
+import sys
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from comfyui_server import PACK_NAME, TINY_FILES, TINY_LOADERS
+
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:  # reported below
+    sync_playwright = None
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "example_workflows"
+DOCS = REPO / "docs"
+HELPERS = REPO / "tests" / "browser" / "page_helpers.js"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+VIEWPORT = {"width": 1600, "height": 1000}
+EXTENSION_URL = f"/extensions/{PACK_NAME}"  # where ComfyUI serves the pack's js/ (WEB_DIRECTORY)
+
+TRAIN, NETWORK, MEMORY, DATASET = ("FluxLoraTrainerTrain", "FluxLoraTrainerNetwork", "FluxLoraTrainerMemory",
+                                   "FluxLoraTrainerDataset")
+OUR_STATUS_NODES = ("FluxLoraTrainerModels", DATASET, "FluxLoraTrainerDatasetToml", NETWORK,
+                    "FluxLoraTrainerOptimizer", MEMORY, TRAIN)
+STEPS = 20  # training steps of the browser run (0.05-1 s each on the tiny models, by CPU load), previews every 5
+
+# Requests a fresh ComfyUI user directory answers with 404 and the browser logs as "Failed to load resource": the
+# frontend asks for optional files (user.css, the legacy templates file, the saved-workflow and subgraph folders
+# of a user who has none yet, a favicon). Nothing of ours; every other 404 or console error fails the test.
+HARMLESS_404 = (r"/api/userdata/user\.css", r"/user\.css", r"/favicon\.ico", r"/api/userdata/comfy\.templates\.json",
+                r"/api/userdata\?dir=workflows&.*", r"/api/userdata\?dir=subgraphs%2F&.*")
+# Settings a new user's first page load writes itself: with them stored beforehand, frontend 1.27.10 skips its
+# template dialog (TutorialCompleted) and a TypeError it throws on first start (the "legacy" canvas navigation mode
+# sets these two before they are registered, GraphView settings onChange -> setting.id of undefined).
+FIRST_RUN_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Canvas.LeftMouseClickBehavior": "panning",
+                      "Comfy.Canvas.MouseWheelScroll": "zoom"}
+
+_missing = ("the Python package playwright is not installed (pip install playwright)" if sync_playwright is None
+            else None if Path(CHROMIUM).is_file()
+            else f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM)")
+if _missing:
+    if CI:
+        pytest.fail(f"browser tests: {_missing}; CI=true needs them", pytrace=False)
+    pytest.skip(f"browser tests skipped: {_missing}", allow_module_level=True)
+
+
+def pack(module: str):
+    """The repository imported as a package, as ComfyUI imports it (nodes/translate.py's relative imports work)."""
+    name = "flux_lora_trainer_pack"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py",
+                                                      submodule_search_locations=[str(REPO)])
+        root = importlib.util.module_from_spec(spec)
+        sys.modules[name] = root
+        spec.loader.exec_module(root)
+    return importlib.import_module(f"{name}.{module}")
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+class Console:
+    """Browser console errors, uncaught page errors and HTTP error answers of one page. (Playwright's
+    'requestfailed' is not watched: Chromium reports a fetch whose body nobody reads, as the frontend's settings
+    POSTs, as net::ERR_ABORTED after its 200 answer.)"""
+
+    def __init__(self, page):
+        self.errors: list[str] = []
+        self.failed: list[str] = []
+        page.on("console", self._console)
+        page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}\n{getattr(e, 'stack', '')}"))
+        page.on("response", lambda r: r.status >= 400 and self.failed.append(f"{r.status} {r.url}"))
+
+    @staticmethod
+    def _harmless(url: str) -> bool:
+        parts = urlsplit(url)
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        return any(re.fullmatch(p, path) for p in HARMLESS_404)
+
+    def _console(self, message) -> None:
+        if message.type != "error":
+            return
+        url = (message.location or {}).get("url", "")
+        if message.text.startswith("Failed to load resource") and self._harmless(url):
+            return
+        self.errors.append(f"console.error: {message.text} ({url})")
+
+    def check(self) -> None:
+        failed = [f for f in self.failed if not self._harmless(f.split(" ", 1)[1])]
+        problems, self.errors, self.failed = self.errors + failed, [], []
+        assert problems == [], "browser console errors:\n" + "\n".join(problems)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def open_app(page, url: str) -> None:
+    page.goto(url)
+    # the app is up, our extension's setup ran (it adds its style sheet) and the node definitions are registered
+    page.wait_for_function("() => window.app?.graph && window.app.extensionManager && window.LiteGraph"
+                           "?.registered_node_types?.FluxLoraTrainerTrain"
+                           " && document.getElementById('flux-lora-trainer-style')", timeout=60_000)
+    page.add_script_tag(path=str(HELPERS))
+
+
+@pytest.fixture(scope="module")
+def ui(comfyui, browser):
+    """(page, console) of one ComfyUI tab, shared by this module's tests in order."""
+    for key, value in FIRST_RUN_SETTINGS.items():
+        comfyui.post_setting(key, value)
+    page = browser.new_page(viewport=VIEWPORT)
+    console = Console(page)
+    page.set_default_timeout(30_000)
+    open_app(page, comfyui.url)
+    try:
+        yield page, console
+    finally:
+        page.close()
+
+
+@pytest.fixture(scope="module")
+def dataset(comfyui) -> str:
+    from trainer.demo import write_dataset
+
+    name = "flux_lora_browser_dataset"
+    folder = comfyui.base_dir / "input" / name
+    if not folder.is_dir():
+        write_dataset(folder)
+    return name
+
+
+def load(page, workflow: dict) -> None:
+    page.evaluate("async (wf) => { await app.loadGraphData(wf); }", workflow)
+
+
+def by_type(page, node_type: str) -> list[int]:
+    return page.evaluate("(t) => window.__fltTest.byType(t)", node_type)
+
+
+def dataset_of(page, node_id: int, widget: str) -> dict:
+    """The data attributes of one of our DOM widgets (loss_chart, block_picker, status)."""
+    return page.evaluate("([id, name]) => ({...app.graph.getNodeById(id).widgets.find((w) => w.name === name)"
+                         ".element.dataset})", [node_id, widget])
+
+
+def text_of(page, node_id: int, widget: str = "status") -> str:
+    return page.evaluate("([id, name]) => app.graph.getNodeById(id).widgets.find((w) => w.name === name)"
+                         ".element.textContent", [node_id, widget])
+
+
+def queue(page) -> None:
+    """Queue the graph as the Run button does; fail with the server's node errors if it refuses it."""
+    errors = page.evaluate("async () => { await app.queuePrompt(0, 1); return app.lastNodeErrors ?? null; }")
+    assert not errors, json.dumps(errors)[:3000]
+
+
+def without_meta(prompt: dict) -> dict:
+    return {k: {kk: vv for kk, vv in v.items() if kk != "_meta"} for k, v in prompt.items()}
+
+
+def shot(page, name: str, nodes: list, scale: float, x: int = 30, y: int = 30) -> Path:
+    page.evaluate("([ids, s, x, y]) => { window.__fltTest.makeRoom(); window.__fltTest.frame(ids, s, x, y); }",
+                  [nodes, scale, x, y])
+    page.wait_for_timeout(400)  # two frames: the canvas, then the DOM widgets follow it
+    DOCS.mkdir(exist_ok=True)
+    path = DOCS / name
+    page.screenshot(path=str(path))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+
+def test_example_workflows_load_with_every_node_and_convert_like_the_tests_converter(comfyui, ui):
+    page, console = ui
+    files = sorted(EXAMPLES.glob("*.json"))
+    assert files
+    for path in files:
+        workflow = json.loads(path.read_text(encoding="utf-8"))
+        load(page, workflow)
+        dialogs = page.evaluate("() => [...document.querySelectorAll('.p-dialog')].map((d) => d.innerText)")
+        assert not [d for d in dialogs if "missing" in d.lower()], (path.name, dialogs)
+        unknown = page.evaluate("() => app.graph._nodes.filter((n) => !LiteGraph.registered_node_types[n.type]"
+                                " || n.has_errors).map((n) => n.type)")
+        assert unknown == [], (path.name, unknown)
+        # our nodes carry our widgets, and nothing of ours is saved in widgets_values or sent in the prompt
+        widgets = page.evaluate("() => Object.fromEntries(app.graph._nodes.map((n) => [n.id, (n.widgets ?? [])"
+                                ".filter((w) => w.name && w.type.startsWith('flux_lora_trainer_'))"
+                                ".map((w) => w.name)]))")
+        for node in workflow["nodes"]:
+            expected = {TRAIN: ["loss_chart", "status"], NETWORK: ["block_picker", "status"]}.get(
+                node["type"], ["status"] if node["type"] in OUR_STATUS_NODES else [])
+            assert widgets[str(node["id"])] == expected, (path.name, node["type"], widgets[str(node["id"])])
+        saved = page.evaluate("() => app.graph.serialize().nodes.map((n) => [n.id, n.widgets_values ?? []])")
+        assert dict(map(tuple, saved)) == {n["id"]: n.get("widgets_values") or [] for n in workflow["nodes"]}, path.name
+
+        got = page.evaluate("() => window.__fltTest.prompt()")  # graphToPrompt, through JSON like the wire
+        want = comfyui.prompt_from_ui(workflow)
+        assert without_meta(got) == without_meta(want), path.name
+        # _meta.title (ignored by the server): the frontend names untitled nodes by their display name
+        for node in workflow["nodes"]:
+            if node.get("title") and str(node["id"]) in got:
+                assert got[str(node["id"])]["_meta"]["title"] == node["title"]
+    console.check()
+
+
+def test_block_picker_and_the_text_fields_stay_in_sync_and_the_prompt_carries_the_picks(ui):
+    page, console = ui
+    load(page, json.loads((EXAMPLES / "flux_lora_train_then_test.json").read_text(encoding="utf-8")))
+    net = by_type(page, NETWORK)[0]
+    # the example keeps this node collapsed in a column: open it in a free place below the graph
+    page.evaluate("(id) => window.__fltTest.openApart(id)", net)
+    page.evaluate("(id) => { app.graph.getNodeById(id).widgets.find((w) => w.name === 'block_picker').element.id ="
+                  " 'picker-under-test'; }", net)
+    page.evaluate("(id) => window.__fltTest.frame([id], 1, 420, 20)", net)
+    page.wait_for_timeout(300)
+    picker = page.locator("#picker-under-test")
+    picker.wait_for(state="visible")
+
+    def cell(kind: str, index: int):
+        return picker.locator(f".flt-picker-grid[data-kind={kind}] .flt-cell[data-index='{index}']")
+
+    def fields() -> tuple:
+        v = page.evaluate("(id) => window.__fltTest.widgetValues(id)", net)
+        return v["block_preset"], v["double_blocks"], v["single_blocks"]
+
+    def lit(kind: str) -> list[int]:
+        return page.evaluate("(k) => [...document.querySelectorAll(`#picker-under-test .flt-picker-grid[data-kind=${k}]"
+                             " .flt-cell.flt-on`)].map((c) => +c.dataset.index)", kind)
+
+    assert fields() == ("custom", "all", "all") and len(lit("double")) == 19 and len(lit("single")) == 38
+    picker.locator("button[data-preset=custom][data-double=none]").click()  # "none"
+    assert fields() == ("custom", "none", "none") and lit("double") == lit("single") == []
+    cell("double", 3).click()
+    assert fields() == ("custom", "3", "none") and lit("double") == [3]
+    # drag over double 5..9 (a real mouse: press on 5, move across, release on 9)
+    box5, box9 = cell("double", 5).bounding_box(), cell("double", 9).bounding_box()
+    page.mouse.move(box5["x"] + 4, box5["y"] + 5)
+    page.mouse.down()
+    page.mouse.move(box9["x"] + 4, box9["y"] + 5, steps=8)
+    page.mouse.up()
+    assert fields() == ("custom", "3,5-9", "none") and lit("double") == [3, 5, 6, 7, 8, 9]
+    # dragging from a selected block clears
+    box6, box7 = cell("double", 6).bounding_box(), cell("double", 7).bounding_box()
+    page.mouse.move(box6["x"] + 4, box6["y"] + 5)
+    page.mouse.down()
+    page.mouse.move(box7["x"] + 4, box7["y"] + 5, steps=4)
+    page.mouse.up()
+    assert fields()[1] == "3,5,8-9"
+    cell("single", 37).click()
+    assert fields() == ("custom", "3,5,8-9", "37")
+
+    # a preset button sets the node's block_preset and writes its fields; a click then goes back to custom
+    picker.locator("button[data-preset='single 10-20']").click()
+    assert fields() == ("single 10-20", "none", "10-20") and lit("single") == list(range(10, 21))
+    cell("single", 0).click()
+    assert fields() == ("custom", "none", "0,10-20")
+    # the combo itself (a user's pick) also writes the fields and redraws the grid
+    page.evaluate("(id) => window.__fltTest.set(id, {block_preset: 'double blocks only'})", net)
+    assert fields() == ("double blocks only", "all", "none") and len(lit("double")) == 19 and lit("single") == []
+    # typed text (as a user's edit of the text widget) redraws the grid; the core's syntax, spaces included
+    page.evaluate("(id) => window.__fltTest.set(id, {block_preset: 'custom', double_blocks: ' 0-2, 7 ,18',"
+                  " single_blocks: 'ALL'})", net)
+    assert lit("double") == [0, 1, 2, 7, 18] and len(lit("single")) == 38
+    # text set behind the picker's back (another extension, a script) shows on the next canvas frame
+    page.evaluate("(id) => { const n = app.graph.getNodeById(id); n.widgets.find((w) => w.name === 'single_blocks')"
+                  ".value = '1-3'; app.graph.setDirtyCanvas(true, true); }", net)
+    page.wait_for_function("() => document.querySelectorAll('#picker-under-test .flt-picker-grid[data-kind=single]"
+                           " .flt-cell.flt-on').length === 3")
+    page.evaluate("(id) => window.__fltTest.set(id, {double_blocks: '0-25'})", net)
+    assert "out of range" in dataset_of(page, net, "block_picker")["error"]
+    page.evaluate("(id) => window.__fltTest.set(id, {double_blocks: '0-5,10'})", net)
+    assert dataset_of(page, net, "block_picker")["error"] == "" and lit("double") == [0, 1, 2, 3, 4, 5, 10]
+
+    # the per-layer ranks that apply are shown, and which kind train_blocks leaves out
+    page.evaluate("(id) => window.__fltTest.set(id, {img_attn_dim: 8, txt_mod_dim: 0})", net)
+    head = picker.locator(".flt-picker-head").first.inner_text()
+    assert "img attn 8" in head and "txt mod off" in head and "txt attn 16" in head, head
+    assert "double block 4: LoRA (img attn 8" in cell("double", 4).get_attribute("title")
+    page.evaluate("(id) => window.__fltTest.set(id, {train_blocks: 'single'})", net)
+    assert "flt-off" in picker.locator(".flt-picker-grid[data-kind=double]").get_attribute("class")
+    assert "train_blocks = single" in picker.locator(".flt-picker-head").first.inner_text()
+    page.evaluate("(id) => window.__fltTest.set(id, {train_blocks: 'all', img_attn_dim: -1, txt_mod_dim: -1})", net)
+
+    cell("double", 10).click()  # back to a click: 0-5
+    prompt = page.evaluate("() => window.__fltTest.prompt()")
+    inputs = prompt[str(net)]["inputs"]
+    assert (inputs["block_preset"], inputs["double_blocks"], inputs["single_blocks"]) == ("custom", "0-5", "1-3")
+    assert "block_picker" not in inputs and "status" not in inputs
+    console.check()
+
+
+def test_block_syntax_and_presets_match_the_core(ui):
+    """The picker's parser and writer against trainer/config/lora.py parse_block_selection, and its presets
+    against nodes/translate.py BLOCK_PRESETS."""
+    page, console = ui
+    from trainer.config.lora import parse_block_selection
+
+    cases = ["all", "ALL", " none ", "", "0", "0-5,10", "0,1,8-12,18", " 3 - 7 , 9", "18", "0-18", "5-3", "a",
+             "1,,2", "1-", "-1", "0-40", "19", "10-20", "07", "0 - 0", "1;2", "0-5,4-6"]
+    rng = random.Random(11)
+    chosen_sets = [[rng.random() < p for _ in range(19)] for p in (0.1, 0.5, 0.9) for _ in range(5)]
+    got = page.evaluate(f"""async ([cases, sets]) => {{
+        const b = await import('{EXTENSION_URL}/lib/blocks.js');
+        return {{
+          parsed: cases.map((c) => b.parseBlockSelection(c, 19, 'double_blocks')),
+          roundTrip: sets.map((s) => [b.formatBlockSelection(s),
+                                      b.parseBlockSelection(b.formatBlockSelection(s), 19).chosen]),
+          presets: b.BLOCK_PRESETS,
+        }}; }}""", [cases, chosen_sets])
+    for case, js in zip(cases, got["parsed"]):
+        try:
+            want, error = parse_block_selection(case, 19, "double_blocks"), None
+        except Exception as e:  # noqa: BLE001 - the core's LoRAConfigError
+            want, error = [False] * 19, str(e)
+        assert (js["chosen"], js["error"]) == (want, error), case
+    for chosen, (text, back) in zip(chosen_sets, got["roundTrip"]):
+        assert back == chosen and parse_block_selection(text, 19, "x") == chosen, text
+    presets = pack("nodes.translate").BLOCK_PRESETS
+    assert got["presets"] == {k: list(v) if v else None for k, v in presets.items()}
+    console.check()
+
+
+def test_train_then_test_in_the_browser_chart_preview_status_reload(comfyui, ui, dataset):
+    page, console = ui
+    workflow = json.loads((EXAMPLES / "flux_lora_train_then_test.json").read_text(encoding="utf-8"))
+    load(page, workflow)
+    name = f"browser_{uuid.uuid4().hex[:8]}"
+    tiny = {"flux": TINY_FILES["flux"][1], "clip_l": TINY_FILES["clip_l"][1], "t5xxl": TINY_FILES["t5xxl"][1],
+            "ae": TINY_FILES["ae"][1]}
+    # the stock loaders become the test-only tiny loaders (same widgets), inside the page's own graph
+    page.evaluate("(pairs) => pairs.forEach(([a, b]) => window.__fltTest.swapType(a, b))", list(TINY_LOADERS.items()))
+    settings = {
+        "FluxTrainerTestUNETLoader": {"unet_name": tiny["flux"]},
+        "FluxTrainerTestDualCLIPLoader": {"clip_name1": tiny["clip_l"], "clip_name2": tiny["t5xxl"]},
+        "FluxTrainerTestVAELoader": {"vae_name": tiny["ae"]},
+        "FluxLoraTrainerModels": {"transformer": tiny["flux"], "clip_l": tiny["clip_l"], "t5xxl": tiny["t5xxl"],
+                                  "ae": tiny["ae"]},
+        DATASET: {"image_folder": dataset, "resolution": 64, "num_repeats": 1},
+        "FluxLoraTrainerOptimizer": {"learning_rate": 0.01},
+        TRAIN: {"output_name": name, "max_train_steps": STEPS, "seed": 7, "save_every_n_steps": 0,
+                "sample_prompts": "a red circle on a white background --w 64 --h 64 --s 2 --d 3",
+                "sample_every_n_steps": 5},
+        "KSampler": {"steps": 2},
+        "EmptySD3LatentImage": {"width": 128, "height": 128},
+    }
+    for node_type, values in settings.items():
+        ids = by_type(page, node_type)
+        assert ids, node_type
+        for node_id in ids:
+            page.evaluate("([id, v]) => window.__fltTest.set(id, v)", [node_id, values])
+    train, net, memory, data = (by_type(page, t)[0] for t in (TRAIN, NETWORK, MEMORY, DATASET))
+    save_with = page.evaluate("() => app.graph._nodes.find((n) => n.title === 'Save (with LoRA)').id")
+    # blocks picked with the mouse go with the queued prompt (the tiny model has 2 double and 2 single blocks)
+    place = page.evaluate("(id) => { const n = app.graph.getNodeById(id); return [[...n.pos], !!n.flags?.collapsed]; }",
+                          net)
+    page.evaluate("(id) => { window.__fltTest.openApart(id); window.__fltTest.frame([id], 1, 420, 20);"
+                  " app.graph.getNodeById(id).widgets.find((w) => w.name === 'block_picker').element.id ="
+                  " 'picker-in-run'; }", net)
+    picker = page.locator("#picker-in-run")
+    picker.locator("button[data-preset=custom][data-double=none]").click()
+    for kind, index in (("double", 1), ("single", 0), ("single", 1)):
+        picker.locator(f".flt-picker-grid[data-kind={kind}] .flt-cell[data-index='{index}']").click()
+    page.evaluate("([id, [pos, collapsed]]) => { const n = app.graph.getNodeById(id); n.pos = pos;"
+                  " if (collapsed) n.collapse(); app.graph.setDirtyCanvas(true, true); }", [net, place])
+    prompt = page.evaluate("() => window.__fltTest.prompt()")
+    assert (prompt[str(net)]["inputs"]["double_blocks"], prompt[str(net)]["inputs"]["single_blocks"]) == ("1", "0-1")
+    assert {n["class_type"] for n in prompt.values()} >= set(TINY_LOADERS.values())
+    assert not {n["class_type"] for n in prompt.values()} & set(TINY_LOADERS)
+
+    started = time.monotonic()
+    queue(page)  # the page queues (app.queuePrompt, as the Run button): its client id gets the events
+    # frame the nodes of the mid-training screenshot now (a headless canvas redrawing 26 nodes on every event takes
+    # CPU from the training), the train node tall enough for the chart and the preview below it
+    page.evaluate("([ids, train]) => { const n = app.graph.getNodeById(train); n.setSize([n.size[0],"
+                  " Math.max(n.size[1], n.computeSize()[1] + 240)]); window.__fltTest.makeRoom();"
+                  " window.__fltTest.frame(ids, 0.75, 20, 10); }", [[data, train], train])
+    # while it trains: the chart has points and the train node shows a preview image
+    page.wait_for_function(
+        """(id) => { const n = app.graph.getNodeById(id);
+                     const d = n.widgets.find((w) => w.name === 'loss_chart').element.dataset;
+                     const done = window.__fltTest.events.some((e) => e.type.startsWith('execution_') &&
+                        e.type !== 'execution_start' && e.type !== 'execution_cached');
+                     return done || (+d.points >= 6 && d.state === 'running' &&
+                        (app.nodePreviewImages?.[String(id)]?.length ?? 0) > 0 && (n.imgs?.length ?? 0) > 0); }""",
+        arg=train, timeout=120_000, polling=100)
+    running = dataset_of(page, train, "loss_chart")
+    shot(page, "browser_training.png", [data, train], 0.75, 20, 10)
+    assert running["state"] == "running", "training ended before the chart and a preview were seen"
+    assert 6 <= int(running["points"]) < STEPS and int(running["lrPoints"]) == int(running["points"])
+    assert int(running["total"]) == STEPS
+    assert page.evaluate("(id) => app.graph.getNodeById(id).properties.flux_lora_trainer_chart.steps.length",
+                         train) >= 3
+    status_line = page.evaluate("(id) => app.graph.getNodeById(id).widgets.find((w) => w.name === 'loss_chart')"
+                                ".element.querySelector('.flt-chart-status').textContent", train)
+    assert re.match(rf"step \d+/{STEPS} \(\d+%\) · [\d.]+ (it/s|s/it) · ETA \d+:\d\d", status_line), status_line
+
+    page.wait_for_function("() => window.__fltTest.events.some((e) => ['execution_success', 'execution_error',"
+                           " 'execution_interrupted'].includes(e.type))", timeout=120_000, polling=200)
+    events = page.evaluate("() => window.__fltTest.events")
+    ends = [e for e in events if e["type"] in ("execution_success", "execution_error", "execution_interrupted")]
+    assert ends[-1]["type"] == "execution_success", json.dumps(ends[-1])[:3000]
+    prompt_id = ends[-1]["detail"]["prompt_id"]
+    steps = [e["detail"] for e in events if e["type"] == "flux_lora_trainer.step"]
+    assert [s["step"] for s in steps] == list(range(1, STEPS + 1)) and {s["prompt_id"] for s in steps} == {prompt_id}
+    page.wait_for_function("(id) => app.graph.getNodeById(id).widgets.find((w) => w.name === 'loss_chart')"
+                           ".element.dataset.state === 'finished'", arg=train)
+    final = dataset_of(page, train, "loss_chart")
+    assert (final["points"], final["lastStep"], final["promptId"]) == (str(STEPS), str(STEPS), prompt_id)
+    history = comfyui.history(prompt_id)["outputs"]
+    losses = history[str(train)]["loss"]
+    stored = page.evaluate("(id) => app.graph.getNodeById(id).properties.flux_lora_trainer_chart", train)
+    assert stored["loss"] == pytest.approx(losses) and stored["lr"] == pytest.approx([s["lr"] for s in steps])
+    # the nodes' status text: pre-flight report, what auto picked (node and train node), the train summary
+    assert "8 images" in text_of(page, data) and "batch size 1" in text_of(page, data)
+    assert text_of(page, memory).startswith("auto:") and "picked by the train node" in text_of(page, memory)
+    assert f"LoRA: {name}.safetensors" in text_of(page, train)
+    assert "double blocks 1, single blocks 0-1" in text_of(page, net)  # what the server got from the picker
+    queued = comfyui.history(prompt_id)["prompt"][2][str(net)]["inputs"]
+    assert (queued["block_preset"], queued["double_blocks"], queued["single_blocks"]) == ("custom", "1", "0-1")
+    images = page.evaluate("(id) => app.graph.getNodeById(id).imgs?.length ?? 0", save_with)
+    assert images == 1 and history[str(save_with)]["images"][0]["filename"].endswith(".png")
+    shot(page, "browser_finished.png", [], 0.7, 10, 10)
+    elapsed = time.monotonic() - started
+
+    # queued again unchanged: everything is cached, the train node re-sends its output, the chart stays whole
+    queue(page)
+    page.wait_for_function("(n) => window.__fltTest.events.filter((e) => e.type === 'execution_success').length"
+                           " === n", arg=2, timeout=60_000)
+    assert dataset_of(page, train, "loss_chart")["points"] == str(STEPS)
+
+    # a saved and re-opened workflow draws the same chart and status texts
+    saved = page.evaluate("() => JSON.parse(JSON.stringify(app.graph.serialize()))")
+    assert len(saved["nodes"][[n["id"] for n in saved["nodes"]].index(train)]["properties"]
+               ["flux_lora_trainer_chart"]["loss"]) == STEPS
+    load(page, workflow)  # the example again: an empty chart
+    assert dataset_of(page, train, "loss_chart")["points"] == "0"
+    load(page, saved)
+    assert dataset_of(page, train, "loss_chart")["points"] == str(STEPS)
+    assert "8 images" in text_of(page, data)
+    # a page reload restores the open workflow (ComfyUI keeps it in the browser's storage): chart included
+    page.reload()
+    open_app(page, comfyui.url)
+    page.wait_for_function("(id) => app.graph.getNodeById(id)?.widgets?.find((w) => w.name === 'loss_chart')"
+                           f"?.element.dataset.points === '{STEPS}'", arg=train)
+    assert dataset_of(page, train, "loss_chart")["state"] == "finished"
+    assert text_of(page, memory).startswith("auto:")
+
+    # a new run (a step event of another prompt id) starts a new chart; validation loss is drawn when present
+    fake = {"node": str(train), "prompt_id": "another-run", "step": 1, "total": 4, "loss": 0.5,
+            "average_loss": 0.5, "lr": 1e-4, "eta_seconds": 3.0, "epoch": 1, "validation_loss": 0.45}
+    page.evaluate("(d) => window.comfyAPI.api.api.dispatchCustomEvent('flux_lora_trainer.step', d)", fake)
+    after = dataset_of(page, train, "loss_chart")
+    assert (after["points"], after["promptId"], after["validationPoints"], after["state"]) == \
+        ("1", "another-run", "1", "running")
+    load(page, saved)  # leave the trained chart on screen for the theme test
+    console.check()
+    step_times = [e["t"] for e in events if e["type"] == "flux_lora_trainer.step"]
+    start = next(e["t"] for e in events if e["type"] == "execution_start")
+    first, steps_s = (step_times[0] - start) / 1000, (step_times[-1] - step_times[0]) / 1000
+    print(f"\nbrowser run: {elapsed:.1f} s from queue to the finished screenshot: {first:.1f} s to the first step "
+          f"(models, caches), {STEPS} steps in {steps_s:.1f} s")
+
+
+def test_light_and_dark_themes(ui):
+    page, console = ui
+    if not by_type(page, TRAIN):  # run alone: the example (an empty chart) instead of the trained graph
+        load(page, json.loads((EXAMPLES / "flux_lora_train_then_test.json").read_text(encoding="utf-8")))
+    train = by_type(page, TRAIN)[0]
+    trained = dataset_of(page, train, "loss_chart")["points"] == str(STEPS)
+    colors = f"""async (id) => {{
+        const {{ chartColors }} = await import('{EXTENSION_URL}/lib/chart.js');
+        const n = app.graph.getNodeById(id);
+        const el = n.widgets.find((w) => w.name === 'loss_chart').element;
+        const status = n.widgets.find((w) => w.name === 'status').element;
+        const c = chartColors(el);
+        return {{ light: c.light, canvas: getComputedStyle(el.querySelector('canvas')).backgroundColor,
+                  text: getComputedStyle(status).color, line: c.average }}; }}"""
+    setting = "(v) => app.extensionManager.setting.set('Comfy.ColorPalette', v)"
+    dark = page.evaluate(colors, train)
+    assert dark["light"] is False and dark["canvas"] == "rgb(34, 34, 34)"  # dark palette: --comfy-input-bg #222
+    try:
+        page.evaluate(setting, "light")
+        page.wait_for_function("() => getComputedStyle(document.documentElement)"
+                               ".getPropertyValue('--comfy-input-bg').trim().toLowerCase() === '#c9c9c9'")
+        light = page.evaluate(colors, train)
+        assert light["light"] is True and light["canvas"] == "rgb(201, 201, 201)" and light["text"] != dark["text"]
+        assert light["line"] != dark["line"]  # the series colours follow the theme too
+        page.evaluate("() => window.__fltTest.onlyOurs()")  # the pack's nodes side by side, none collapsed
+        if trained:  # the screenshot in docs/ shows a trained chart
+            assert dataset_of(page, train, "loss_chart")["points"] == str(STEPS)
+            shot(page, "browser_light.png", [], 0.8, 20, 10)
+    finally:
+        page.evaluate(setting, "dark")
+    console.check()
