@@ -35,3 +35,10 @@ def tiny_files(tmp_path_factory) -> dict[str, Path]:
 
 # the live ComfyUI server fixture `comfyui` (skips with one line where no ComfyUI is set up; fails under CI)
 pytest_plugins = ["comfyui_server"]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fault-injection", choices=("short", "full"), default="short",
+                     help="tests/test_fault_injection.py: 'short' (default, CI) runs one chain of chosen kill points "
+                          "and one disk-full per kind of save; 'full' adds random kill chains over several seeds and "
+                          "option sets, both file-system layers, first writes and rewrites (minutes)")

@@ -28,9 +28,18 @@ from typing import Any, Iterator, Mapping
 import torch
 from safetensors.torch import load_file
 
-from .atomic import SaveError, atomic_path, failure_reason, save_error, save_safetensors, write_bytes
+from .atomic import (
+    SaveError,
+    atomic_path,
+    failure_reason,
+    remove_stale_temporaries,
+    save_error,
+    save_safetensors,
+    write_bytes,
+)
 from .errors import TrainerError
 from .state_check import (
+    FILES,
     FORMAT,
     Position,
     Shapes,
@@ -188,6 +197,21 @@ def _move_into_place(staging: Path, folder: Path) -> None:
 # ---------------------------------------------------------------------------------------------------- checking
 
 
+def _put_back(folder: Path, found: Path) -> Path:
+    """A state recovered from `<folder>.partial` / `<folder>.old` (a save stopped between its two renames) takes its
+    name again and the other leftover goes, so that neither stays beside the run's files. Returns where it is."""
+    if found != folder:
+        try:
+            os.replace(found, folder)
+        except OSError:
+            return found  # a read-only folder: resume from where it is
+        for suffix in (".partial", ".old"):
+            shutil.rmtree(folder.with_name(folder.name + suffix), ignore_errors=True)
+    for name in (*FILES, "train_state.json"):  # a save killed after a file's rename, before its clean-up
+        remove_stale_temporaries(folder / name)
+    return folder
+
+
 def _load_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(folder / name)
@@ -201,7 +225,7 @@ def load_state(folder: Path, expected: Shapes | None = None, optimizer: str | No
     arguments; `expected` is the whole network here). Never a raw KeyError or RuntimeError: every problem is a
     StateError naming the file."""
     checked = checked_state(folder, expected, optimizer, warn, None)
-    folder = checked.folder
+    folder = _put_back(Path(folder), checked.folder)
     network = _load_tensors(folder, "network.safetensors")
     tensors = _load_tensors(folder, "state.safetensors")
     try:

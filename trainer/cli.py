@@ -160,6 +160,12 @@ class ConsoleReporter:
     def should_stop(self) -> bool:
         return self.stop
 
+    def end_progress(self) -> None:
+        """End the progress bar's line, so that a message after it starts a line of its own."""
+        if self.bar:
+            self.bar.close()
+        self.bar = None
+
     def _write(self, text: str) -> None:
         if self.bar is not None:
             self.bar.write(text)
@@ -217,9 +223,11 @@ def main(argv: list[str] | None = None) -> int:
         reporter.emit(Message(f"total time {time.perf_counter() - started:.1f} s"))
         return 0
     except Stopped as e:
+        reporter.end_progress()
         print(f"stopped: {e}", file=sys.stderr)
         return 130
     except TrainerError as e:  # bad input: one message; anything else is a bug and keeps its traceback
+        reporter.end_progress()
         print(f"error: {e}", file=sys.stderr)
         return 2
 

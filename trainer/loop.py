@@ -57,8 +57,8 @@ def train(config: TrainConfig, reporter: Reporter) -> Finished:
             if world.is_main:
                 metrics = MetricsLog(Path(config.logging_dir or config.output_dir), config.name, config.log_with,
                                      reporter.emit)
-                if config.resume:  # the steps after the state's are trained (and logged) again
-                    metrics.truncate_after(state_position(Path(config.resume)).global_step)
+                # a resumed run trains (and logs) again the steps after its state's; a run that starts over, all
+                metrics.truncate_after(state_position(Path(config.resume)).global_step if config.resume else 0)
             events = Fanout(reporter, metrics)
             session = prepare(config, events, world, device)
             loop = Loop(session, events)

@@ -4,9 +4,10 @@ front end's: it listens to step events and writes one line per optimizer step.""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-from .atomic import atomic_path, write_bytes
+from .atomic import SaveError, atomic_path, failure_reason, remove_stale_temporaries, save_error, write_bytes
 from .events import Event, Finished, Message, StepEnd
 
 
@@ -14,6 +15,7 @@ class MetricsLog:
     def __init__(self, folder: Path, name: str, log_with: str | None, warn) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"{name}_metrics.jsonl"
+        remove_stale_temporaries(self.path)  # left by a process killed while it rewrote the log
         self.file = open(self.path, "a", encoding="utf-8")
         self.tensorboard = None
         if log_with in ("tensorboard", "all"):
@@ -29,13 +31,30 @@ class MetricsLog:
         if isinstance(event, StepEnd):
             values = {"step": event.step, "epoch": event.epoch, "loss": event.loss,
                       "average_loss": event.average_loss, "lr": event.lr}
-            self.file.write(json.dumps(values) + "\n")
-            self.file.flush()
+            whole = os.fstat(self.file.fileno()).st_size  # the log ends with a whole line here
+            try:
+                self.file.write(json.dumps(values) + "\n")
+                self.file.flush()
+            except OSError as e:
+                raise self._write_failed(e, event.step, whole) from e
             if self.tensorboard:
                 for key in ("loss", "average_loss", "lr"):
                     self.tensorboard.add_scalar(key, values[key], event.step)
         elif isinstance(event, Finished):
             self.close()
+
+    def _write_failed(self, error: OSError, step: int, whole: int) -> SaveError:
+        """Close the log dropping what could not be written, cut a half-written line, and say so (a full disk)."""
+        try:
+            self.file.close()
+        except OSError:
+            pass  # the rest of the buffer could not be written either: dropped
+        try:
+            os.truncate(self.path, whole)
+        except OSError:
+            pass
+        return save_error(self.path, error, text=f"{self.path}: the metrics line of step {step} could not be written "
+                                                 f"({failure_reason(error)}); the lines before it are intact")
 
     def truncate_after(self, step: int) -> int:
         """Drop the lines of steps after `step` (a resumed run trains them again) and any damaged line (a kill

@@ -5,6 +5,7 @@ cache_files (sd-scripts' format), reusing valid files and re-encoding when the i
 from __future__ import annotations
 
 import logging
+import zlib
 from itertools import groupby
 from pathlib import Path
 from typing import Callable
@@ -12,6 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..atomic import remove_stale_temporaries
 from .buckets import crop_ltrb
 from .cache_files import LATENT_STRIDE, bucket_suffix, latent_npz_path, read_entry
 from .dataset import DatasetError, DatasetGroup, FluxDataset, ImageItem
@@ -72,6 +74,7 @@ def cache_latents(group: DatasetGroup, ae, to_disk: bool, batch_size: int = 1, s
                 path = latent_npz_path(item.path, item.size, cache_dir)
                 item.latent_npz = path if is_cached(path, item) else None  # set again once the file holds its entry
                 if item.latent_npz is not None:
+                    remove_stale_temporaries(path)  # a process killed after the rename, before its clean-up
                     reused += 1
                     continue
             todo.append((dataset, item))
@@ -82,12 +85,25 @@ def cache_latents(group: DatasetGroup, ae, to_disk: bool, batch_size: int = 1, s
     if progress and todo:
         progress("caching latents", 0, len(todo))  # a cancel raised here comes before any encoding
     done = 0
-    for number, chunk in enumerate(chunks):  # one size per encoder batch
-        _encode_chunk(chunk, ae, device, to_disk, seed + number, cache_dir)
+    for chunk in chunks:  # one size per encoder batch
+        _encode_chunk(chunk, ae, device, to_disk, seed, cache_dir)
         done += len(chunk)
         if progress:
             progress("caching latents", done, len(todo))
     return {"encoded": len(todo), "reused": reused}
+
+
+def _posterior_noise(chunk, channels: int, height: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's draws from the autoencoder's posterior, from a generator of its own (seed, file name, bucket):
+    an image's cached latents do not depend on which images were cached with it or before it, so a caching run
+    stopped and continued writes exactly what one uninterrupted run writes."""
+    noises, flipped = [], []
+    for _, item in chunk:
+        key = zlib.crc32(f"{item.path.name}:{item.bucket[0]}x{item.bucket[1]}".encode())
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + key) % 2**63)
+        noises.append(torch.randn((channels, height, width), generator=generator))
+        flipped.append(torch.randn((channels, height, width), generator=generator))
+    return torch.stack(noises), torch.stack(flipped)
 
 
 def _encode_chunk(chunk, ae, device, to_disk: bool, seed: int, cache_dir: str | Path | None) -> None:
@@ -97,12 +113,13 @@ def _encode_chunk(chunk, ae, device, to_disk: bool, seed: int, cache_dir: str | 
         pixels.append(torch.from_numpy(image.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0))
         masks.append(mask)
     batch = torch.stack(pixels).to(device)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    noise, flipped_noise = _posterior_noise(chunk, ae.params.z_channels, batch.shape[2] // 8, batch.shape[3] // 8,
+                                            seed)
     with torch.no_grad():
-        latents = ae.encode(batch, generator=generator).float().cpu().numpy()
+        latents = ae.encode(batch, noise=noise.to(device)).float().cpu().numpy()
         flipped = None
         if any(item.subset.flip_aug for _, item in chunk):
-            flipped = ae.encode(torch.flip(batch, dims=[3]), generator=generator).float().cpu().numpy()
+            flipped = ae.encode(torch.flip(batch, dims=[3]), noise=flipped_noise.to(device)).float().cpu().numpy()
     for i, (_, item) in enumerate(chunk):
         entry = {"latents": latents[i], "original_size": np.array(item.size),
                  "crop_ltrb": np.array(crop_ltrb(item.bucket, item.size)),

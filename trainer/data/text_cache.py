@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..atomic import remove_stale_temporaries
 from .cache_files import TEXT_KEYS as KEYS
 from .cache_files import caption_sha256, read_text_entry, text_npz_path
 from .captions import caption_is_random
@@ -72,6 +73,7 @@ def cache_text_outputs(group: DatasetGroup, clip_l, t5, to_disk: bool, batch_siz
                 valid = is_cached(path, caption, apply_t5_attn_mask, length)
                 item.text_npz = path if valid else None  # set again once the file holds its entry
                 if valid:
+                    remove_stale_temporaries(path)  # a process killed after the rename, before its clean-up
                     reused += 1
                     continue
             todo.append((item, caption))
