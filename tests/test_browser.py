@@ -11,13 +11,10 @@ Needs `playwright` (pip; only the Python package: its browser download does not 
 CI=true.
 """
 
-import importlib
-import importlib.util
 import json
 import os
 import random
 import re
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -32,7 +29,8 @@ try:
 except ImportError:  # reported below
     sync_playwright = None
 
-REPO = Path(__file__).resolve().parents[1]
+from packimport import REPO, pack  # noqa: E402
+
 EXAMPLES = REPO / "example_workflows"
 DOCS = REPO / "docs"
 HELPERS = REPO / "tests" / "browser" / "page_helpers.js"
@@ -68,17 +66,6 @@ if _missing:
         pytest.fail(f"browser tests: {_missing}; CI=true needs them", pytrace=False)
     pytest.skip(f"browser tests skipped: {_missing}", allow_module_level=True)
 
-
-def pack(module: str):
-    """The repository imported as a package, as ComfyUI imports it (nodes/translate.py's relative imports work)."""
-    name = "flux_lora_trainer_pack"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py",
-                                                      submodule_search_locations=[str(REPO)])
-        root = importlib.util.module_from_spec(spec)
-        sys.modules[name] = root
-        spec.loader.exec_module(root)
-    return importlib.import_module(f"{name}.{module}")
 
 
 # ------------------------------------------------------------------------------------------------ fixtures

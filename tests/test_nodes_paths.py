@@ -1,28 +1,10 @@
 """nodes/paths.py: names from a shared workflow cannot leave our folders, input folders stay under ComfyUI's input
 directory, LoRA copies never replace a file, state folders are listed and resolved inside our output folder."""
 
-import importlib
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-PACK = "flux_lora_trainer_pack"
-
-
-def pack(module: str):
-    """The repository imported as a package, the way ComfyUI imports a custom node (relative imports work)."""
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py",
-                                                      submodule_search_locations=[str(REPO)])
-        root = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = root
-        spec.loader.exec_module(root)
-    return importlib.import_module(f"{PACK}.{module}")
-
+from packimport import PACK, REPO, pack  # noqa: F401
 
 paths = pack("nodes.paths")
 ConfigError = pack("trainer.errors").ConfigError

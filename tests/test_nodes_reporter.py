@@ -1,28 +1,10 @@
 """nodes/reporter.py with fakes for ComfyUI's progress bar, websocket and interrupt flag; nodes/images.py."""
 
-import importlib
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
+from packimport import PACK, REPO, pack  # noqa: F401
 from PIL import Image
-
-REPO = Path(__file__).resolve().parents[1]
-PACK = "flux_lora_trainer_pack"
-
-
-def pack(module: str):
-    """The repository imported as a package, the way ComfyUI imports a custom node (relative imports work)."""
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py",
-                                                      submodule_search_locations=[str(REPO)])
-        root = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = root
-        spec.loader.exec_module(root)
-    return importlib.import_module(f"{PACK}.{module}")
-
 
 reporter_module = pack("nodes.reporter")
 images = pack("nodes.images")

@@ -2,8 +2,6 @@
 extension lists every node, schemas build and add no heavy module of ours, and the light nodes run (NodeOutput,
 UI text, the core's messages as node errors). Skipped, with one line saying why, where ComfyUI is absent."""
 
-import importlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,9 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from packimport import PACK, REPO, pack  # noqa: F401
 
-REPO = Path(__file__).resolve().parents[1]
-PACK = "flux_lora_trainer_pack"
 COMFYUI = Path(os.environ.get("COMFYUI_DIR", REPO / ".comfyui" / "ComfyUI"))
 HAVE_COMFYUI = (COMFYUI / "comfy_api" / "latest" / "__init__.py").is_file()
 pytestmark = pytest.mark.skipif(not HAVE_COMFYUI, reason=f"ComfyUI not found at {COMFYUI} (set COMFYUI_DIR or run "
@@ -24,13 +21,15 @@ NODE_IDS = ["FluxLoraTrainerModels", "FluxLoraTrainerDataset", "FluxLoraTrainerD
 TORCH_FREE = {"", ".nodes", ".nodes.common", ".nodes.paths", ".nodes.translate", ".trainer", ".trainer.config",
               ".trainer.errors", *(f".nodes.{n}" for n in ("models", "dataset", "network", "optimizer", "memory",
                                                             "train", "apply")),
-              *(f".trainer.config.{n}" for n in ("data", "flow", "lora", "names", "optim", "resolve", "train"))}
+              *(f".trainer.config.{n}" for n in ("data", "flow", "lora", "memory_plan", "names", "optim", "resolve",
+                                                  "train"))}
 
 MEASURE = """
 import asyncio, importlib.util, json, sys
 sys.path.append(sys.argv[2])
 root_only = sorted(m for m in ("torch", "comfy_api", "numpy", "PIL") if m in sys.modules)
 import comfy_api.latest
+
 api_loads_torch = "torch" in sys.modules
 before = set(sys.modules)
 spec = importlib.util.spec_from_file_location("pack_under_test", sys.argv[1] + "/__init__.py",
@@ -51,14 +50,6 @@ print(json.dumps({"root": after_root, "ids": ids, "api_loads_torch": api_loads_t
 """
 
 
-def pack(module: str):
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py",
-                                                      submodule_search_locations=[str(REPO)])
-        root = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = root
-        spec.loader.exec_module(root)
-    return importlib.import_module(f"{PACK}.{module}")
 
 
 @pytest.fixture(scope="module")

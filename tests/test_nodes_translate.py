@@ -1,28 +1,15 @@
 """nodes/translate.py: every node's widgets -> the core's config pieces, without ComfyUI. Defaults come from the
 core, bad values give the core's messages, and the train node assembles one TrainConfig."""
 
-import importlib
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from packimport import PACK, REPO, pack  # noqa: F401
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-PACK = "flux_lora_trainer_pack"
 GIB = 2**30
 
 
-def pack(module: str):
-    """The repository imported as a package, the way ComfyUI imports a custom node (relative imports work)."""
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py",
-                                                      submodule_search_locations=[str(REPO)])
-        root = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = root
-        spec.loader.exec_module(root)
-    return importlib.import_module(f"{PACK}.{module}")
 
 
 t = pack("nodes.translate")
