@@ -23,7 +23,7 @@ from .sampling import read_prompts
 
 def check(config: TrainConfig) -> None:
     """Raise a TrainerError naming the first input that cannot work; reads file headers only."""
-    read_flux_params(config.pretrained_model_name_or_path)
+    network = _meta_network(config)  # the transformer's LoRA as this config builds it, without memory
     for slot in ("ae", "clip_l", "t5xxl"):
         check_model_file(getattr(config, slot), slot)
     optimizer = canonical_optimizer(config.optimizer_type)
@@ -41,9 +41,9 @@ def check(config: TrainConfig) -> None:
     if config.network_weights:
         weights, _ = read_lora(config.network_weights)
         if not config.dim_from_weights:
-            _check_lora_fits(config, weights)
+            _check_lora_fits(config, weights, network)
     if config.resume:
-        _check_resume_state(config, optimizer)
+        _check_resume_state(config, optimizer, network)
     datasets = resolve_datasets(config)
     for dataset in datasets:
         for subset in dataset.subsets:
@@ -52,7 +52,18 @@ def check(config: TrainConfig) -> None:
             if subset.metadata_file and not Path(subset.metadata_file).is_file():
                 raise ConfigError(f"metadata_file {subset.metadata_file}: no such file")
     _check_outputs_spare_inputs(config, datasets)
-    _check_writable(config)
+    _check_writable(config, network)
+
+
+def _meta_network(config: TrainConfig):
+    """The LoRA network `config` builds on the transformer, on the meta device (the file's header gives the sizes)."""
+    import torch
+
+    from .lora import LoRANetwork
+    from .models.flux import Flux
+
+    with torch.device("meta"):
+        return LoRANetwork.create(config.network, Flux(read_flux_params(config.pretrained_model_name_or_path)))
 
 
 def _check_optimizer_args(config: TrainConfig, optimizer: str) -> None:
@@ -113,7 +124,7 @@ def _check_outputs_spare_inputs(config: TrainConfig, datasets: list) -> None:
                                   f"training images (image_dir {subset.image_dir}); choose another output_dir")
 
 
-def _check_writable(config: TrainConfig) -> None:
+def _check_writable(config: TrainConfig, network) -> None:
     """The output folder (and the cache folder for disk caches) can be created and written, and has room."""
     folders = [("output_dir", Path(config.output_dir))]
     if config.logging_dir:
@@ -131,7 +142,8 @@ def _check_writable(config: TrainConfig) -> None:
                 pass
         except OSError as e:
             raise ConfigError(f"{option} {folder}: cannot be written ({e.strerror or e})") from None
-    needs = {Path(config.output_dir): ("output_dir", "the LoRA files and training states", _output_bytes(config))}
+    outputs = _output_bytes(config, network)
+    needs = {Path(config.output_dir): ("output_dir", "the LoRA files and training states", outputs)}
     for folder, size in _cache_bytes(config).items():
         option, what, known = needs.get(folder, ("cache_dir" if config.cache_dir else "image_dir", "", 0))
         needs[folder] = (option, (what + " and " if what else "") + "the disk caches", known + size)
@@ -175,16 +187,9 @@ def _cache_bytes(config: TrainConfig) -> dict[Path, int]:
     return out
 
 
-def _output_bytes(config: TrainConfig) -> int:
+def _output_bytes(config: TrainConfig, network) -> int:
     """A generous estimate of what the run writes into output_dir: each LoRA kept, and each state (LoRA in fp32 +
     optimizer moments)."""
-    import torch
-
-    from .lora import LoRANetwork
-    from .models.flux import Flux
-
-    with torch.device("meta"):
-        network = LoRANetwork.create(config.network, Flux(read_flux_params(config.pretrained_model_name_or_path)))
     params = sum(p.numel() for p in network.parameters())
     lora = params * (4 if config.save_precision in (None, "float") else 2)
     kept_loras = 1 + (config.save_last_n_epochs or config.save_last_n_steps or 4 if (
@@ -193,34 +198,20 @@ def _output_bytes(config: TrainConfig) -> int:
     return lora * kept_loras + states
 
 
-def _check_resume_state(config: TrainConfig, optimizer: str) -> None:
+def _check_resume_state(config: TrainConfig, optimizer: str, network) -> None:
     """The whole --resume state from its headers: complete, undamaged, made by this optimizer for the network this
-    config builds (the transformer's layers, on the meta device; with --dim_from_weights the loop checks them)."""
-    expected = None
-    if not (config.network_weights and config.dim_from_weights):
-        import torch
+    config builds (the transformer's layers; with --dim_from_weights the loop checks them)."""
+    from .checkpoint import network_shapes
 
-        from .checkpoint import network_shapes
-        from .lora import LoRANetwork
-        from .models.flux import Flux
-
-        with torch.device("meta"):
-            network = LoRANetwork.create(config.network, Flux(read_flux_params(config.pretrained_model_name_or_path)))
-        expected = network_shapes(network)
+    expected = None if (config.network_weights and config.dim_from_weights) else network_shapes(network)
     check_state_folder(Path(config.resume), expected, optimizer=optimizer, scope="lora_unet_")
 
 
-def _check_lora_fits(config: TrainConfig, weights: dict) -> None:
-    """The transformer layers of --network_weights against the network `config` builds, on the meta device (no
-    memory, no file read beyond the header)."""
+def _check_lora_fits(config: TrainConfig, weights: dict, network) -> None:
+    """The transformer layers of --network_weights against the network `config` builds (on the meta device)."""
     import torch
 
-    from .lora import LoRANetwork
-    from .models.flux import Flux
-
-    params = read_flux_params(config.pretrained_model_name_or_path)
     with torch.device("meta"):
-        network = LoRANetwork.create(config.network, Flux(params))
         try:
             network.load_kohya({k: v if k.endswith("alpha") else v.to("meta") for k, v in weights.items()
                                 if k.startswith("lora_unet_")})
