@@ -31,7 +31,7 @@ NOT_FLAGS = ("network", "flow", "datasets")
 LORA_FLAGS = ("network_dim", "network_alpha", "network_dropout", "network_train_unet_only")
 # flags that are about the command line itself, not a field
 CLI_ONLY = ("network_module", "network_args", "network_train_text_encoder_only", "split_mode", "sample_sampler",
-            "log_prefix", "max_data_loader_n_workers", "check_only", *ACCEPTED_AND_UNUSED, *NOT_FOR_FLUX)
+            "max_data_loader_n_workers", "check_only", *ACCEPTED_AND_UNUSED, *NOT_FOR_FLUX)
 HELP = {
     "pretrained_model_name_or_path": "FLUX.1 transformer (.safetensors)", "clip_l": "CLIP-L text encoder",
     "t5xxl": "T5-XXL text encoder", "ae": "FLUX autoencoder", "clip_l_tokenizer": "folder or Hugging Face id",
@@ -58,7 +58,8 @@ def _resolution(text: str) -> tuple[int, int]:
 
 SPECIAL_TYPES = {"resolution": dict(type=_resolution), "lr_warmup_steps": dict(type=_int_or_float),
                  "lr_decay_steps": dict(type=_int_or_float), "text_encoder_lr": dict(type=float, nargs="*"),
-                 "optimizer_args": dict(nargs="*")}
+                 "optimizer_args": dict(nargs="*"), "lr_scheduler_args": dict(nargs="*"),
+                 "base_weights": dict(nargs="*"), "base_weights_multiplier": dict(type=float, nargs="*")}
 
 
 def _flag_for(field: dataclasses.Field) -> dict:
@@ -96,7 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
     a("--network_train_text_encoder_only", action="store_true", help=argparse.SUPPRESS)
     a("--split_mode", action="store_true", help="deprecated: --blocks_to_swap 18")
     a("--sample_sampler", default="euler")
-    a("--log_prefix")
     a("--max_data_loader_n_workers", type=int)
     a("--check_only", action="store_true", help=HELP["check_only"])
     for name in ACCEPTED_AND_UNUSED:
@@ -131,8 +131,9 @@ def config_from_args(ns: argparse.Namespace, warn=print) -> TrainConfig:
     flow = FlowConfig(**{f.name: given[f.name] for f in dataclasses.fields(FlowConfig) if f.name in given})
     if "text_encoder_lr" in values:
         values["text_encoder_lr"] = tuple(values["text_encoder_lr"]) or None
-    if "optimizer_args" in values:
-        values["optimizer_args"] = tuple(values["optimizer_args"])
+    for name, value in values.items():
+        if isinstance(value, list):
+            values[name] = tuple(value)
     return TrainConfig(network=network, flow=flow, **values)
 
 

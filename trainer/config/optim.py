@@ -33,14 +33,14 @@ def canonical_optimizer(name: str) -> str:
                       "path such as torch.optim.RAdam")
 
 
-def parse_optimizer_args(args: tuple[str, ...] | list[str]) -> dict:
+def parse_optimizer_args(args: tuple[str, ...] | list[str], option: str = "optimizer_args") -> dict:
     """`key=value` strings, values read as Python literals when they are one (`relative_step=False`,
     `betas=(0.9,0.99)`), else kept as text."""
     out = {}
     for arg in args:
         key, sep, raw = (s.strip() for s in arg.partition("="))
         if not sep or not key.isidentifier():
-            raise ConfigError(f"optimizer_args: {arg!r} is not of the form key=value")
+            raise ConfigError(f"{option}: {arg!r} is not of the form key=value")
         try:
             out[key] = ast.literal_eval(raw)
         except (ValueError, SyntaxError):

@@ -19,6 +19,9 @@ from .optim import SCHEDULERS, canonical_optimizer, parse_optimizer_args
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SAVE_PRECISION = ("float", "fp16", "bf16")
 LOG_WITH = ("tensorboard", "wandb", "all")
+RESIZE_INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area")
+DYNAMO_BACKENDS = ("eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi", "fx2trt",
+                   "onnxrt", "tensort", "ipex", "tvm")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,6 +71,37 @@ class TrainConfig:
     cache_text_encoder_outputs_to_disk: bool = False
     cache_dir: str | None = None  # ours: disk caches go here instead of beside the images (the nodes use it)
     text_encoder_batch_size: int | None = None
+    # sd-scripts' dataset options on the command line: the fallback below [general] for every dataset and subset
+    shuffle_caption: bool = False
+    caption_separator: str = ","
+    keep_tokens: int = 0
+    keep_tokens_separator: str = ""
+    secondary_separator: str | None = None
+    enable_wildcard: bool = False
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    color_aug: bool = False
+    flip_aug: bool = False
+    face_crop_aug_range: str | None = None  # "MIN,MAX"
+    random_crop: bool = False
+    resize_interpolation: str | None = None
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0
+    alpha_mask: bool = False
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    reg_data_dir: str | None = None
+    in_json: str | None = None  # fine-tune style captions for --train_data_dir
+    dataset_repeats: int = 1  # repeats of the --in_json dataset
+    cache_info: bool = False
+    masked_loss: bool = False
+    # validation loss: held-out images, fixed timesteps and noise
+    validation_split: float = 0.0
+    validation_seed: int | None = None
+    validate_every_n_steps: int | None = None
+    validate_every_n_epochs: int | None = None
+    max_validation_steps: int | None = None
 
     # optimisation
     learning_rate: float = 2e-6
@@ -81,7 +115,11 @@ class TrainConfig:
     lr_scheduler_num_cycles: int = 1
     lr_scheduler_power: float = 1.0
     lr_scheduler_min_lr_ratio: float | None = None
+    lr_scheduler_type: str = ""  # a scheduler class by dotted path, with lr_scheduler_args
+    lr_scheduler_args: tuple[str, ...] = ()
+    lr_scheduler_timescale: int | None = None  # inverse_sqrt: default the warmup steps
     max_grad_norm: float = 1.0
+    scale_weight_norms: float | None = None
     skip_nonfinite_steps: int = 0  # ours: skip up to this many steps whose loss or gradients are NaN/inf, then stop
     mixed_precision: str = "no"
     full_bf16: bool = False
@@ -90,6 +128,16 @@ class TrainConfig:
     max_train_steps: int = 1600
     max_train_epochs: int | None = None
     seed: int | None = None
+    initial_epoch: int | None = None
+    initial_step: int | None = None
+    skip_until_initial_step: bool = False
+    base_weights: tuple[str, ...] = ()  # LoRA files merged into the transformer before training
+    base_weights_multiplier: tuple[float, ...] = ()
+    torch_compile: bool = False  # each transformer block compiled separately
+    dynamo_backend: str = "inductor"
+    ddp_timeout: int | None = None  # minutes
+    ddp_gradient_as_bucket_view: bool = False
+    ddp_static_graph: bool = False
 
     # output
     output_dir: str = "output"
@@ -102,6 +150,20 @@ class TrainConfig:
     save_last_n_steps: int | None = None
     save_state: bool = False
     save_state_on_train_end: bool = False
+    save_last_n_epochs_state: int | None = None
+    save_last_n_steps_state: int | None = None
+    save_n_epoch_ratio: int | None = None
+    no_metadata: bool = False
+    metadata_author: str | None = None
+    metadata_description: str | None = None
+    metadata_license: str | None = None
+    metadata_tags: str | None = None
+    metadata_usage_hint: str | None = None
+    metadata_thumbnail: str | None = None
+    metadata_merged_from: str | None = None
+    metadata_trigger_phrase: str | None = None
+    metadata_preprocessor: str | None = None
+    metadata_is_negative_embedding: str | None = None
     resume: str | None = None
     training_comment: str | None = None
     metadata_title: str | None = None
@@ -113,6 +175,12 @@ class TrainConfig:
     sample_at_first: bool = False
     logging_dir: str | None = None
     log_with: str | None = None
+    log_prefix: str | None = None
+    log_tracker_name: str | None = None
+    log_tracker_config: str | None = None
+    log_config: bool = False
+    wandb_run_name: str | None = None
+    wandb_api_key: str | None = None
 
     def __post_init__(self):
         _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
@@ -127,10 +195,28 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected a positive whole number, not {getattr(self, name)}")
         for name in ("max_train_epochs", "save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs",
-                     "save_last_n_steps", "sample_every_n_steps", "sample_every_n_epochs", "text_encoder_batch_size"):
+                     "save_last_n_steps", "sample_every_n_steps", "sample_every_n_epochs", "text_encoder_batch_size",
+                     "save_last_n_epochs_state", "save_last_n_steps_state", "save_n_epoch_ratio",
+                     "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps", "initial_epoch",
+                     "initial_step", "ddp_timeout", "lr_scheduler_timescale", "dataset_repeats"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name}: expected a positive whole number, not {value}")
+        for name in ("validation_split", "caption_dropout_rate", "caption_tag_dropout_rate"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name}: expected a number between 0 and 1, not {getattr(self, name)}")
+        if self.validation_split == 1:
+            raise ConfigError("validation_split: 1 would hold out every image; expected a fraction below 1")
+        if self.caption_dropout_every_n_epochs < 0 or self.keep_tokens < 0:
+            raise ConfigError("caption_dropout_every_n_epochs and keep_tokens must not be negative")
+        if self.resize_interpolation is not None:
+            _choice("resize_interpolation", self.resize_interpolation, RESIZE_INTERPOLATIONS)
+        _choice("dynamo_backend", self.dynamo_backend, DYNAMO_BACKENDS)
+        object.__setattr__(self, "base_weights", tuple(self.base_weights))
+        object.__setattr__(self, "base_weights_multiplier", tuple(float(v) for v in self.base_weights_multiplier))
+        if self.base_weights_multiplier and len(self.base_weights_multiplier) != len(self.base_weights):
+            raise ConfigError(f"base_weights_multiplier: {len(self.base_weights_multiplier)} values for "
+                              f"{len(self.base_weights)} base_weights files; give one per file (or none for 1.0)")
         if self.skip_nonfinite_steps < 0:
             raise ConfigError(f"skip_nonfinite_steps: expected a whole number >= 0, not {self.skip_nonfinite_steps}")
         if self.learning_rate < 0 or self.max_grad_norm < 0 or self.lr_warmup_steps < 0:
@@ -174,6 +260,8 @@ class TrainConfig:
             object.__setattr__(self, "datasets", tuple(self.datasets))
             if not all(isinstance(d, DatasetConfig) for d in self.datasets):
                 raise ConfigError("datasets: expected DatasetConfig values")
+        object.__setattr__(self, "lr_scheduler_args", tuple(self.lr_scheduler_args))
+        parse_optimizer_args(self.lr_scheduler_args, "lr_scheduler_args")
         self._check_optimizer()
         if self.output_name is not None:
             check_file_name(self.output_name, "output_name")
