@@ -284,7 +284,7 @@ def test_train_data_dir_in_dreambooth_convention(tmp_path, ws, tokenizer_dirs):
     i = args.index("--dataset_config")
     c = config_from_args(build_parser().parse_args(args[:i] + args[i + 2:] + [
         "--train_data_dir", str(tmp_path / "data"), "--resolution", "64,64", "--train_batch_size", "3",
-        "--enable_bucket"]), warn=lambda text: None)
+        "--enable_bucket", "--min_bucket_reso", "64"]), warn=lambda text: None)
     (dataset,) = dataset_configs(c, World(rank=0, size=2))
     assert [(s.num_repeats, s.class_tokens) for s in dataset.subsets] == [(10, "sks dog"), (1, "dog")]
     assert dataset.resolution == (64, 64) and dataset.enable_bucket and dataset.batch_size == 6  # 3 per process x 2

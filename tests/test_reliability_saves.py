@@ -189,8 +189,10 @@ def test_atomic_path_removes_its_temporary_when_the_writer_fails(tmp_path):
 
 @pytest.mark.parametrize("name", ["my[lora]", "a*b", "what?", "plain"])
 def test_save_last_n_steps_matches_the_output_name_literally(tmp_path, name):
-    session = SimpleNamespace(config=SimpleNamespace(output_dir=str(tmp_path), name=name, save_last_n_steps=4),
-                              world=SimpleNamespace(is_main=True))
+    session = SimpleNamespace(config=SimpleNamespace(output_dir=str(tmp_path), name=name, save_last_n_steps=4,
+                                                     save_last_n_steps_state=None, save_every_n_epochs=None,
+                                                     save_n_epoch_ratio=None),
+                              world=SimpleNamespace(is_main=True), epochs=1)
     writer = LoRAWriter(session)
     writer._save = lambda path, step, epoch, reporter: path.write_bytes(b"lora")
     unrelated = [tmp_path / f"{name}-step00000002-copy.safetensors", tmp_path / f"{name}x-step00000002.safetensors",
@@ -202,6 +204,7 @@ def test_save_last_n_steps_matches_the_output_name_literally(tmp_path, name):
         writer.state_folder_for_step(step).mkdir()
         writer.rotate_states_for_step(step)
     assert sorted(p.name for p in tmp_path.iterdir() if p not in unrelated) == [
+        f"{name}-step00000004-state", f"{name}-step00000004.safetensors",
         f"{name}-step00000006-state", f"{name}-step00000006.safetensors",
         f"{name}-step00000008-state", f"{name}-step00000008.safetensors"]
     assert all(p.exists() for p in unrelated)

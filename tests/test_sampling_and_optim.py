@@ -12,11 +12,12 @@ from trainer.sampling import PromptFileError, SamplePrompt, generate, parse_prom
 
 
 def test_prompt_line_flags():
-    p = parse_prompt_line("a cat -- sitting --w 768 --h 512 --d 42 --s 28 --g 3.0 --l 4.0 --n blurry, ugly", 3)
-    assert p == SamplePrompt("a cat -- sitting", "blurry, ugly", 768, 512, 28, 3.0, 4.0, 42, 3)
+    p = parse_prompt_line("a cat, sitting --w 768 --h 512 --d 42 --s 28 --g 3.0 --l 4.0 --n blurry, ugly", 3)
+    assert p == SamplePrompt("a cat, sitting", "blurry, ugly", 768, 512, 28, 3.0, 4.0, 42, 3)
+    assert p.warning is None
     assert parse_prompt_line("plain") == SamplePrompt("plain")
-    with pytest.raises(PromptFileError, match="--w 'big'"):
-        parse_prompt_line("x --w big")
+    bad = parse_prompt_line("x --w big")  # sd-scripts ignores a value its pattern does not match; we say so
+    assert bad == SamplePrompt("x") and "--w big" in bad.warning
 
 
 def test_prompt_files_txt_toml_json(tmp_path):
@@ -31,7 +32,9 @@ def test_prompt_files_txt_toml_json(tmp_path):
     (tmp_path / "p.json").write_text(json.dumps([{"prompt": "j", "height": 128}]))
     assert read_prompts(tmp_path / "p.json")[0].height == 128
     (tmp_path / "bad.json").write_text(json.dumps([{"prompt": "j", "hieght": 128}]))
-    with pytest.raises(PromptFileError, match="hieght"):
+    assert "hieght" in read_prompts(tmp_path / "bad.json")[0].warning  # sd-scripts ignores unknown keys; we warn
+    (tmp_path / "bad.json").write_text(json.dumps([{"prompt": "j", "height": "128"}]))
+    with pytest.raises(PromptFileError, match="height '128'"):
         read_prompts(tmp_path / "bad.json")
     (tmp_path / "p.yaml").write_text("prompt: x")
     with pytest.raises(PromptFileError, match="expected a .txt"):

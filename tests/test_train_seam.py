@@ -201,8 +201,8 @@ def test_bad_inputs_fail_in_a_second_before_any_model_loads(ws, tokenizer_dirs, 
     loaded = []
     for name in ("load_autoencoder", "load_clip_l", "load_t5xxl", "load_flux"):
         monkeypatch.setattr(session_module, name, lambda *a, _n=name, **k: loaded.append(_n))
-    bad = tmp_path / "prompts.txt"
-    bad.write_text("a prompt --w notanumber\n")
-    with pytest.raises(PromptFileError, match=f"{bad}: prompt 1: --w 'notanumber'"):
+    bad = tmp_path / "prompts.json"  # (a bad flag value in a .txt line is a warning, as sd-scripts ignores it)
+    bad.write_text('[{"prompt": "a prompt", "width": "notanumber"}]')
+    with pytest.raises(PromptFileError, match=f"{bad}: prompt 1: width 'notanumber' is not a whole number"):
         train(config(ws, tokenizer_dirs, tmp_path, sample_prompts=str(bad)), SilentReporter())
     assert not loaded

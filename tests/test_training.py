@@ -70,11 +70,14 @@ def test_save_every_n_steps_and_epochs_with_rotation(ws, tokenizer_dirs, tmp_pat
                  save_every_n_epochs=1, save_last_n_epochs=1, save_state=True), SilentReporter())
     names = sorted(p.name for p in tmp_path.iterdir())
     assert "test_lora.safetensors" in names
+    # sd-scripts keeps the saves of the last 4 steps counting the one 4 steps back, and saves at the last step too
     assert [n for n in names if n.startswith("test_lora-step") and n.endswith(".safetensors")] == [
-        "test_lora-step00000008.safetensors", "test_lora-step00000010.safetensors"]
+        "test_lora-step00000008.safetensors", "test_lora-step00000010.safetensors",
+        "test_lora-step00000012.safetensors"]
     assert [n for n in names if n.startswith("test_lora-0000") and n.endswith(".safetensors")] == [
         "test_lora-000002.safetensors"]
     assert "test_lora-000002-state" in names and "test_lora-step00000010-state" in names
+    assert "test_lora-step00000006-state" not in names and "test_lora-state" in names  # --save_state: final too
     assert (tmp_path / "test_lora_metrics.jsonl").read_text().count("\n") == 12
 
 

@@ -15,34 +15,56 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
+from .cli_options import CHOICES, NO_EFFECT, NO_EFFECT_DEFAULTS, OURS_TITLE, REFUSED, SD_SCRIPTS_GROUPS
 from .config import FlowConfig, LoRAConfig, TrainConfig
-from .errors import Stopped, TrainerError
+from .config.train import DYNAMO_BACKENDS, RESIZE_INTERPOLATIONS
+from .errors import ConfigError, Stopped, TrainerError
 from .events import Finished, Message, Phase, Samples, Saved, StepEnd
 
-NOT_FOR_FLUX = {"v2": "FLUX has no v2 variant", "v_parameterization": "FLUX predicts velocity by construction",
-                "clip_skip": "FLUX uses CLIP-L's pooled output only",
-                "max_token_length": "use --t5xxl_max_token_length"}
-ACCEPTED_AND_UNUSED = ("persistent_data_loader_workers", "highvram", "lowvram", "lowram", "xformers", "mem_eff_attn",
-                       "sdpa", "disable_mmap_load_safetensors", "mem_eff_save", "skip_cache_check")
 # TrainConfig fields that are not flags: nested option groups, and values only the library interface takes
 NOT_FLAGS = ("network", "flow", "datasets")
 # LoRAConfig fields with a flag of their own; the rest go through --network_args key=value
 LORA_FLAGS = ("network_dim", "network_alpha", "network_dropout", "network_train_unet_only")
-# flags that are about the command line itself, not a field
-CLI_ONLY = ("network_module", "network_args", "network_train_text_encoder_only", "split_mode", "sample_sampler",
-            "max_data_loader_n_workers", "check_only", *ACCEPTED_AND_UNUSED, *NOT_FOR_FLUX)
+# flags that act on the command line itself (read here, not a config field)
+ACTING = {
+    "console_log_level": dict(choices=CHOICES["console_log_level"], help="level of the library's log lines"),
+    "console_log_file": dict(help="also write the log to this file"),
+    "console_log_simple": dict(action="store_true", help="log lines without time and source"),
+    "tokenizer_cache_dir": dict(help="a folder holding the tokenizers as sd-scripts caches them "
+                                     "(openai_clip-vit-large-patch14, google_t5-v1_1-xxl)"),
+    "caption_extention": dict(help="old spelling of --caption_extension"),
+    "debug_dataset": dict(action="store_true", help="print the datasets' pre-flight report and stop"),
+    "config_file": dict(help="a TOML file of options (the kohya_ss GUI's); the command line overrides it"),
+    "output_config": dict(action="store_true", help="write the options given to --config_file and stop"),
+    "use_8bit_adam": dict(action="store_true", help="old form of --optimizer_type AdamW8bit"),
+    "use_lion_optimizer": dict(action="store_true", help="old form of --optimizer_type Lion"),
+    "network_module": dict(default="networks.lora_flux", help="networks.lora_flux (the only one)"),
+    "network_args": dict(nargs="*", default=[], help="LoRA options as key=value (img_attn_dim=8, split_qkv=True ...)"),
+    "sample_sampler": dict(default="euler", help="previews always use the Euler flow-matching sampler"),
+    "split_mode": dict(action="store_true", help="deprecated: --blocks_to_swap 18"),
+    "sdpa": dict(action="store_true", help="always on here: attention is PyTorch's scaled_dot_product_attention"),
+    "model_type": dict(choices=CHOICES["model_type"], help="flux (chroma is not supported)"),
+    "check_only": dict(action="store_true", help="read the datasets and check every input, print the pre-flight "
+                                                 "report, and stop before loading any model"),
+}
+# flags that are not a field: acting on the command line, doing nothing here (with a warning), or refused
+CLI_ONLY = (*ACTING, *NO_EFFECT, *REFUSED)
 HELP = {
     "pretrained_model_name_or_path": "FLUX.1 transformer (.safetensors)", "clip_l": "CLIP-L text encoder",
     "t5xxl": "T5-XXL text encoder", "ae": "FLUX autoencoder", "clip_l_tokenizer": "folder or Hugging Face id",
     "t5xxl_tokenizer": "folder or Hugging Face id", "device": "cuda, cuda:1, cpu ... (default: cuda if available)",
     "cache_dir": "write disk caches here instead of beside the images",
-    "blocks_to_swap": "(not on a GPU yet)", "check_only": "read the datasets and check every input, print the "
-    "pre-flight report, and stop before loading any model",
 }
+_KINDS = {"flag": dict(action="store_true"), "str": dict(type=str), "int": dict(type=int),
+          "float": dict(type=float), "str*": dict(nargs="*"), "float*": dict(type=float, nargs="*")}
 
 
 def _int_or_float(text: str):
+    """sd-scripts' int_or_float: 100 steps, 0.1 of the total, or 10% of the total."""
+    if text.endswith("%"):
+        return float(text[:-1]) / 100
     value = float(text)
     return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
 
@@ -59,7 +81,9 @@ def _resolution(text: str) -> tuple[int, int]:
 SPECIAL_TYPES = {"resolution": dict(type=_resolution), "lr_warmup_steps": dict(type=_int_or_float),
                  "lr_decay_steps": dict(type=_int_or_float), "text_encoder_lr": dict(type=float, nargs="*"),
                  "optimizer_args": dict(nargs="*"), "lr_scheduler_args": dict(nargs="*"),
-                 "base_weights": dict(nargs="*"), "base_weights_multiplier": dict(type=float, nargs="*")}
+                 "base_weights": dict(nargs="*"), "base_weights_multiplier": dict(type=float, nargs="*"),
+                 "dynamo_backend": dict(type=str, choices=DYNAMO_BACKENDS),
+                 "resize_interpolation": dict(type=str, choices=RESIZE_INTERPOLATIONS)}
 
 
 def _flag_for(field: dataclasses.Field) -> dict:
@@ -83,42 +107,131 @@ def option_fields() -> list[dataclasses.Field]:
     return train + list(dataclasses.fields(FlowConfig)) + lora
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flux-train-network", description="Train a FLUX.1 LoRA (sd-scripts' options).",
-                                argument_default=argparse.SUPPRESS)
-    for field in option_fields():
+def _add(group, name: str, fields: dict[str, dataclasses.Field]) -> None:
+    if name in fields:
+        field = fields[name]
         required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
         default = "" if required else f" (default: {field.default})"
-        p.add_argument(f"--{field.name}", required=required, help=HELP.get(field.name, "") + default,
-                       **_flag_for(field))
-    a = p.add_argument
-    a("--network_module", default="networks.lora_flux")
-    a("--network_args", nargs="*", default=[], help="LoRA options as key=value (img_attn_dim=8, split_qkv=True ...)")
-    a("--network_train_text_encoder_only", action="store_true", help=argparse.SUPPRESS)
-    a("--split_mode", action="store_true", help="deprecated: --blocks_to_swap 18")
-    a("--sample_sampler", default="euler")
-    a("--max_data_loader_n_workers", type=int)
-    a("--check_only", action="store_true", help=HELP["check_only"])
-    for name in ACCEPTED_AND_UNUSED:
-        a(f"--{name}", action="store_true", help=argparse.SUPPRESS)
-    a("--v2", action="store_true", help=argparse.SUPPRESS)
-    a("--v_parameterization", action="store_true", help=argparse.SUPPRESS)
-    a("--clip_skip", type=int, help=argparse.SUPPRESS)
-    a("--max_token_length", type=int, help=argparse.SUPPRESS)
+        group.add_argument(f"--{name}", required=required, help=HELP.get(name, "") + default, **_flag_for(field))
+    elif name in ACTING:
+        group.add_argument(f"--{name}", **ACTING[name])
+    elif name in NO_EFFECT:
+        kind, why = NO_EFFECT[name]
+        choices = {"choices": CHOICES[name]} if name in CHOICES else {}
+        group.add_argument(f"--{name}", help=f"[accepted, no effect: {why}]", **choices, **_KINDS[kind])
+    elif name in REFUSED:
+        kind, why = REFUSED[name]
+        group.add_argument(f"--{name}", help=f"[refused: {why}]", **_KINDS[kind])
+    else:
+        raise TypeError(f"--{name}: neither a config field nor a command-line option")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """sd-scripts' options in its groups and order, then ours; every field of the config is a flag."""
+    p = argparse.ArgumentParser(prog="flux-train-network", description="Train a FLUX.1 LoRA (sd-scripts' options).",
+                                argument_default=argparse.SUPPRESS)
+    fields = {f.name: f for f in option_fields()}
+    placed: set[str] = set()
+    for title, names in SD_SCRIPTS_GROUPS:
+        group = p.add_argument_group(f"sd-scripts: {title}")
+        for name in names:
+            _add(group, name, fields)
+        placed.update(names)
+    ours = p.add_argument_group(OURS_TITLE)
+    for name in [*fields, *ACTING, *NO_EFFECT, *REFUSED]:
+        if name not in placed:
+            _add(ours, name, fields)
+            placed.add(name)
     return p
 
 
+def read_config_file(path: str, parser: argparse.ArgumentParser, warn=print) -> list[str]:
+    """sd-scripts' --config_file: a TOML of options, its tables flattened (a key in any table is the option of that
+    name), turned into command-line words so that each value is converted and checked like a typed one. The
+    command line's own words come after these, so they win. Unknown keys are reported and skipped."""
+    from .tomlio import TOMLError, loads
+
+    file = Path(path if Path(path).suffix else f"{path}.toml")
+    try:
+        data = loads(file.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"config_file: cannot read {file}: {e.strerror or e}") from None
+    except TOMLError as e:
+        raise ConfigError(f"config_file: {file} is not valid TOML: {e}") from None
+    flat: dict = {}
+    for key, value in data.items():
+        flat.update(value if isinstance(value, dict) else {key: value})
+    known = {a.dest: a for a in parser._actions}
+    words, unknown = [], []
+    for key, value in flat.items():
+        action = known.get(key)
+        if action is None or key in ("config_file", "output_config"):
+            unknown.append(key)
+        elif isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                raise ConfigError(f"config_file {file}: '{key}' = {value!r}: expected true or false")
+            words += [f"--{key}"] if value else []
+        elif value is None or (value == "" and action.type is not None and action.type is not str):
+            continue  # an empty GUI field: the option is not given
+        elif isinstance(value, list):
+            words += [f"--{key}", *(str(v) for v in value)]
+        else:
+            words += [f"--{key}={value}"]
+    if unknown:
+        warn(f"config_file {file}: not options here, ignored: {', '.join(unknown)}")
+    return words
+
+
+def write_config_file(path: str, ns: argparse.Namespace) -> Path:
+    """sd-scripts' --output_config: the options given, as a TOML that --config_file reads back."""
+    from .atomic import write_bytes
+    from .tomlio import dumps_flat
+
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(vars(ns).items())
+              if k not in ("config_file", "output_config") and v is not None}
+    if "resolution" in values:
+        values["resolution"] = ",".join(str(v) for v in values["resolution"])
+    file = Path(path if Path(path).suffix else f"{path}.toml")
+    write_bytes(file, dumps_flat(values).encode("utf-8"))
+    return file
+
+
+def parse_command_line(argv: list[str] | None, warn=print) -> argparse.Namespace:
+    """Parse, reading --config_file first when given (its values under the command line's)."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--config_file")
+    first.add_argument("--output_config", action="store_true")
+    known, _ = first.parse_known_args(argv)
+    if known.config_file and not known.output_config:
+        return parser.parse_args(read_config_file(known.config_file, parser, warn) + argv)
+    return parser.parse_args(argv)
+
+
+def _requested(name: str, value) -> bool:
+    return value not in (None, False, 0, "", []) and value != NO_EFFECT_DEFAULTS.get(name)
+
+
 def config_from_args(ns: argparse.Namespace, warn=print) -> TrainConfig:
-    given = vars(ns)
-    for option, why in NOT_FOR_FLUX.items():
-        if given.get(option) not in (None, False):
-            warn(f"--{option} does not apply to FLUX ({why}); ignored")
+    given = dict(vars(ns))
+    for name, (_, why) in NO_EFFECT.items():
+        if _requested(name, given.get(name)):
+            warn(f"--{name} has no effect here: {why}")
+    for name, (_, why) in REFUSED.items():
+        if _requested(name, given.get(name)):
+            raise ConfigError(f"--{name} is not supported: {why}")
+    if given.get("model_type", "flux") != "flux":
+        raise ConfigError(f"model_type {given['model_type']!r} is not supported: this trainer trains FLUX.1 (dev or "
+                          "schnell) LoRAs")
     if given.get("network_module", "networks.lora_flux") != "networks.lora_flux":
-        raise TrainerError(f"network_module: only networks.lora_flux is supported, not {given['network_module']!r}")
+        raise ConfigError(f"network_module: only networks.lora_flux is supported, not {given['network_module']!r}")
     if given.get("sample_sampler", "euler").lower() not in ("euler", "k_euler"):
         warn(f"--sample_sampler {given['sample_sampler']}: previews use the Euler flow-matching sampler")
-    if given.get("network_train_text_encoder_only"):
-        raise TrainerError("network_train_text_encoder_only is not supported: FLUX LoRAs train the transformer")
+    if given.get("caption_extention") is not None:
+        given["caption_extension"] = given["caption_extention"]  # sd-scripts: the old spelling wins
+    _old_optimizer_flags(given)
+    _tokenizer_cache(given, warn)
     values = {f.name: given[f.name] for f in dataclasses.fields(TrainConfig) if f.name in given}
     if given.get("split_mode"):
         if "blocks_to_swap" not in values:
@@ -127,7 +240,7 @@ def config_from_args(ns: argparse.Namespace, warn=print) -> TrainConfig:
         else:
             warn("--split_mode is deprecated and ignored because --blocks_to_swap is given")
     lora = {name: given[name] for name in LORA_FLAGS if name in given}
-    network = LoRAConfig.from_network_args(given.get("network_args", []), **lora)
+    network = LoRAConfig.from_network_args(given.get("network_args", []), unknown_key=warn, **lora)
     flow = FlowConfig(**{f.name: given[f.name] for f in dataclasses.fields(FlowConfig) if f.name in given})
     if "text_encoder_lr" in values:
         values["text_encoder_lr"] = tuple(values["text_encoder_lr"]) or None
@@ -135,6 +248,34 @@ def config_from_args(ns: argparse.Namespace, warn=print) -> TrainConfig:
         if isinstance(value, list):
             values[name] = tuple(value)
     return TrainConfig(network=network, flow=flow, **values)
+
+
+def _old_optimizer_flags(given: dict) -> None:
+    """--use_8bit_adam / --use_lion_optimizer: sd-scripts' older spellings, used when --optimizer_type is not set."""
+    old = [name for name in ("use_8bit_adam", "use_lion_optimizer") if given.get(name)]
+    if len(old) > 1:
+        raise ConfigError("use_8bit_adam and use_lion_optimizer cannot be used together")
+    if old and given.get("optimizer_type"):
+        raise ConfigError(f"--{old[0]} and --optimizer_type both choose the optimizer: give only --optimizer_type")
+    if old:
+        given["optimizer_type"] = "AdamW8bit" if old[0] == "use_8bit_adam" else "Lion"
+
+
+def _tokenizer_cache(given: dict, warn) -> None:
+    """--tokenizer_cache_dir: sd-scripts keeps each tokenizer in <dir>/<hub id with / as _>; use those folders."""
+    folder = given.get("tokenizer_cache_dir")
+    if not folder:
+        return
+    for option, hub_id in (("clip_l_tokenizer", "openai/clip-vit-large-patch14"),
+                           ("t5xxl_tokenizer", "google/t5-v1_1-xxl")):
+        cached = Path(folder) / hub_id.replace("/", "_")
+        if given.get(option):
+            continue
+        if cached.is_dir():
+            given[option] = str(cached)
+        else:
+            warn(f"--tokenizer_cache_dir: {cached} does not exist; the tokenizer is read from {option} or "
+                 "$FLUX_TRAINER_TOKENIZERS (nothing is downloaded into the cache here)")
 
 
 class ConsoleReporter:
@@ -203,13 +344,33 @@ class ConsoleReporter:
             self._write(f"training {state} after {event.steps} steps; LoRA: {event.lora}")
 
 
+def _configure_logging(ns: argparse.Namespace) -> None:
+    """sd-scripts' --console_log_level / --console_log_file / --console_log_simple, for the library's log lines."""
+    level = getattr(logging, getattr(ns, "console_log_level", None) or "WARNING")
+    simple = getattr(ns, "console_log_simple", False)
+    layout = "%(message)s" if simple else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if getattr(ns, "console_log_file", None):
+        handlers.append(logging.FileHandler(ns.console_log_file, encoding="utf-8"))
+    logging.basicConfig(level=level, format=layout, handlers=handlers, force=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    ns = build_parser().parse_args(argv)
     reporter = ConsoleReporter(quiet=os.environ.get("RANK", "0") != "0")  # one console voice under torchrun
+
+    def warn(text: str) -> None:
+        reporter.emit(Message(text, "warning"))
+
     try:
-        config = config_from_args(ns, warn=lambda text: reporter.emit(Message(text, "warning")))
-        if getattr(ns, "check_only", False):
+        ns = parse_command_line(argv, warn)
+        _configure_logging(ns)
+        if getattr(ns, "output_config", False):
+            if not getattr(ns, "config_file", None):
+                raise ConfigError("--output_config writes the options to --config_file: give its path")
+            print(f"options written to {write_config_file(ns.config_file, ns)}")
+            return 0
+        config = config_from_args(ns, warn=warn)
+        if getattr(ns, "check_only", False) or getattr(ns, "debug_dataset", False):
             from .preflight import check, preflight_report
 
             check(config)

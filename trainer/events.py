@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Union
+from typing import NamedTuple, Protocol, Union
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,15 @@ class Phase:
     total: int = 0
 
 
+class GroupLR(NamedTuple):
+    """One optimizer group's learning rate after a step: `name` as `LoRANetwork.param_groups` names the group
+    ("lora_unet", "lora_te1 plus", "lora_unet reg_lr_0" ...), `lr` the scheduler's last lr for it, `d` the group's
+    "d" (D-Adaptation, Prodigy), else None."""
+    name: str
+    lr: float
+    d: float | None = None
+
+
 @dataclass(frozen=True)
 class StepEnd:
     step: int
@@ -30,6 +39,31 @@ class StepEnd:
     average_loss: float
     lr: float
     seconds: float  # since training began
+    groups: tuple[GroupLR, ...] = ()  # every optimizer group's lr (the trackers' lr/... tags); () = `lr` alone
+    # --scale_weight_norms: keys scaled, mean and maximum key norm (the trackers' max_norm/... and norm/... tags)
+    keys_scaled: int | None = None
+    mean_norm: float | None = None
+    max_norm: float | None = None
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    """After an epoch (1-based `epoch`; also the last, partial one): the average loss of the last epoch's steps."""
+    epoch: int
+    step: int
+    average_loss: float
+
+
+@dataclass(frozen=True)
+class ValidationEnd:
+    """A validation pass after optimizer step `step` (per_epoch False) or at the end of epoch `epoch` (True):
+    `average_loss` over the held-out batches; `divergence` = validation minus training average (None: the metrics
+    log takes the last StepEnd's average_loss)."""
+    step: int
+    epoch: int
+    average_loss: float
+    per_epoch: bool = False
+    divergence: float | None = None
 
 
 @dataclass(frozen=True)
@@ -37,6 +71,8 @@ class Samples:
     step: int
     paths: tuple[Path, ...]
     images: tuple = field(default=(), compare=False)  # PIL images, for previews in a UI
+    prompts: tuple[str, ...] = ()  # each image's prompt (the wandb caption), when known
+    indices: tuple[int, ...] = ()  # each image's prompt number in the file (0-based; wandb's sample_{i})
 
 
 @dataclass(frozen=True)
@@ -59,7 +95,7 @@ class Finished:
     metadata: dict | None = field(default=None, compare=False, repr=False)
 
 
-Event = Union[Message, Phase, StepEnd, Samples, Saved, Finished]
+Event = Union[Message, Phase, StepEnd, EpochEnd, ValidationEnd, Samples, Saved, Finished]
 
 
 class Reporter(Protocol):

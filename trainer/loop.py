@@ -32,8 +32,10 @@ from .checkpoint import (
 from .config import TrainConfig, canonical_optimizer
 from .distributed import init_world, pick_device
 from .errors import NonFiniteError, Stopped
-from .events import Finished, Message, Reporter, Samples, Saved, StepEnd
-from .metrics import Fanout, MetricsLog
+from .events import EpochEnd, Finished, GroupLR, Message, Reporter, Samples, Saved, StepEnd
+from .lora.max_norm import MaxNormResult, scale_weight_norms
+from .metrics import Fanout, MetricsLog, check_trackers
+from .optim import optimizer_eval_mode, optimizer_train_mode
 from .preflight import check
 from .sampling import generate, sample_filename, with_seed
 from .saving import SAVE_DTYPES, LoRAWriter
@@ -47,6 +49,7 @@ def train(config: TrainConfig, reporter: Reporter) -> Finished:
     for note in config.advice():
         reporter.emit(Message(note, "warning"))
     check(config)  # cheap file reads: bad input fails here, before any model loads
+    check_trackers(config)
     device = pick_device(config.device)
     python_rng = random.getstate()
     cuda_devices = [device.index or 0] if device.type == "cuda" else []
@@ -55,8 +58,7 @@ def train(config: TrainConfig, reporter: Reporter) -> Finished:
         with torch.random.fork_rng(devices=cuda_devices), torch.inference_mode(False), torch.enable_grad():
             world = init_world(device)
             if world.is_main:
-                metrics = MetricsLog(Path(config.logging_dir or config.output_dir), config.name, config.log_with,
-                                     reporter.emit)
+                metrics = MetricsLog.from_config(config, reporter.emit)
                 # a resumed run trains (and logs) again the steps after its state's; a run that starts over, all
                 metrics.truncate_after(state_position(Path(config.resume)).global_step if config.resume else 0)
             events = Fanout(reporter, metrics)
@@ -78,6 +80,24 @@ def train(config: TrainConfig, reporter: Reporter) -> Finished:
             torch.cuda.empty_cache()
 
 
+def previews_due(config: TrainConfig, step: int | None = None, epoch: int | None = None) -> bool:
+    """sd-scripts' rule: with --sample_every_n_epochs previews come at the end of those epochs only (the step
+    cadence is then ignored); else every --sample_every_n_steps steps; never without either."""
+    if config.sample_every_n_epochs:
+        return epoch is not None and epoch % config.sample_every_n_epochs == 0
+    if config.sample_every_n_steps:
+        return epoch is None and step is not None and step % config.sample_every_n_steps == 0
+    return False
+
+
+class Fp16GradScaler(torch.amp.GradScaler):
+    """--full_fp16: the LoRA weights themselves are fp16, so their gradients are too; the stock scaler refuses to
+    unscale fp16 gradients, sd-scripts' patch lets it (allow_fp16), and so does this."""
+
+    def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):
+        return super()._unscale_grads_(optimizer, inv_scale, found_inf, True)
+
+
 class Loop:
     def __init__(self, session: Session, reporter: Reporter):
         self.session = session
@@ -93,13 +113,16 @@ class Loop:
             ids = [session.device.index] if session.device.type == "cuda" else None
             self.ddp_step = torch.nn.parallel.DistributedDataParallel(  # module_dropout may skip a LoRA for a step
                 self.step_module, device_ids=ids, find_unused_parameters=bool(self.config.network.module_dropout))
-        self.scaler = torch.amp.GradScaler(session.device.type) if self.config.mixed_precision == "fp16" else None
+        self.scaler = None
+        if self.config.mixed_precision == "fp16":
+            self.scaler = (Fp16GradScaler if self.config.full_fp16 else torch.amp.GradScaler)(session.device.type)
         self.writer = LoRAWriter(session)
         self.losses: list[float] = []
         self.position = Position(global_step=0, epoch=0, next_batch=0)
         self.started = time.perf_counter()
         self.last_sampled: int | None = None
         self.nonfinite_steps = 0
+        self.max_norm: MaxNormResult | None = None
 
     # ------------------------------------------------------------------------------------------ state
 
@@ -151,11 +174,13 @@ class Loop:
             f"training {len(s.network.loras)} LoRA layers for {s.total_steps} steps ({s.epochs} epochs of "
             f"{s.steps_per_epoch}), {len(s.datasets)} batches per epoch, device {s.device}"))
         if cfg.sample_at_first and self.position.global_step == 0:
-            self._sample(step=0)
+            with self._optimizer_evaluating():
+                self._sample(step=0)
         if self.reporter.should_stop():
             raise Stopped("stopped before the first training step: nothing was trained or saved")
         s.flux.train()
         s.network.train()
+        optimizer_train_mode(s.optimizer)
         stopped = False
         for epoch in range(self.position.epoch, s.epochs):
             s.datasets.set_epoch(epoch)
@@ -165,6 +190,8 @@ class Loop:
                 self.position.epoch, self.position.next_batch = epoch + 1, 0
                 done = self.position.global_step >= s.total_steps or epoch + 1 == s.epochs
                 self._end_of_epoch(epoch + 1, final=done, stopped=stopped)
+            elif not stopped and self.position.global_step >= s.total_steps:
+                self._end_of_epoch(epoch + 1, final=True, stopped=False)  # sd-scripts ends a cut epoch the same way
             if stopped or self.position.global_step >= s.total_steps:
                 break
         return self._finish(stopped)
@@ -257,47 +284,79 @@ class Loop:
             s.optimizer.step()
         s.scheduler.step()
         s.optimizer.zero_grad(set_to_none=True)
+        if cfg.scale_weight_norms:
+            self.max_norm = scale_weight_norms(s.network, cfg.scale_weight_norms)
+
+    def _average_loss(self) -> float:
+        """sd-scripts' average: over the steps of the last epoch's length (all steps so far in the first epoch)."""
+        window = self.losses[-self.session.steps_per_epoch:]
+        return sum(window) / len(window) if window else float("nan")
 
     def _report_step(self, loss: float, epoch: int) -> None:
         s, step = self.session, self.position.global_step
         self.losses.append(loss)
-        window = self.losses[-50:]
         lr = s.optimizer.param_groups[0].get("lr") or 0.0
-        self.reporter.emit(StepEnd(step, s.total_steps, epoch + 1, loss, sum(window) / len(window), float(lr),
-                                   time.perf_counter() - self.started))
+        groups = tuple(GroupLR(g.get("name", ""), float(g.get("lr") or 0.0), g.get("d"))
+                       for g in s.optimizer.param_groups)
+        norms = self.max_norm
+        self.reporter.emit(StepEnd(step, s.total_steps, epoch + 1, loss, self._average_loss(), float(lr),
+                                   time.perf_counter() - self.started, groups=groups,
+                                   keys_scaled=norms.keys_scaled if norms else None,
+                                   mean_norm=norms.average_norm if norms else None,
+                                   max_norm=norms.max_norm if norms else None))
+
+    @contextlib.contextmanager
+    def _optimizer_evaluating(self):
+        """Schedule-free optimizers hold the weights at their training point between steps: previews, validation
+        and saves see the evaluation point, and training goes on from the training point (no-ops for the rest)."""
+        optimizer_eval_mode(self.session.optimizer)
+        try:
+            yield
+        finally:
+            optimizer_train_mode(self.session.optimizer)
 
     def _step_cadence(self, epoch: int) -> None:
+        with self._optimizer_evaluating():
+            self._step_saves_and_previews(epoch)
+
+    def _step_saves_and_previews(self, epoch: int) -> None:
         """Saves and previews every N steps."""
-        cfg, s, step = self.config, self.session, self.position.global_step
-        if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < s.total_steps:
+        cfg, step = self.config, self.position.global_step
+        if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0:  # the last step too, as sd-scripts
             self.writer.save_step(step, epoch + 1, self.reporter)
             if cfg.save_state:
                 self.save_state(self.writer.state_folder_for_step(step))
                 self.writer.rotate_states_for_step(step)
-        if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:
+        if previews_due(cfg, step=step):
             self._sample(step=step)
 
     def _end_of_epoch(self, number: int, final: bool, stopped: bool) -> None:
         """After epoch `number` (1-based); the position already points at the next epoch's first batch."""
-        cfg = self.config
+        cfg, every = self.config, self.writer.every_n_epochs
         if stopped:
             return
-        if cfg.save_every_n_epochs and number % cfg.save_every_n_epochs == 0 and not final:
+        if self.losses:
+            self.reporter.emit(EpochEnd(number, self.position.global_step, self._average_loss()))
+        with self._optimizer_evaluating():
+            self._epoch_saves_and_previews(number, final, cfg, every)
+
+    def _epoch_saves_and_previews(self, number: int, final: bool, cfg: TrainConfig, every: int | None) -> None:
+        if every and number % every == 0 and not final:
             self.writer.save_epoch(number, self.position.global_step, self.reporter)
             if cfg.save_state:
                 self.save_state(self.writer.state_folder_for_epoch(number))
                 self.writer.rotate_states_for_epoch(number)
-        if cfg.sample_every_n_epochs and number % cfg.sample_every_n_epochs == 0:
+        if previews_due(cfg, epoch=number):
             self._sample(epoch=number)
 
     def _saves_final_state(self, stopped: bool) -> bool:
         cfg = self.config
-        periodic = cfg.save_every_n_epochs or cfg.save_every_n_steps
-        return cfg.save_state_on_train_end or stopped or (cfg.save_state and not periodic)
+        return cfg.save_state or cfg.save_state_on_train_end or stopped
 
     def _finish(self, stopped: bool) -> Finished:
         """Save first (the LoRA is safe before any slow preview), then the previews of the finished LoRA."""
         s, step = self.session, self.position.global_step
+        optimizer_eval_mode(s.optimizer)  # the LoRA saved from here on is the schedule-free evaluation point
         epochs_seen = self.position.epoch + (1 if self.position.next_batch else 0)
         path = self.writer.save_final(step, epochs_seen, self.reporter)
         if self._saves_final_state(stopped):
@@ -307,7 +366,7 @@ class Loop:
             dtype = SAVE_DTYPES[self.config.save_precision]
             state_dict = {k: v.detach().to("cpu", dtype, copy=True)
                           for k, v in s.network.kohya_state_dict(dtype).items()}
-        if not stopped and self.last_sampled != step:
+        if self.config.sample_at_end and not stopped and self.last_sampled != step:
             self._sample(step=step)
         s.network.eval()
         finished = Finished(path, step, stopped, tuple(self.losses), state_dict,
@@ -329,7 +388,7 @@ class Loop:
         s.ae.to(s.device)
         s.flux.eval()
         s.network.eval()
-        paths, images = [], []
+        paths, images, rendered = [], [], []
         try:
             for prompt, (cond, negative) in zip(s.prompts, s.prompt_conds):
                 if self.reporter.should_stop():
@@ -341,10 +400,12 @@ class Loop:
                 image.save(path)
                 paths.append(path)
                 images.append(image)
+                rendered.append(prompt)
         finally:
             s.ae.to(ae_device)
             s.flux.train()
             s.network.train()
         if paths:
             self.reporter.emit(Samples(step if step is not None else self.position.global_step, tuple(paths),
-                                       tuple(images)))
+                                       tuple(images), prompts=tuple(p.prompt for p in rendered),
+                                       indices=tuple(p.index for p in rendered)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -24,67 +24,217 @@ class SamplePrompt:
     width: int = 512
     height: int = 512
     steps: int = 20
-    guidance: float = 3.5  # FLUX's guidance embedding (--g)
-    scale: float = 1.0  # classifier-free guidance with the negative prompt (--l); 1 = off
+    guidance: float = 3.5  # FLUX's guidance embedding (--g, guidance_scale)
+    scale: float = 1.0  # classifier-free guidance with the negative prompt (--l, scale); 1 = off
     seed: int | None = None
     index: int = 0
+    # what was ignored or altered, one entry per flag or key, and where the prompt came from ("p.txt line 4")
+    notes: tuple[str, ...] = field(default=(), compare=False)
+    where: str = field(default="", compare=False)
+
+    @property
+    def warning(self) -> str | None:
+        """One message for the prompt naming every flag or key that is ignored or altered, and why; None if none."""
+        if not self.notes:
+            return None
+        where = f" ({self.where})" if self.where else ""
+        return f"sample prompt {self.index + 1}{where}: " + "; ".join(self.notes)
 
 
-_FLAGS = {"w": ("width", int), "h": ("height", int), "d": ("seed", int), "s": ("steps", int), "g": ("guidance", float),
-          "l": ("scale", float), "n": ("negative_prompt", str)}
+# sd-scripts' prompt-line flags (library/train_util.py, line_to_prompt_dict) in the order it tries them: each pattern
+# is matched case-insensitively at the start of the text after a " --", so "--W 512" is --w and "--w 512px" reads 512.
+_WHOLE, _DECIMAL, _TEXT = r"(\d+)", r"([\d.]+)", r"(.+)"
+_EXPECTS = {_WHOLE: "a whole number >= 0", _DECIMAL: "a number >= 0", _TEXT: "a value"}
+_LINE_FLAGS = (("w", _WHOLE, "width"), ("h", _WHOLE, "height"), ("d", _WHOLE, "seed"), ("s", _WHOLE, "sample_steps"),
+               ("l", _DECIMAL, "scale"), ("g", _DECIMAL, "guidance_scale"), ("n", _TEXT, "negative_prompt"),
+               ("ss", _TEXT, "sample_sampler"), ("cn", _TEXT, "controlnet_image"), ("ctr", _TEXT, "cfg_trunc_ratio"),
+               ("rcfg", _TEXT, "renorm_cfg"), ("fs", _TEXT, "flow_shift"))
+_LINE_PATTERNS = tuple((flag, re.compile(f"{flag} {value}", re.IGNORECASE), value, key)
+                       for flag, value, key in _LINE_FLAGS)
+_FLAG_LIST = ", ".join("--" + flag for flag, _, _ in _LINE_FLAGS)
+
+# the keys FLUX previews act on: sd-scripts' prompt-dict key -> (our field, type)
+_ACTED = {"prompt": ("prompt", str), "negative_prompt": ("negative_prompt", str), "width": ("width", int),
+          "height": ("height", int), "sample_steps": ("steps", int), "guidance_scale": ("guidance", float),
+          "scale": ("scale", float), "seed": ("seed", int)}
+# keys sd-scripts' prompt files carry that its FLUX sampling (flux_train_utils.sample_image_inference) does not use
+_IGNORED = {
+    "sample_sampler": "FLUX previews always use the Euler flow-matching sampler (sd-scripts' FLUX sampling ignores "
+                      "it too)",
+    "controlnet_image": "a ControlNet conditioning image; LoRA training has no ControlNet",
+    "cfg_trunc_ratio": "CFG truncation is a Lumina 2 sampling option",
+    "renorm_cfg": "CFG renormalisation is a Lumina 2 sampling option",
+    "flow_shift": "FLUX previews shift the schedule by the image size (a per-prompt flow shift is a HunyuanImage/Anima "
+                  "option)",
+}
+_INTERNAL = ("enum", "subset")  # sd-scripts sets or drops these itself
 
 
-def parse_prompt_line(line: str, index: int = 0) -> SamplePrompt:
-    """`a cat --w 768 --h 512 --d 42 --s 20 --g 3.5 --l 1.0 --n blurry`"""
-    parts = re.split(r"\s--(?=[a-z]\s)", " " + line.strip())
-    values: dict = {"prompt": parts[0].strip(), "index": index}
-    for part in parts[1:]:
-        flag, _, value = part.partition(" ")
-        if flag not in _FLAGS:
-            raise PromptFileError(f"prompt {index + 1}: unknown option --{flag}; expected one of "
-                                  f"{', '.join('--' + f for f in _FLAGS)}")
-        name, kind = _FLAGS[flag]
+def _note(flag: str, value: str, why: str) -> str:
+    return f"--{flag} {value}: {why}" if value else f"--{flag}: {why}"
+
+
+def _parse_flags(parts: list[str]) -> tuple[dict, list[str]]:
+    """The pieces after each " --" as sd-scripts reads them (the first pattern that matches wins) into prompt-dict
+    keys. sd-scripts drops silently what no pattern matches; here each drop is noted, as is each ignored flag."""
+    values: dict = {}
+    notes: list[str] = []
+    unknown: list[str] = []
+    for part in parts:
+        for flag, pattern, kind, key in _LINE_PATTERNS:
+            match = pattern.match(part)
+            if match:
+                break
+        else:
+            word, _, value = part.partition(" ")
+            kind = next((k for f, k, _ in _LINE_FLAGS if f == word.lower()), None)
+            if kind:
+                notes.append(_note(word, value.strip(), f"expects {_EXPECTS[kind]} after one space; ignored"))
+            else:
+                unknown.append(f"--{word} {value.strip()}".rstrip())
+            continue
+        text, rest = match.group(1), part[match.end():].strip()
+        flag = part[:len(flag)]  # as written (upper or lower case), for the notes
+        if key in _IGNORED:
+            notes.append(_note(flag, text, _IGNORED[key] + "; ignored"))
+            continue
+        if kind == _DECIMAL:
+            try:
+                values[key] = float(text)
+            except ValueError:
+                notes.append(_note(flag, text, "not a number; ignored"))
+                continue
+        elif kind == _WHOLE:
+            values[key] = int(text)
+            if key == "sample_steps" and not 1 <= values[key] <= 1000:
+                values[key] = max(1, min(1000, values[key]))
+                notes.append(_note(flag, text, f"steps are held to 1-1000 as in sd-scripts; {values[key]} used"))
+        else:
+            values[key] = text
+        if rest:
+            notes.append(_note(flag, part[len(flag):].strip(), f"read as {text}; the rest ({rest!r}) is ignored"))
+    if unknown:
+        notes.append(f"{', '.join(unknown)}: not {'a flag' if len(unknown) == 1 else 'flags'} of sd-scripts' sample "
+                     f"prompts ({_FLAG_LIST}); ignored, and the text is not part of the prompt")
+    return values, notes
+
+
+def _prompt_from(values: dict, notes: list[str], index: int, where: str) -> SamplePrompt:
+    """A SamplePrompt from sd-scripts' prompt-dict keys (type-checked), noting what FLUX previews ignore."""
+    fields = {_ACTED[k][0]: v for k, v in values.items() if k in _ACTED and v is not None}
+    notes = notes + [f"{key}: {_IGNORED[key]}; ignored" for key in values if key in _IGNORED]
+    prompt = SamplePrompt(**{"prompt": "", **fields}, index=index, where=where)
+    if prompt.negative_prompt and prompt.scale == 1.0:
+        notes.append("the negative prompt is ignored: the CFG scale (--l, scale) is 1.0, so no negative pass runs "
+                     "(as in sd-scripts)")
+    return replace(prompt, notes=tuple(notes))
+
+
+def parse_prompt_line(line: str, index: int = 0, where: str = "") -> SamplePrompt:
+    """A prompt line as sd-scripts reads it: `a cat --w 768 --h 512 --d 42 --s 20 --g 3.5 --l 1.0 --n blurry`.
+
+    The line splits at every " --"; the first piece is the prompt, each other piece a flag (case-insensitive). What
+    sd-scripts would drop silently (unknown flags, bad values, options FLUX previews do not use) is noted on the
+    prompt (`SamplePrompt.warning`) instead of stopping the run."""
+    values, notes = _split_line(line)
+    return _prompt_from(values, notes, index, where)
+
+
+def _split_line(line: str) -> tuple[dict, list[str]]:
+    parts = line.strip().split(" --")
+    values, notes = _parse_flags(parts[1:])
+    if parts[0].startswith("--"):
+        notes.insert(0, "the line starts with '--': flags are read only after ' --' (a space first), so this text "
+                        "stays in the prompt, as in sd-scripts")
+    return {"prompt": parts[0], **values}, notes
+
+
+def _checked_entry(entry, where: str) -> tuple[dict, list[str]]:
+    """A prompt-dict from a .json/.toml file: the keys FLUX previews use, type-checked; unknown keys noted."""
+    if isinstance(entry, str):
+        return _split_line(entry)
+    if not isinstance(entry, dict):
+        raise PromptFileError(f"{where}: expected a prompt line (a string) or a table of prompt keys, not "
+                              f"{type(entry).__name__}")
+    values, notes = {}, []
+    for key, value in entry.items():
+        if key in _ACTED:
+            kind = _ACTED[key][1]
+            ok = (value is None or (isinstance(value, kind) and not isinstance(value, bool))
+                  or (kind is float and isinstance(value, int) and not isinstance(value, bool)))
+            if not ok:
+                expected = {int: "a whole number", float: "a number", str: "text"}[kind]
+                raise PromptFileError(f"{where}: {key} {value!r} is not {expected}")
+            if key == "sample_steps" and value is not None and value < 1:
+                raise PromptFileError(f"{where}: sample_steps {value} must be at least 1")
+            values[key] = float(value) if kind is float and value is not None else value
+        elif key in _IGNORED:
+            values[key] = value
+        elif key not in _INTERNAL:
+            hint = " (did you mean sample_steps?)" if key == "steps" else ""
+            notes.append(f"{key}: not a prompt key sd-scripts knows{hint}; ignored")
+    if values.get("prompt") is None:
+        notes.append("no 'prompt': the empty prompt is used, as in sd-scripts")
+    return values, notes
+
+
+def _entries(path: Path, text: str) -> list:
+    """The prompt entries of a .toml or .json prompt file, as sd-scripts' load_prompts lists them."""
+    if path.suffix.lower() == ".toml":
+        from .tomlio import TOMLError, loads
+
         try:
-            values[name] = kind(value.strip())
-        except ValueError:
-            raise PromptFileError(f"prompt {index + 1}: --{flag} {value.strip()!r} is not a {kind.__name__}") from None
-    return SamplePrompt(**values)
+            data = loads(text)
+        except TOMLError as e:
+            raise PromptFileError(f"{path}: not valid TOML ({e})") from e
+        table = data.get("prompt")
+        if isinstance(table, list):  # ours before sd-scripts' layout: [[prompt]] tables, one per prompt
+            return table
+        if not isinstance(table, dict) or not isinstance(table.get("subset"), list):
+            raise PromptFileError(f"{path}: expected a [prompt] table (keys shared by every prompt) with "
+                                  "[[prompt.subset]] tables, one per prompt, as sd-scripts reads it")
+        # a key in both: the subset's wins (sd-scripts' dict(**shared, **subset) raises a TypeError instead)
+        shared = {k: v for k, v in table.items() if k != "subset"}
+        return [{**shared, **subset} if isinstance(subset, dict) else subset for subset in table["subset"]]
+    try:
+        entries = json.loads(text)
+    except ValueError as e:
+        raise PromptFileError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(entries, list):
+        raise PromptFileError(f"{path}: expected a JSON list of prompts (strings or objects), not "
+                              f"{type(entries).__name__}")
+    return entries
 
 
-def read_prompts(path: str | Path) -> list[SamplePrompt]:
+def read_prompts(path: str | Path, warn=None) -> list[SamplePrompt]:
+    """The prompts of a .txt (one prompt line each; lines starting with # are comments), .toml ([prompt] with
+    [[prompt.subset]]) or .json (a list of prompt lines or objects) file, as sd-scripts' load_prompts reads them.
+    `warn(text)`, when given, receives each prompt's one warning (flags or keys ignored, values altered)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")  # a BOM from a Windows editor is not part of the text
     except OSError as e:
         raise PromptFileError(f"{path}: cannot be read ({e.strerror or e})") from e
-    if path.suffix.lower() == ".txt":
-        lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-        try:
-            return [parse_prompt_line(line, i) for i, line in enumerate(lines)]
-        except PromptFileError as e:
-            raise PromptFileError(f"{path}: {e}") from None
-    if path.suffix.lower() == ".toml":
-        from .tomlio import TOMLError, loads
-
-        try:
-            entries = loads(text).get("prompt", [])
-        except TOMLError as e:
-            raise PromptFileError(f"{path}: not valid TOML ({e})") from e
-    elif path.suffix.lower() == ".json":
-        try:
-            entries = json.loads(text)
-        except ValueError as e:
-            raise PromptFileError(f"{path}: not valid JSON ({e})") from e
+    except UnicodeDecodeError as e:
+        raise PromptFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    suffix = path.suffix.lower()
+    prompts = []
+    if suffix == ".txt":
+        # sd-scripts: a line is a comment only when its first character is "#"; blank lines are skipped
+        numbered = [(n, ln.strip()) for n, ln in enumerate(text.splitlines(), 1) if ln.strip() and ln[0] != "#"]
+        for i, (number, line) in enumerate(numbered):
+            prompts.append(parse_prompt_line(line, i, f"{path.name} line {number}"))
+    elif suffix in (".toml", ".json"):
+        for i, entry in enumerate(_entries(path, text)):
+            where = f"{path.name} prompt {i + 1}"
+            values, notes = _checked_entry(entry, f"{path}: prompt {i + 1}")
+            prompts.append(_prompt_from(values, notes, i, where))
     else:
         raise PromptFileError(f"{path}: expected a .txt, .toml or .json prompt file")
-    names = {"width": "width", "height": "height", "seed": "seed", "sample_steps": "steps", "steps": "steps",
-             "guidance_scale": "guidance", "scale": "scale", "negative_prompt": "negative_prompt", "prompt": "prompt"}
-    prompts = []
-    for i, entry in enumerate(entries):
-        unknown = set(entry) - set(names)
-        if unknown or "prompt" not in entry:
-            raise PromptFileError(f"{path}: prompt {i + 1} needs 'prompt'; unknown keys {sorted(unknown)}")
-        prompts.append(SamplePrompt(index=i, **{names[k]: v for k, v in entry.items()}))
+    if warn is not None:
+        for prompt in prompts:
+            if prompt.warning:
+                warn(prompt.warning)
     return prompts
 
 

@@ -19,7 +19,10 @@ SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 class LoRAWriter:
     def __init__(self, session):
         self.session = session
-        self.config = session.config
+        self.config = c = session.config
+        # --save_n_epoch_ratio N: about N epoch saves over the run (sd-scripts: every floor(epochs / N), at least 1)
+        self.every_n_epochs = (max(1, session.epochs // c.save_n_epoch_ratio) if c.save_n_epoch_ratio
+                               else c.save_every_n_epochs)
         self.folder = Path(self.config.output_dir)
         self.name = self.config.name
         self.started = time.time()
@@ -69,25 +72,29 @@ class LoRAWriter:
         self._drop_old_steps(step, ".safetensors", lambda p: p.unlink(missing_ok=True))
 
     def rotate_states_for_epoch(self, epoch: int) -> None:
-        old = self._expired_epoch(epoch)
+        """--save_last_n_epochs_state (else --save_last_n_epochs) N: the state folders of the last N saves."""
+        old = self._expired_epoch(epoch, self.config.save_last_n_epochs_state or self.config.save_last_n_epochs)
         if old:
             shutil.rmtree(self.state_folder_for_epoch(old), ignore_errors=True)
 
-    def _expired_epoch(self, epoch: int) -> int | None:
+    def _expired_epoch(self, epoch: int, keep: int | None = None) -> int | None:
         """--save_last_n_epochs N: the epoch whose save falls out of the last N when `epoch` is saved."""
-        keep, every = self.config.save_last_n_epochs, self.config.save_every_n_epochs
+        keep = self.config.save_last_n_epochs if keep is None else keep
+        every = self.every_n_epochs
         if not keep or not every or not self.session.world.is_main:
             return None
         old = epoch - every * keep
         return old if old > 0 else None
 
     def rotate_states_for_step(self, step: int) -> None:
-        self._drop_old_steps(step, "-state", lambda p: shutil.rmtree(p, ignore_errors=True))
+        self._drop_old_steps(step, "-state", lambda p: shutil.rmtree(p, ignore_errors=True),
+                             self.config.save_last_n_steps_state or self.config.save_last_n_steps)
 
-    def _drop_old_steps(self, step: int, suffix: str, remove) -> None:
-        """--save_last_n_steps N: keep what was saved in the last N steps. Names are matched literally (`[`, `*`
-        and `?` are ordinary characters in an output name), as `<name>-stepNNNNNNNN<suffix>` exactly."""
-        keep = self.config.save_last_n_steps
+    def _drop_old_steps(self, step: int, suffix: str, remove, keep: int | None = None) -> None:
+        """--save_last_n_steps N: keep what was saved in the last N steps, the save N steps ago included (as
+        sd-scripts). Names are matched literally (`[`, `*` and `?` are ordinary characters in an output name), as
+        `<name>-stepNNNNNNNN<suffix>` exactly."""
+        keep = self.config.save_last_n_steps if keep is None else keep
         if not keep or not self.session.world.is_main:
             return
         prefix = f"{self.name}-step"
@@ -98,7 +105,7 @@ class LoRAWriter:
         for name in names:
             digits = name[len(prefix):-len(suffix)]
             if (name.startswith(prefix) and name.endswith(suffix) and len(digits) == 8 and digits.isascii()
-                    and digits.isdigit() and int(digits) <= step - keep):
+                    and digits.isdigit() and int(digits) < step - keep):
                 remove(self.folder / name)
 
     # ------------------------------------------------------------------------------------------ metadata
@@ -134,9 +141,24 @@ class LoRAWriter:
             "ss_dataset_dirs": json.dumps({k: v for x in summaries for k, v in x["dataset_dirs"].items()}),
         }
         resolution = s.datasets.datasets[0].config.resolution
-        return lora_metadata(c.network, s.flux.params.variant, c.metadata_title or c.output_name, resolution,
+        meta = lora_metadata(c.network, s.flux.params.variant, c.metadata_title or c.output_name, resolution,
                              {k: v if isinstance(v, str) else json.dumps(v) if isinstance(v, (list, dict)) else str(v)
                               for k, v in training.items()}, timestamp=self.started)
+        for option in MODELSPEC_OPTIONS:
+            value = getattr(c, f"metadata_{option}")
+            if value is not None:
+                meta[f"modelspec.{option}"] = value
+        if c.no_metadata:  # sd-scripts: only the keys a loader needs, and the model spec
+            meta = {k: v for k, v in meta.items() if k in MINIMUM_KEYS or k.startswith("modelspec.")}
+        return meta
+
+
+# --metadata_<name> -> modelspec.<name>
+MODELSPEC_OPTIONS = ("author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from",
+                     "trigger_phrase", "preprocessor", "is_negative_embedding")
+# what --no_metadata keeps (sd-scripts' SS_METADATA_MINIMUM_KEYS)
+MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+                "ss_network_args")
 
 
 def _first(session, option: str):

@@ -19,7 +19,7 @@ from .errors import ConfigError, Stopped
 from .events import Message, Phase, Reporter
 from .lora import LoRANetwork, read_lora
 from .models import load_autoencoder, load_clip_l, load_flux, load_t5xxl, read_flux_params
-from .optim import create_optimizer, create_scheduler, parse_optimizer_args, warmup_steps
+from .optim import build_optimizer_and_scheduler
 from .sampling import SamplePrompt, read_prompts
 
 
@@ -133,7 +133,8 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
     if t5.model.config.d_model != params.context_in_dim:
         raise ConfigError(f"t5xxl {config.t5xxl}: hidden size {t5.model.config.d_model} does not fit the transformer's "
                           f"text input of {params.context_in_dim}")
-    prompts = read_prompts(config.sample_prompts) if config.sample_prompts else []
+    prompts = read_prompts(config.sample_prompts, warn=lambda text: reporter.emit(Message(text, "warning"))) \
+        if config.sample_prompts else []
     conds = [_encode_prompt(clip_l, t5, p, config.apply_t5_attn_mask) for p in prompts]
     if config.cache_text_encoder_outputs:
         stop("caching text-encoder outputs")
@@ -163,12 +164,9 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
                                   list(config.text_encoder_lr) if config.text_encoder_lr else None)
     if not groups:
         raise ConfigError("nothing to train: every learning rate is 0")
-    optimizer = create_optimizer(config.optimizer_type, groups, config.learning_rate,
-                                 parse_optimizer_args(config.optimizer_args))
     steps_per_epoch, total, epochs = plan_steps(len(datasets), config)
-    scheduler = create_scheduler(config.lr_scheduler, optimizer, warmup_steps(config.lr_warmup_steps, total), total,
-                                 config.lr_scheduler_num_cycles, config.lr_scheduler_power,
-                                 config.lr_scheduler_min_lr_ratio, warmup_steps(config.lr_decay_steps, total))
+    optimizer, scheduler = build_optimizer_and_scheduler(config, groups, total,
+                                                         lambda text: reporter.emit(Message(text, "warning")))
     return Session(config, world, device, dtype, seed, flux, datasets, network, optimizer, scheduler, total, epochs,
                    steps_per_epoch, t5_length, ae, clip_l, t5, prompts, conds, train_clip, train_t5)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, fields
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from ..errors import LoRAConfigError
 
@@ -86,9 +86,11 @@ class LoRAConfig:
     @classmethod
     def from_network_args(cls, network_args: Sequence[str] = (), network_dim: int | None = None,
                           network_alpha: float | None = None, network_dropout: float | None = None,
-                          **options) -> "LoRAConfig":
+                          unknown_key: Callable[[str], None] | None = None, **options) -> "LoRAConfig":
         """sd-scripts' command line: `--network_dim`, `--network_alpha`, `--network_dropout` and
-        `--network_args key=value ...`; `options` are further typed fields (e.g. network_train_unet_only)."""
+        `--network_args key=value ...`; `options` are further typed fields (e.g. network_train_unet_only).
+        An unknown key is an error, or with `unknown_key` a message passed to it and the key skipped (sd-scripts'
+        networks take any keyword and ignore the ones they do not know)."""
         values: dict = dict(options)
         given = {"network_dim": network_dim, "network_alpha": network_alpha, "network_dropout": network_dropout}
         values.update({k: v for k, v in given.items() if v is not None})
@@ -100,7 +102,11 @@ class LoRAConfig:
             if key not in known or key in ("network_dim", "network_alpha", "network_dropout"):
                 valid = sorted(k for k in known if k not in ("network_dim", "network_alpha", "network_dropout",
                                                               "network_train_unet_only"))
-                raise LoRAConfigError(f"network_args: unknown key {key!r}; valid keys: {', '.join(valid)}")
+                message = f"network_args: unknown key {key!r}; valid keys: {', '.join(valid)}"
+                if unknown_key is None:
+                    raise LoRAConfigError(message)
+                unknown_key(message.replace("; valid keys", ", ignored; valid keys", 1))
+                continue
             values[key] = _parse_value(key, raw)
         return cls(**values)
 

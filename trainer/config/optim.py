@@ -10,13 +10,23 @@ from ..errors import ConfigError
 # name as sd-scripts spells it -> the package it needs (None: torch or transformers, always present)
 OPTIMIZERS: dict[str, str | None] = {
     "AdamW": None, "AdamW8bit": "bitsandbytes", "PagedAdamW": "bitsandbytes", "PagedAdamW8bit": "bitsandbytes",
-    "Lion": "bitsandbytes", "Lion8bit": "bitsandbytes", "PagedLion8bit": "bitsandbytes", "SGDNesterov": None,
-    "SGDNesterov8bit": "bitsandbytes", "Adafactor": None, "Prodigy": "prodigyopt",
+    "PagedAdamW32bit": "bitsandbytes", "Lion": "bitsandbytes", "Lion8bit": "bitsandbytes",
+    "PagedLion8bit": "bitsandbytes", "SGDNesterov": None, "SGDNesterov8bit": "bitsandbytes", "Adafactor": None,
+    "Prodigy": "prodigyopt", "RAdamScheduleFree": "schedulefree", "AdamWScheduleFree": "schedulefree",
+    "SGDScheduleFree": "schedulefree",
 }
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
-              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay", "adafactor")
+              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay", "piecewise_constant", "adafactor")
 # the guide's Adafactor recipe: a fixed learning rate, no relative step or parameter scaling
 ADAFACTOR_RECOMMENDED_ARGS = ("relative_step=False", "scale_parameter=False", "warmup_init=False")
+# the lr_scheduler_args a named schedule takes: what sd-scripts hands on to transformers/diffusers beyond the values
+# it fills in from its own options (warmup, steps, cycles, power, timescale, min_lr_ratio)
+SCHEDULER_ARGS: dict[str, tuple[str, ...]] = {
+    "cosine": ("num_cycles",), "polynomial": ("lr_end",), "cosine_with_min_lr": ("min_lr",),
+    "warmup_stable_decay": ("warmup_type", "decay_type"), "piecewise_constant": ("step_rules",),
+}
+WSD_SHAPES = ("linear", "cosine", "1-sqrt")
+STEP_RULES_EXAMPLE = "step_rules=1:10,0.1:20,0.01 (x1 before step 10, x0.1 before step 20, then x0.01)"
 
 _DOTTED = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+")
 
@@ -33,6 +43,17 @@ def canonical_optimizer(name: str) -> str:
                       "path such as torch.optim.RAdam")
 
 
+def is_schedule_free(optimizer_type: str) -> bool:
+    """sd-scripts' test: a name ending in ScheduleFree (also a dotted path such as schedulefree.AdamWScheduleFree)."""
+    return canonical_optimizer(optimizer_type).lower().endswith("schedulefree")
+
+
+def adafactor_relative_step(args: dict) -> bool:
+    """Whether Adafactor runs with its own relative step size: its default, and forced by warmup_init=True (as
+    sd-scripts does; transformers refuses warmup_init without it)."""
+    return bool(args.get("relative_step", True)) or bool(args.get("warmup_init", False))
+
+
 def parse_optimizer_args(args: tuple[str, ...] | list[str], option: str = "optimizer_args") -> dict:
     """`key=value` strings, values read as Python literals when they are one (`relative_step=False`,
     `betas=(0.9,0.99)`), else kept as text."""
@@ -46,3 +67,57 @@ def parse_optimizer_args(args: tuple[str, ...] | list[str], option: str = "optim
         except (ValueError, SyntaxError):
             out[key] = raw
     return out
+
+
+def check_scheduler_type(path: str) -> None:
+    """--lr_scheduler_type: a class of torch.optim.lr_scheduler by name, or any scheduler class by dotted path."""
+    if path and not (path.isidentifier() or _DOTTED.fullmatch(path)):
+        raise ConfigError(f"lr_scheduler_type {path!r}: expected a class name of torch.optim.lr_scheduler (such as "
+                          "CosineAnnealingLR) or a dotted class path (such as torch.optim.lr_scheduler.StepLR)")
+
+
+def parse_step_rules(text) -> tuple[list[tuple[int, float]], float]:
+    """piecewise_constant's rules `m1:s1,m2:s2,...,m_last` (diffusers' format): the factor is m1 before step s1,
+    m2 before step s2 (and not before s1), ..., m_last from the last step given on. Returns ([(step, factor)] sorted
+    by step, the last factor)."""
+    parts = [p.strip() for p in str(text).split(",")]
+    bad = ConfigError(f"lr_scheduler_args step_rules={text!r}: expected multiplier:step pairs and a final multiplier, "
+                      f"e.g. {STEP_RULES_EXAMPLE}")
+    rules: dict[int, float] = {}
+    try:
+        for part in parts[:-1]:
+            value, sep, step = part.partition(":")
+            if not sep:
+                raise bad
+            rules[int(step)] = float(value)
+        last = float(parts[-1])
+    except ValueError:
+        raise bad from None
+    return sorted(rules.items()), last
+
+
+def scheduler_args(lr_scheduler: str, lr_scheduler_type: str, raw: tuple[str, ...] | list[str]) -> dict:
+    """The keyword arguments --lr_scheduler_args gives the schedule, checked: a --lr_scheduler_type class takes any
+    (its own constructor judges them); a named schedule only those of SCHEDULER_ARGS."""
+    args = parse_optimizer_args(raw, "lr_scheduler_args")
+    if lr_scheduler_type:
+        return args
+    allowed = SCHEDULER_ARGS.get(lr_scheduler, ())
+    for key in args:
+        if key not in allowed:
+            takes = f"takes only {', '.join(allowed)}" if allowed else "takes none"
+            raise ConfigError(f"lr_scheduler_args {key}: lr_scheduler {lr_scheduler} {takes} (warmup, steps, cycles, "
+                              "power, timescale and min_lr_ratio come from their own --lr_* options; a scheduler "
+                              "class of your choice goes in --lr_scheduler_type)")
+    for key in ("num_cycles", "lr_end", "min_lr"):
+        if key in args and (isinstance(args[key], bool) or not isinstance(args[key], (int, float)) or args[key] < 0):
+            raise ConfigError(f"lr_scheduler_args {key}: expected a number >= 0, not {args[key]!r}")
+    for key in ("warmup_type", "decay_type"):
+        if key in args and args[key] not in WSD_SHAPES:
+            raise ConfigError(f"lr_scheduler_args {key}: expected one of {', '.join(WSD_SHAPES)}, not {args[key]!r}")
+    if lr_scheduler == "piecewise_constant":
+        if "step_rules" not in args:
+            raise ConfigError(f"lr_scheduler piecewise_constant needs its rules in --lr_scheduler_args, e.g. "
+                              f"{STEP_RULES_EXAMPLE}")
+        parse_step_rules(args["step_rules"])
+    return args

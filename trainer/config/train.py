@@ -14,14 +14,22 @@ from .data import DatasetConfig
 from .flow import FlowConfig
 from .lora import LoRAConfig, lr_for_text_encoders
 from .names import check_file_name
-from .optim import SCHEDULERS, canonical_optimizer, parse_optimizer_args
+from .optim import (
+    SCHEDULERS,
+    adafactor_relative_step,
+    canonical_optimizer,
+    check_scheduler_type,
+    parse_optimizer_args,
+    scheduler_args,
+)
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SAVE_PRECISION = ("float", "fp16", "bf16")
 LOG_WITH = ("tensorboard", "wandb", "all")
 RESIZE_INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area")
-DYNAMO_BACKENDS = ("eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi", "fx2trt",
-                   "onnxrt", "tensort", "ipex", "tvm")
+# sd-scripts' choices, and "no", which the kohya_ss GUI writes into its config files when torch_compile is off
+DYNAMO_BACKENDS = ("no", "eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi",
+                   "fx2trt", "onnxrt", "tensort", "ipex", "tvm")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,6 +181,7 @@ class TrainConfig:
     sample_every_n_steps: int | None = None
     sample_every_n_epochs: int | None = None
     sample_at_first: bool = False
+    sample_at_end: bool = False  # ours: previews of the finished LoRA whatever the cadence (the nodes' default)
     logging_dir: str | None = None
     log_with: str | None = None
     log_prefix: str | None = None
@@ -212,6 +221,8 @@ class TrainConfig:
         if self.resize_interpolation is not None:
             _choice("resize_interpolation", self.resize_interpolation, RESIZE_INTERPOLATIONS)
         _choice("dynamo_backend", self.dynamo_backend, DYNAMO_BACKENDS)
+        if self.torch_compile and self.dynamo_backend == "no":
+            raise ConfigError("torch_compile needs a --dynamo_backend (inductor, eager ...), not 'no'")
         object.__setattr__(self, "base_weights", tuple(self.base_weights))
         object.__setattr__(self, "base_weights_multiplier", tuple(float(v) for v in self.base_weights_multiplier))
         if self.base_weights_multiplier and len(self.base_weights_multiplier) != len(self.base_weights):
@@ -272,8 +283,8 @@ class TrainConfig:
 
     def _check_optimizer(self) -> None:
         object.__setattr__(self, "optimizer_args", tuple(self.optimizer_args))
-        canonical_optimizer(self.optimizer_type)
-        parse_optimizer_args(self.optimizer_args)
+        optimizer = canonical_optimizer(self.optimizer_type)
+        optimizer_args = parse_optimizer_args(self.optimizer_args)
         if self.text_encoder_lr is not None:
             object.__setattr__(self, "text_encoder_lr", tuple(float(v) for v in self.text_encoder_lr))
             try:
@@ -291,9 +302,15 @@ class TrainConfig:
         ratio = self.lr_scheduler_min_lr_ratio
         if ratio is not None and not 0 <= ratio <= 1:
             raise ConfigError(f"lr_scheduler_min_lr_ratio: expected a number between 0 and 1, not {ratio}")
-        if self.lr_scheduler == "adafactor" and canonical_optimizer(self.optimizer_type) != "Adafactor":
+        if self.lr_scheduler == "adafactor" and optimizer != "Adafactor":
             raise ConfigError("lr_scheduler adafactor follows the Adafactor optimizer's own learning rate: it needs "
                               "--optimizer_type Adafactor")
+        if self.lr_scheduler == "adafactor" and not adafactor_relative_step(optimizer_args):
+            raise ConfigError("lr_scheduler adafactor reports Adafactor's own relative step size, which "
+                              "relative_step=False turns off: use constant_with_warmup (the guide's recipe)")
+        check_scheduler_type(self.lr_scheduler_type)
+        if self.lr_scheduler == "piecewise_constant" and not self.lr_scheduler_type:
+            scheduler_args(self.lr_scheduler, self.lr_scheduler_type, self.lr_scheduler_args)
         if self.log_with is not None:
             _choice("log_with", self.log_with, LOG_WITH)
 
@@ -303,6 +320,11 @@ class TrainConfig:
         if self.flow.guidance_scale != 1.0:
             notes.append(f"guidance_scale {self.flow.guidance_scale}: 1.0 is recommended for training FLUX.1-dev "
                          "(dev takes the guidance as an input; schnell ignores it)")
+        if self.full_fp16 and canonical_optimizer(self.optimizer_type) in ("AdamW", "Adafactor"):
+            notes.append(f"full_fp16 with {canonical_optimizer(self.optimizer_type)}: its moments are then fp16 "
+                         "tensors, in which eps (1e-8) is 0, so the first step can divide 0 by 0; AdamW8bit "
+                         "(sd-scripts' usual pairing with full_fp16; its state is not fp16) or mixed_precision bf16 "
+                         "avoid it")
         if self.mixed_precision == "fp16":
             notes.append("mixed_precision fp16: FLUX.1 was trained in bf16 and its activations can overflow fp16; "
                          "bf16 is recommended where the GPU has it")
@@ -319,12 +341,13 @@ class TrainConfig:
 
 
 # Where the nodes' defaults differ from sd-scripts' (the CLI's): guidance 1.0, raw prediction, flux_shift sampling,
-# AdamW at 1e-4, bf16, gradient checkpointing, rank 16, caches in memory. Readable without any model file.
+# AdamW at 1e-4, bf16, gradient checkpointing, rank 16, caches in memory, previews of the finished LoRA. Readable
+# without any model file.
 RECOMMENDED: dict = dict(
     flow=FlowConfig(guidance_scale=1.0, model_prediction_type="raw", timestep_sampling="flux_shift"),
     network=LoRAConfig(network_dim=16, network_alpha=16, network_train_unet_only=True),
     learning_rate=1e-4, mixed_precision="bf16", gradient_checkpointing=True, save_precision="bf16",
-    cache_latents=True, cache_text_encoder_outputs=True, max_train_steps=1000)
+    cache_latents=True, cache_text_encoder_outputs=True, max_train_steps=1000, sample_at_end=True)
 
 
 def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:

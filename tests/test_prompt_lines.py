@@ -1,0 +1,102 @@
+"""Sample prompt files read as sd-scripts reads them (library/train_util.py: load_prompts, line_to_prompt_dict): every
+flag it knows, case-insensitive, in its order; what FLUX previews ignore (or sd-scripts drops silently) becomes one
+warning per prompt instead of an error; .toml and .json in sd-scripts' layouts. Each test failed before issue #13."""
+
+import json
+
+import pytest
+
+from trainer.sampling import PromptFileError, SamplePrompt, parse_prompt_line, read_prompts
+
+
+def test_unknown_flags_are_ignored_with_one_warning_not_an_error():
+    p = parse_prompt_line("a cat --nl 5 --am 1.5 --w 640", 0)
+    assert p == SamplePrompt("a cat", width=640)
+    assert p.warning.count("sample prompt 1") == 1
+    assert "--nl 5, --am 1.5" in p.warning and "not part of the prompt" in p.warning
+
+
+def test_flags_are_case_insensitive():
+    p = parse_prompt_line("a dog --W 640 --H 480 --D 7 --S 12 --L 2.5 --G 4 --N blurry", 1)
+    assert p == SamplePrompt("a dog", "blurry", 640, 480, 12, 4.0, 2.5, 7, 1)
+    assert p.warning is None
+
+
+@pytest.mark.parametrize("flag, value, why", [("ss", "euler_a", "Euler"), ("cn", "edges.png", "ControlNet"),
+                                              ("ctr", "0.25", "Lumina"), ("rcfg", "1.0", "Lumina"),
+                                              ("fs", "3.0", "flow shift"), ("SS", "ddim", "Euler")])
+def test_sd_scripts_multi_letter_flags_are_read_and_ignored_with_the_reason(flag, value, why):
+    p = parse_prompt_line(f"a tree --{flag} {value} --s 8")
+    assert p == SamplePrompt("a tree", steps=8)  # not --s, not part of the prompt
+    assert f"--{flag} {value}" in p.warning and why in p.warning
+
+
+def test_everything_after_space_dash_dash_is_a_flag():
+    p = parse_prompt_line("a cat -- sitting --w 768")
+    assert p.prompt == "a cat" and p.width == 768 and "-- sitting" in p.warning
+    starts = parse_prompt_line("--w 640 a cat")  # no space before: sd-scripts keeps it all as the prompt
+    assert starts.prompt == "--w 640 a cat" and starts.width == 512 and "starts with '--'" in starts.warning
+
+
+def test_steps_are_held_to_1_to_1000():
+    assert parse_prompt_line("x --s 0").steps == 1
+    p = parse_prompt_line("x --s 5000")
+    assert p.steps == 1000 and "1000 used" in p.warning
+
+
+def test_values_are_read_by_prefix_and_bad_values_are_ignored():
+    p = parse_prompt_line("x --w 512px --l 1.5x --h tall --g -1 --d 12.7")
+    assert (p.width, p.scale, p.height, p.guidance, p.seed) == (512, 1.5, 512, 3.5, 12)
+    for text in ("--w 512px", "--h tall", "--g -1", "--d 12.7"):
+        assert text in p.warning
+    assert "--l 1.2.3: not a number" in parse_prompt_line("x --l 1.2.3").warning
+
+
+def test_negative_prompt_needs_a_cfg_scale():
+    assert "negative prompt is ignored" in parse_prompt_line("x --n ugly").warning
+    assert parse_prompt_line("x --n ugly --l 3").warning is None
+    assert parse_prompt_line("x --l 3").negative_prompt == ""  # CFG against the empty prompt, as sd-scripts
+
+
+def test_txt_comments_only_at_column_one_and_warnings_name_file_and_line(tmp_path):
+    (tmp_path / "p.txt").write_text("# comment\n\nfirst --s 4\n  # indented: a prompt in sd-scripts\nthird --xx 1\n")
+    warnings = []
+    prompts = read_prompts(tmp_path / "p.txt", warn=warnings.append)
+    assert [p.prompt for p in prompts] == ["first", "# indented: a prompt in sd-scripts", "third"]
+    assert [p.index for p in prompts] == [0, 1, 2]
+    assert warnings == [prompts[2].warning] and warnings[0].startswith("sample prompt 3 (p.txt line 5): --xx 1")
+
+
+def test_toml_in_sd_scripts_layout(tmp_path):
+    (tmp_path / "p.toml").write_text(
+        '[prompt]\nwidth = 768\nsample_steps = 12\nscale = 2\nnegative_prompt = "low quality"\n'
+        '[[prompt.subset]]\nprompt = "a red fox"\nseed = 3\n'
+        '[[prompt.subset]]\nprompt = "a blue bird"\nwidth = 512\nguidance_scale = 1.5\nsample_sampler = "euler"\n')
+    fox, bird = read_prompts(tmp_path / "p.toml")
+    assert fox == SamplePrompt("a red fox", "low quality", 768, 512, 12, 3.5, 2.0, 3, 0)
+    assert bird == SamplePrompt("a blue bird", "low quality", 512, 512, 12, 1.5, 2.0, None, 1)
+    assert fox.warning is None and "sample_sampler" in bird.warning
+    (tmp_path / "bad.toml").write_text('[prompt]\nprompt = "no subsets"\n')
+    with pytest.raises(PromptFileError, match=r"bad.toml.*\[\[prompt.subset\]\]"):
+        read_prompts(tmp_path / "bad.toml")
+
+
+def test_json_lines_and_objects(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(["a cat --W 256 --ss euler", {"prompt": "a dog", "sample_steps": 6, "seed": None,
+                                                              "controlnet_image": "c.png", "steps": 9}]))
+    cat, dog = read_prompts(path)
+    assert cat == SamplePrompt("a cat", width=256) and "--ss euler" in cat.warning
+    assert dog == SamplePrompt("a dog", steps=6, index=1)
+    assert "controlnet_image" in dog.warning and "steps: not a prompt key" in dog.warning
+    for bad, match in (({"prompt": "x", "seed": 1.5}, "prompt 1: seed 1.5 is not a whole number"),
+                       ({"prompt": "x", "sample_steps": 0}, "sample_steps 0"), (7, "prompt 1: expected a prompt line")):
+        path.write_text(json.dumps([bad]))
+        with pytest.raises(PromptFileError, match=match):
+            read_prompts(path)
+    path.write_text(json.dumps([{"Prompt": "x"}]))
+    warning = read_prompts(path)[0].warning
+    assert "Prompt: not a prompt key" in warning and "the empty prompt" in warning
+    path.write_text(json.dumps({"prompt": "x"}))
+    with pytest.raises(PromptFileError, match="JSON list"):
+        read_prompts(path)
