@@ -1,5 +1,6 @@
-"""Dataset configuration: sd-scripts' dataset TOML (`[general]`, `[[datasets]]`, `[[datasets.subsets]]`), read the way
-sd-scripts reads it. A value is looked up subset > dataset > general > command line > default.
+"""Dataset configuration: sd-scripts' dataset TOML (`[general]`, `[[datasets]]`, `[[datasets.subsets]]`), or the
+same schema as a `.json` file, read the way sd-scripts reads it. A value is looked up subset > dataset > general >
+command line > default.
 
 Every problem (syntax, unknown key, wrong type, missing value) is one `DatasetConfigError` naming the file, the
 table, the key and what is accepted.
@@ -7,6 +8,7 @@ table, the key and what is accepted.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field, fields
@@ -46,7 +48,7 @@ class SubsetConfig:
     is_reg: bool = False
     alpha_mask: bool = False
     cache_info: bool = False
-    custom_attributes: dict | None = None
+    custom_attributes: dict | None = None  # carried to every sample of a batch (Batch.custom_attributes)
     resize_interpolation: str | None = None
 
     def __post_init__(self):
@@ -65,8 +67,8 @@ class DatasetConfig:
     network_multiplier: float = 1.0
     resize_interpolation: str | None = None
     prior_loss_weight: float = 1.0
-    validation_split: float = 0.0
-    validation_seed: int | None = None
+    validation_split: float = 0.0  # the fraction of each subset's images held out for the validation loss
+    validation_seed: int | None = None  # shuffles the images before the split; None: the training seed
     subsets: tuple[SubsetConfig, ...] = field(default=())
 
     def __post_init__(self):
@@ -145,6 +147,8 @@ def _expect(value: Any, key: str, where: str) -> Any:
             fail("a number")
         if key.endswith("_rate") and not 0 <= value <= 1:
             fail("a number between 0 and 1")
+        if key == "validation_split" and not 0 <= value < 1:
+            fail("a fraction from 0 up to (not including) 1")
         return float(value)
     if kind.startswith("dict"):
         if not isinstance(value, dict):
@@ -163,19 +167,29 @@ def _check_keys(table: Mapping, allowed: set[str], where: str) -> None:
 
 
 def load_dataset_config(path: str | os.PathLike, command_line: Mapping[str, Any] | None = None) -> list[DatasetConfig]:
-    """Datasets described by the TOML file at `path`; `command_line` holds values given as options (lower
-    precedence than the file), e.g. {"resolution": (1024, 1024), "caption_extension": ".txt"}."""
-    from ..tomlio import TOMLError, loads
-
+    """Datasets described by the file at `path`: TOML, or JSON when its name ends in `.json` (sd-scripts' rule; the
+    same schema either way). `command_line` holds values given as options (lower precedence than the file), e.g.
+    {"resolution": (1024, 1024), "caption_extension": ".txt"}."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")  # a BOM from a Windows editor is not part of the text
     except OSError as e:
         raise DatasetConfigError(f"{path}: cannot be read ({e.strerror or e})") from e
-    try:
-        document = loads(text)
-    except TOMLError as e:
-        raise DatasetConfigError(f"{path}: not valid TOML ({e})") from e
+    if path.suffix.lower() == ".json":
+        try:
+            document = json.loads(text)
+        except ValueError as e:
+            raise DatasetConfigError(f"{path}: not valid JSON ({e})") from e
+        if not isinstance(document, dict):
+            raise DatasetConfigError(f"{path}: expected a JSON object with \"datasets\" (and optionally "
+                                     f"\"general\"), not {type(document).__name__}")
+    else:
+        from ..tomlio import TOMLError, loads
+
+        try:
+            document = loads(text)
+        except TOMLError as e:
+            raise DatasetConfigError(f"{path}: not valid TOML ({e})") from e
     return datasets_from_dict(document, command_line, source=str(path))
 
 
@@ -193,6 +207,8 @@ def datasets_from_dict(document: Mapping[str, Any], command_line: Mapping[str, A
     out = []
     for d, dataset in enumerate(datasets):
         where = f"{source} [[datasets]] #{d + 1}"
+        if not isinstance(dataset, dict):
+            raise DatasetConfigError(f"{where}: must be a table")
         _check_keys(dataset, (_DATASET_KEYS | _SUBSET_KEYS | {"subsets"}) - _SUBSET_ONLY, where)
         subsets = dataset.get("subsets", [])
         if not isinstance(subsets, list) or not subsets:
@@ -213,6 +229,8 @@ def datasets_from_dict(document: Mapping[str, Any], command_line: Mapping[str, A
         subset_configs = []
         for s, subset in enumerate(subsets):
             subset_where = f"{where} [[datasets.subsets]] #{s + 1}"
+            if not isinstance(subset, dict):
+                raise DatasetConfigError(f"{subset_where}: must be a table")
             _check_keys(subset, _SUBSET_KEYS, subset_where)
             values = {k: v for k in _SUBSET_KEYS if (v := lookup(k, (subset, subset_where), *levels)) is not None}
             if "image_dir" not in values and "metadata_file" not in values:
@@ -234,24 +252,41 @@ def _located(cls, values: dict, where: str):
 
 
 def _check_dataset(config: DatasetConfig, where: str) -> None:
-    if config.bucket_reso_steps % 16 and config.enable_bucket:
-        raise DatasetConfigError(f"{where}: 'bucket_reso_steps' = {config.bucket_reso_steps}: FLUX needs a multiple "
-                                 "of 16 (8x downscaled latents, packed in 2x2 patches)")
-    if config.enable_bucket and config.min_bucket_reso > config.max_bucket_reso:
-        raise DatasetConfigError(f"{where}: 'min_bucket_reso' {config.min_bucket_reso} is above 'max_bucket_reso' "
-                                 f"{config.max_bucket_reso}")
-    if config.enable_bucket and not config.bucket_no_upscale and max(config.resolution) > config.max_bucket_reso:
-        raise DatasetConfigError(f"{where}: 'max_bucket_reso' {config.max_bucket_reso} must be at least the resolution "
-                                 f"{config.resolution}")
-    if not config.enable_bucket and any(size % 16 for size in config.resolution):
+    """sd-scripts' bucket rules (BaseDataset.adjust_min_max_bucket_reso_by_steps): with buckets on, min_bucket_reso
+    is rounded down and max_bucket_reso up to a multiple of bucket_reso_steps (with a warning), then the resolution
+    must lie between them. FLUX needs every bucket side to be a multiple of 16."""
+    if config.enable_bucket:
+        step = config.bucket_reso_steps
+        if step % 16:
+            raise DatasetConfigError(f"{where}: 'bucket_reso_steps' = {step}: FLUX needs a multiple of 16 (8x "
+                                     "downscaled latents, packed in 2x2 patches)")
+        low, high = config.min_bucket_reso, config.max_bucket_reso
+        if low % step:
+            log.warning("%s: min_bucket_reso %d is not a multiple of bucket_reso_steps %d: rounded down to %d", where,
+                        low, step, low - low % step)
+            object.__setattr__(config, "min_bucket_reso", max(step, low - low % step))
+        if high % step:
+            log.warning("%s: max_bucket_reso %d is not a multiple of bucket_reso_steps %d: rounded up to %d", where,
+                        high, step, high + step - high % step)
+            object.__setattr__(config, "max_bucket_reso", high + step - high % step)
+        low, high = config.min_bucket_reso, config.max_bucket_reso
+        if low > high:
+            raise DatasetConfigError(f"{where}: 'min_bucket_reso' {low} is above 'max_bucket_reso' {high}")
+        if min(config.resolution) < low:
+            raise DatasetConfigError(f"{where}: 'resolution' {list(config.resolution)} is below 'min_bucket_reso' "
+                                     f"{low}: lower min_bucket_reso or raise the resolution")
+        if max(config.resolution) > high:
+            raise DatasetConfigError(f"{where}: 'resolution' {list(config.resolution)} is above 'max_bucket_reso' "
+                                     f"{high}: raise max_bucket_reso or lower the resolution")
+    elif any(size % 16 for size in config.resolution):
         raise DatasetConfigError(f"{where}: 'resolution' {list(config.resolution)}: without buckets each side must be "
                                  "a multiple of 16")
 
 
 def _warn_unsupported(config: DatasetConfig, where: str) -> None:
     """Keys sd-scripts accepts that this trainer reads but does not act on (yet): said, not silently dropped."""
-    ignored = [k for k in ("validation_split",) if getattr(config, k)]
-    ignored += [f"face_crop_aug_range (subset {i + 1})" for i, s in enumerate(config.subsets) if s.face_crop_aug_range]
+    ignored = [f"face_crop_aug_range (subset {i + 1})" for i, s in enumerate(config.subsets) if s.face_crop_aug_range]
+    ignored += [f"cache_info (subset {i + 1})" for i, s in enumerate(config.subsets) if s.cache_info]
     if ignored:
         log.warning("%s: %s accepted but not applied by this trainer", where, ", ".join(ignored))
 

@@ -16,7 +16,9 @@ Size = tuple[int, int]
 
 def bucket_resolutions(resolution: Size, min_size: int = 256, max_size: int = 1024, step: int = 64) -> list[Size]:
     """Candidate buckets: every (w, h) with w from min to max in steps and h the largest stepped height keeping
-    w·h within the resolution's area (and both orientations), plus the square; sorted."""
+    w·h within the resolution's area (and both orientations), plus the square; sorted. Min and max are first rounded
+    to multiples of the step (min down, max up, as sd-scripts does), so every side is a multiple of the step."""
+    min_size, max_size = max(step, min_size - min_size % step), -(-max_size // step) * step
     max_area = resolution[0] * resolution[1]
     side = int(math.sqrt(max_area) // step) * step
     sizes = {(side, side)}

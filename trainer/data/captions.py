@@ -44,8 +44,10 @@ def _wildcards(caption: str, rng: random.Random) -> str:
     return caption.replace(open_mark, "{").replace(close_mark, "}")
 
 
-def process_caption(caption: str, subset: SubsetConfig, rng: random.Random, epoch: int = 0, step: int = 0,
+def process_caption(caption: str, subset: SubsetConfig, rng: random.Random, epoch: int = 1, step: int = 0,
                     max_train_steps: int = 0) -> str:
+    """The caption as trained in `epoch` (counted from 1, as sd-scripts' current_epoch: caption_dropout_every_n_epochs
+    = N empties it in epochs N, 2N, ...) at optimizer step `step`."""
     if subset.caption_prefix:
         caption = subset.caption_prefix + " " + caption
     if subset.caption_suffix:

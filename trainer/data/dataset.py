@@ -2,12 +2,18 @@
 
 Order and augmentation are reproducible: each epoch's shuffle comes from `seed + epoch` and each item's random
 choices from (seed, epoch, batch, position), so a resumed run sees exactly what an uninterrupted one would.
+
+With `validation_split`, each subset's images are shuffled with the validation seed (the training seed when none is
+given) and split as sd-scripts' split_train_val does: the first ceil(n x (1 - split)) train, the rest are held out.
+A training dataset never sees its held-out images; `build_validation_datasets` builds the held-out ones (each image
+once, no regularisation images, fixed order and augmentation draws).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -54,6 +60,7 @@ class Batch:
     alpha_masks: torch.Tensor | None = None  # [B, H, W] in [0, 1] with alpha_mask
     text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # cached (pooled, t5_out, t5_mask)
     flipped: list[bool] = field(default_factory=list)
+    custom_attributes: list[dict] = field(default_factory=list)  # per sample: its subset's custom_attributes ({})
     positions: list[int] = field(default_factory=list)  # each sample's place in the whole (all-process) batch
     loss_scale: float = 1.0  # this slice's share of the whole batch x processes (1.0 in one process)
 
@@ -80,8 +87,23 @@ def _metadata_captions(subset: SubsetConfig) -> dict[Path, str]:
     return out
 
 
-def _subset_items(subset: SubsetConfig) -> tuple[list[ImageItem], dict[Path, str], list[Path]]:
-    """Items of one subset, the problems of its skipped files, and the images that had no caption."""
+def split_train_val(paths: list[Path], split: float, seed: int) -> tuple[list[Path], list[Path]]:
+    """(training, held out): `paths` shuffled by `random.Random(seed)` (the permutation sd-scripts' split_train_val
+    draws after `random.seed(validation_seed)`), the first ceil(n x (1 - split)) for training, the rest held out.
+    sd-scripts takes its validation images from index n - round(n x split), which overlaps the training part by one
+    image when n x split ends in .5 and rounds up; here the two parts never overlap."""
+    if split <= 0 or not paths:
+        return list(paths), []
+    order = list(paths)
+    random.Random(seed).shuffle(order)
+    keep = math.ceil(len(order) * (1 - split))
+    return order[:keep], order[keep:]
+
+
+def _subset_items(subset: SubsetConfig, validation: bool = False, split: float = 0.0,
+                  split_seed: int = 0) -> tuple[list[ImageItem], dict[Path, str], list[Path], list[Path]]:
+    """Items of one subset (its training part, or with `validation` its held-out part), the problems of its skipped
+    files, the images that had no caption, and the images held out from training."""
     if subset.metadata_file:
         captions = _metadata_captions(subset)
         paths = sorted(captions)
@@ -91,6 +113,13 @@ def _subset_items(subset: SubsetConfig) -> tuple[list[ImageItem], dict[Path, str
             raise DatasetError(f"image_dir {folder}: not a folder")
         paths = list_images(folder)
         captions = {}
+    held_out: list[Path] = []
+    if split > 0:
+        if subset.is_reg:  # sd-scripts: regularisation images are never split; all of them train
+            paths = [] if validation else paths
+        else:
+            paths, held_out = split_train_val(paths, split, split_seed)
+            paths = sorted(held_out if validation else paths)
     sizes, problems = probe_all(paths)
     items, uncaptioned = [], []
     for path in paths:
@@ -107,22 +136,29 @@ def _subset_items(subset: SubsetConfig) -> tuple[list[ImageItem], dict[Path, str
             if caption is None:
                 uncaptioned.append(path)
                 caption = subset.class_tokens or ""
-        items.append(ImageItem(path, caption, subset, sizes[path], repeats=subset.num_repeats))
-    return items, problems, uncaptioned
+        items.append(ImageItem(path, caption, subset, sizes[path], repeats=1 if validation else subset.num_repeats))
+    return items, problems, uncaptioned, held_out
 
 
 class FluxDataset:
-    def __init__(self, config: DatasetConfig, seed: int = 0, name: str = "dataset"):
+    """The training part of a dataset, or with `validation=True` its held-out part (see the module's note)."""
+
+    def __init__(self, config: DatasetConfig, seed: int = 0, name: str = "dataset", validation: bool = False):
         self.config = config
         self.seed = seed
         self.name = name
+        self.validation = validation
+        self.validation_seed = config.validation_seed if config.validation_seed is not None else seed
         self.items: list[ImageItem] = []
+        self.held_out: list[Path] = []  # the images kept out of training for the validation loss
         problems: dict[Path, str] = {}
         self.uncaptioned: list[Path] = []  # no caption file: trained with the class tokens, or an empty caption
         uncaptioned: list[Path] = []  # ... and no class tokens either
         for subset in config.subsets:
-            items, subset_problems, missing = _subset_items(subset)
+            items, subset_problems, missing, held_out = _subset_items(subset, validation, config.validation_split,
+                                                                      self.validation_seed)
             self.items += items
+            self.held_out += held_out
             problems.update(subset_problems)
             self.uncaptioned += missing
             uncaptioned += [p for p in missing if not subset.class_tokens]
@@ -133,7 +169,7 @@ class FluxDataset:
             log.warning("%s: %d image(s) have no caption file and no class_tokens; they train with an empty caption "
                         "(e.g. %s)", name, len(uncaptioned), uncaptioned[0])
         train = [i for i in self.items if not i.subset.is_reg]
-        if not train:
+        if not train and not validation:
             where = ", ".join(str(s.image_dir or s.metadata_file) for s in config.subsets)
             detail = f" ({len(problems)} file(s) could not be used)" if problems else ""
             raise DatasetError(f"{name}: no usable training images in {where}{detail}")
@@ -196,7 +232,8 @@ class FluxDataset:
         return random.Random(f"{self.seed}:{self.epoch}:{batch_index}:{position}")
 
     def caption_for(self, item: ImageItem, rng: random.Random, step: int = 0, max_train_steps: int = 0) -> str:
-        return process_caption(item.caption, item.subset, rng, self.epoch, step, max_train_steps)
+        # sd-scripts counts epochs from 1 in its captions (caption_dropout_every_n_epochs drops in epochs N, 2N, ...)
+        return process_caption(item.caption, item.subset, rng, self.epoch + 1, step, max_train_steps)
 
     def load_image(self, item: ImageItem, rng: random.Random | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """RGB uint8 at bucket size and the alpha mask (float32 [H, W]) when the subset uses one."""
@@ -245,6 +282,7 @@ class FluxDataset:
             out.paths.append(item.path)
             out.captions.append(self.caption_for(item, rng, step, max_train_steps))
             out.flipped.append(flipped)
+            out.custom_attributes.append(dict(item.subset.custom_attributes or {}))
             weights.append(self.config.prior_loss_weight if item.subset.is_reg else 1.0)
         out.loss_weights = torch.tensor(weights) * (0.0 if idle else 1.0)
         # the slice's mean loss, rescaled so that DDP's average over processes is the mean over the whole batch
@@ -344,7 +382,26 @@ class DatasetGroup:
 
 
 def build_datasets(configs: list[DatasetConfig], seed: int = 0) -> DatasetGroup:
+    """The training datasets (without their held-out validation images)."""
     return DatasetGroup([FluxDataset(c, seed, name=f"dataset {i + 1}") for i, c in enumerate(configs)], seed)
 
 
-__all__ = ["FluxDataset", "DatasetGroup", "Batch", "ImageItem", "DatasetError", "build_datasets"]
+def build_validation_datasets(configs: list[DatasetConfig], seed: int = 0) -> DatasetGroup | None:
+    """The held-out images of every dataset with a validation_split, one dataset each (same resolution, buckets
+    and batch size as its training part); None when no image is held out (sd-scripts then validates nothing).
+    Their order and augmentation draws are those of epoch 0, fixed for the whole run."""
+    datasets = []
+    for i, config in enumerate(configs):
+        if config.validation_split <= 0:
+            continue
+        dataset = FluxDataset(config, seed, name=f"validation dataset {i + 1}", validation=True)
+        if dataset.items:
+            datasets.append(dataset)
+        else:
+            log.warning("dataset %d: validation_split %g holds out no image (too few images); no validation loss "
+                        "from it", i + 1, config.validation_split)
+    return DatasetGroup(datasets, seed) if datasets else None
+
+
+__all__ = ["FluxDataset", "DatasetGroup", "Batch", "ImageItem", "DatasetError", "build_datasets",
+           "build_validation_datasets", "split_train_val"]
