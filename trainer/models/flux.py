@@ -157,7 +157,11 @@ def split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
 
 class Linear(nn.Linear):
     """nn.Linear whose weight may be stored in a narrower dtype (fp8) and is upcast for each call; a "scaled fp8"
-    weight carries a `weight_scale` buffer that the upcast multiplies in."""
+    weight carries a `weight_scale` buffer that the upcast multiplies in. `fp8_compute`, when set on a layer
+    (trainer/fp8.py does, per block), computes it instead while its weight is fp8: one upcast per block, or fp8
+    matmuls."""
+
+    fp8_compute: Callable[["Linear", Tensor], Tensor] | None = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -165,6 +169,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         weight, bias = self.weight, self.bias
+        if self.fp8_compute is not None and weight.dtype in FP8_DTYPES:
+            return self.fp8_compute(self, x)
         scale = self._buffers.get("weight_scale")  # absent on nn.Linears converted in place (T5)
         autocast = torch.is_autocast_enabled(x.device.type)
         if weight.dtype in FP8_DTYPES or (weight.dtype != x.dtype and not autocast):

@@ -283,11 +283,29 @@ def load_clip_l(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
     return ClipL(_finish(model), tokenizer=tokenizer)
 
 
+FP8_IF_STORED = "stored"  # load_t5xxl(fp8=...): keep the Linear weights the file stores in fp8 as they are
+
+
+def t5_fp8_option(t5xxl_fp8: bool, fp8_base: bool, fp8_base_unet: bool = False) -> bool | str:
+    """`load_t5xxl`'s fp8 argument for the training options: t5xxl_fp8 puts T5's Linears in fp8 whatever the file
+    holds; fp8_base (without fp8_base_unet, which keeps the text encoders in the compute dtype) keeps an fp8 file's
+    Linears in fp8, as sd-scripts does."""
+    if t5xxl_fp8:
+        return True
+    return FP8_IF_STORED if fp8_base and not fp8_base_unet else False
+
+
 def load_t5xxl(path: str | os.PathLike, dtype: torch.dtype | None = None, device: DeviceLike = "cpu",
-               tokenizer: str | os.PathLike | None = None, max_length: int = 512, fp8: bool | torch.dtype = False):
+               tokenizer: str | os.PathLike | None = None, max_length: int = 512,
+               fp8: bool | torch.dtype | str = False):
     """T5-XXL encoder from `t5xxl_fp16.safetensors`, `t5xxl_fp8_e4m3fn.safetensors` (or a checkpoint holding one).
-    `max_length`: tokens to pad/truncate to (512 for dev, 256 for schnell). fp8: keep Linear weights in fp8."""
-    from .text_encoders import T5XXL, build_t5_encoder
+    `max_length`: tokens to pad/truncate to (512 for dev, 256 for schnell).
+
+    fp8: True (or an fp8 dtype) keeps the blocks' Linear weights in fp8 (converting a 16/32-bit file);
+    FP8_IF_STORED keeps those the file stores in fp8 and converts nothing; False computes everything in `dtype`.
+    fp8 weights are upcast to the input's dtype for each call. Layer norms, the token embedding and the relative
+    attention bias are always in `dtype`; `wo` is fp8 only when the file stores it so (never rounded here)."""
+    from .text_encoders import T5XXL, build_t5_encoder, feed_forward_keeps_input_dtype
 
     expected, kinds, hint = MODEL_SLOTS["t5xxl"]
     file, component = _open(path, expected, kinds, hint)
@@ -301,15 +319,30 @@ def load_t5xxl(path: str | os.PathLike, dtype: torch.dtype | None = None, device
             model = build_t5_encoder(source.shapes)
         except (KeyError, ValueError) as e:
             raise file.error(f"holds {component.describe()} that cannot be built: {e}") from e
-    weight_fp8 = _fp8_storage(file, fp8)
-    # `wo` stays in the compute dtype: transformers casts its input to wo's weight dtype (and keeps it in fp32 for
-    # fp16 stability), which an fp8 weight would break.
-    block_linears = [n for n, m in model.named_modules()
-                     if type(m) is nn.Linear and n.startswith("encoder.block.") and not n.endswith(".wo")]
-    if weight_fp8:
-        for name in block_linears:
-            model.get_submodule(name).__class__ = Linear  # same parameters; upcasts fp8 weights on each call
-    _fill(model, source, _compute_dtype(file, component.prefix, dtype), weight_fp8, block_linears, device)
+    if isinstance(fp8, str) and fp8 != FP8_IF_STORED:
+        raise ValueError(f"fp8 must be True, False, {FP8_IF_STORED!r} or one of {FP8_DTYPES}, not {fp8!r}")
+    linears = [n for n, m in model.named_modules() if type(m) is nn.Linear and n.startswith("encoder.block.")]
+    stored = {n: file.dtype(component.prefix + n + ".weight") for n in linears}
+    if fp8 == FP8_IF_STORED:
+        kinds_stored = {stored[n] for n in linears} & set(FP8_DTYPES)
+        weight_fp8 = kinds_stored.pop() if len(kinds_stored) == 1 else None
+        fp8_layers = [n for n in linears if stored[n] == weight_fp8]
+    else:
+        weight_fp8 = _fp8_storage(file, fp8)
+        # `wo` is never rounded to fp8 here (transformers keeps it in fp32 for fp16 models): fp8 only as stored
+        fp8_layers = [n for n in linears if not n.endswith(".wo") or stored[n] in FP8_DTYPES]
+    if not weight_fp8:
+        fp8_layers = []
+    for name in fp8_layers:
+        model.get_submodule(name).__class__ = Linear  # same parameters; upcasts fp8 weights on each call
+        if name.endswith(".wo"):  # transformers would cast wo's input to wo's weight dtype, here fp8
+            feed_forward_keeps_input_dtype(model.get_submodule(name.removesuffix(".wo")))
+    _fill(model, source, _compute_dtype(file, component.prefix, dtype), weight_fp8, fp8_layers, device)
+    embedding = next((component.prefix + k for k in ("shared.weight", "encoder.embed_tokens.weight")
+                      if component.prefix + k in file.header), None)
+    if embedding is not None and file.dtype(embedding) in FP8_DTYPES:
+        with torch.no_grad():  # e4m3fn has no infinity: values its conversion could not hold are NaN (ComfyUI too)
+            model.get_submodule("shared").weight.nan_to_num_(nan=0.0)
     return T5XXL(_finish(model), tokenizer=tokenizer, max_length=max_length)
 
 

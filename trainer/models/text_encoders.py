@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import types
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -90,6 +91,21 @@ def build_t5_encoder(shapes: Mapping[str, Sequence[int]]) -> nn.Module:
     from transformers import T5EncoderModel
 
     return T5EncoderModel(t5_config_from_shapes(shapes))
+
+
+def feed_forward_keeps_input_dtype(ff: nn.Module) -> None:
+    """Make a T5 feed-forward (gated or not) call `wo` on its activations as they are. transformers casts them to
+    `wo`'s weight dtype first (so that `wo` can stay in float32 in a float16 model); with `wo` stored in fp8 that
+    would quantise the activations, while our fp8 Linear upcasts its weight to the input's dtype instead."""
+    ff.forward = types.MethodType(_feed_forward, ff)
+
+
+def _feed_forward(ff: nn.Module, hidden: Tensor) -> Tensor:
+    if hasattr(ff, "wi_0"):  # T5 v1.1 (T5-XXL): gated
+        hidden = ff.act(ff.wi_0(hidden)) * ff.wi_1(hidden)
+    else:
+        hidden = ff.act(ff.wi(hidden))
+    return ff.wo(ff.dropout(hidden))
 
 
 def load_tokenizer(kind: str, spec: str | os.PathLike | None):
