@@ -29,7 +29,7 @@ from ..trainer.config import (
     load_dataset_config,
     single_folder_dataset,
 )
-from ..trainer.config.memory_plan import GUIDE_ROWS, SWAP_RUNS_ON_GPU, MemoryPlan, plan_memory  # noqa: F401
+from ..trainer.config.memory_plan import GUIDE_ROWS, MemoryPlan, plan_memory  # noqa: F401
 from ..trainer.errors import ConfigError, DatasetConfigError, TrainerError
 from .paths import resolve_input_file, resolve_input_folder
 
@@ -480,7 +480,9 @@ def train_config(*, models: Mapping, datasets: tuple, network: Mapping | None = 
     if memory["auto"]:
         if free_memory is None:
             raise ConfigError("memory auto: the free memory is unknown")
-        plan = plan_memory(free_memory, device_type)
+        largest = max(datasets, key=lambda d: d.resolution[0] * d.resolution[1] * d.batch_size)
+        plan = plan_memory(free_memory, device_type, resolution=tuple(largest.resolution),
+                           batch_size=largest.batch_size)
         values.update(plan.fields)
         notes += plan.lines
     else:
@@ -489,7 +491,7 @@ def train_config(*, models: Mapping, datasets: tuple, network: Mapping | None = 
     t5_fp8 = model_values.pop(T5_FP8_FIELD, False)
     model_values["fp8_base"] = bool(model_values.get("fp8_base")) or bool(values.get("fp8_base"))
     values.update(model_values)
-    values[T5_FP8_FIELD] = bool(t5_fp8)
+    values[T5_FP8_FIELD] = bool(t5_fp8) or bool(values.get(T5_FP8_FIELD))  # asked for, or the plan needs it
     opt_values = dict(optimizer or {})
     values.update(opt_values)
     if network is not None:

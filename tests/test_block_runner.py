@@ -148,13 +148,4 @@ def test_runner_for_maps_options_to_runners():
     assert type(memory.runner_for(True)) is memory.CheckpointedRunner
     assert type(memory.runner_for(True, blocks_to_swap=0)) is memory.CheckpointedRunner
     assert type(memory.runner_for(False, False, None)) is memory.PlainRunner
-
-
-@pytest.mark.parametrize("options", [
-    dict(gradient_checkpointing=True, cpu_offload_checkpointing=True),
-    dict(gradient_checkpointing=False, blocks_to_swap=4),
-    dict(gradient_checkpointing=True, blocks_to_swap=18),
-], ids=["cpu_offload_checkpointing", "blocks_to_swap", "blocks_to_swap-with-checkpointing"])
-def test_runner_for_refuses_what_has_not_landed(options):
-    with pytest.raises(NotImplementedError, match="not landed"):
-        memory.runner_for(**options)
+    # offloading, swapping and compiling runners: tests/test_block_swap.py, tests/test_offload_checkpointing.py

@@ -183,3 +183,14 @@ def test_tokenizer_cache_dir_uses_sd_scripts_folder_names(ws, tokenizer_dirs, tm
 def test_refusals_name_the_option(ws, tokenizer_dirs, tmp_path, capsys, extra, message):
     assert main(cli_args(ws, tokenizer_dirs, tmp_path) + extra) == 2
     assert message in capsys.readouterr().err
+
+
+def test_dataset_config_wins_over_folder_options_with_a_warning(ws, tokenizer_dirs, tmp_path):
+    from trainer.cli import config_from_args
+
+    warnings = []
+    config = config_from_args(parse_command_line(cli_args(ws, tokenizer_dirs, tmp_path) + [
+        "--train_data_dir", "images", "--reg_data_dir", "reg"]), warn=warnings.append)
+    assert config.train_data_dir is None and config.reg_data_dir is None and config.dataset_config
+    assert warnings == ["--dataset_config is given, so --train_data_dir, --reg_data_dir are ignored (as sd-scripts "
+                        "does)"]

@@ -254,7 +254,8 @@ def _multi_resolution(prompt: dict) -> None:
 def _twelve_gb(prompt: dict) -> None:
     memory = prompt[one(prompt, "FluxLoraTrainerMemory")]["inputs"]
     assert (memory["mode"], memory["gradient_checkpointing"], memory["blocks_to_swap"], memory["fp8_base"],
-            memory["cpu_offload_checkpointing"]) == ("manual", True, 0, True, False)
+            memory["cpu_offload_checkpointing"]) == ("manual", True, 16, True, False)  # the guide's 12 GB row
+    assert prompt[one(prompt, MODELS)]["inputs"]["t5xxl_fp8"] is True
     assert prompt[one(prompt, "FluxLoraTrainerOptimizer")]["inputs"]["optimizer_type"] == "AdamW8bit"
     assert prompt[one(prompt, MODELS)]["inputs"]["base_precision"] == "fp8_e4m3fn"
 
@@ -441,4 +442,4 @@ def test_the_12gb_preset_settings_pass_their_nodes_checks(comfyui, dataset):
     assert "base fp8_e4m3fn" in texts[nodes[0]]
     assert "dataset 1: 64x64, batch size 1" in texts[nodes[1]]
     assert texts[nodes[2]].startswith("AdamW8bit at")
-    assert "blocks to swap 0" in texts[nodes[3]] and "fp8 base on" in texts[nodes[3]]
+    assert "blocks to swap 16" in texts[nodes[3]] and "fp8 base on" in texts[nodes[3]]

@@ -35,7 +35,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tokenizer_
     args[args.index("--dataset_config") + 1] = str(per_process)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                          "127.0.0.1", "--master_port", str(free_port()), "-m", "trainer"] + args + common,
+                          "127.0.0.1", "--master_port", str(free_port()), "-m", "trainer"] + args + common
+                         + ["--ddp_timeout", "5", "--ddp_gradient_as_bucket_view", "--ddp_static_graph"],
                          capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     single = load_file(tmp_path / "single" / "ddp.safetensors")

@@ -46,6 +46,9 @@ ACTING = {
     "split_mode": dict(action="store_true", help="deprecated: --blocks_to_swap 18"),
     "sdpa": dict(action="store_true", help="always on here: attention is PyTorch's scaled_dot_product_attention"),
     "model_type": dict(choices=CHOICES["model_type"], help="flux (chroma is not supported)"),
+    "memory": dict(choices=("auto",), help="auto: from the GPU's free memory, the datasets' resolution and batch and "
+                   "the transformer's size, pick fp8 base, block swap, T5 in fp8, checkpointing and caching (what the "
+                   "command line sets itself is kept)"),
     "check_only": dict(action="store_true", help="read the datasets and check every input, print the pre-flight "
                                                  "report, and stop before loading any model"),
 }
@@ -230,6 +233,13 @@ def config_from_args(ns: argparse.Namespace, warn=print) -> TrainConfig:
         warn(f"--sample_sampler {given['sample_sampler']}: previews use the Euler flow-matching sampler")
     if given.get("caption_extention") is not None:
         given["caption_extension"] = given["caption_extention"]  # sd-scripts: the old spelling wins
+    if given.get("dataset_config"):
+        ignored = [name for name in ("train_data_dir", "reg_data_dir", "in_json") if given.get(name)]
+        if ignored:
+            warn(f"--dataset_config is given, so {', '.join('--' + n for n in ignored)} "
+                 f"{'is' if len(ignored) == 1 else 'are'} ignored (as sd-scripts does)")
+            for name in ignored:
+                del given[name]
     _old_optimizer_flags(given)
     _tokenizer_cache(given, warn)
     values = {f.name: given[f.name] for f in dataclasses.fields(TrainConfig) if f.name in given}
@@ -248,6 +258,40 @@ def config_from_args(ns: argparse.Namespace, warn=print) -> TrainConfig:
         if isinstance(value, list):
             values[name] = tuple(value)
     return TrainConfig(network=network, flow=flow, **values)
+
+
+def free_device_memory(device: str | None) -> tuple[str, float]:
+    """The device type training will use and its free memory in bytes (RAM on the CPU)."""
+    import torch
+
+    from .distributed import pick_device
+
+    chosen = pick_device(device)
+    if chosen.type == "cuda":
+        return "cuda", float(torch.cuda.mem_get_info(chosen)[0])
+    return chosen.type, float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def config_with_memory_plan(ns: argparse.Namespace, warn=print) -> TrainConfig:
+    """--memory auto: the plan's fields for every option the command line leaves unset; the plan's explanation goes
+    to `warn` (as information)."""
+    from .config import resolve_datasets
+    from .config.memory_plan import TransformerSize, plan_memory
+    from .models import read_flux_params
+
+    given = set(vars(ns))
+    draft = config_from_args(ns, warn=lambda text: None)
+    datasets = resolve_datasets(draft)
+    largest = max(datasets, key=lambda d: d.resolution[0] * d.resolution[1] * d.batch_size)
+    device_type, free = free_device_memory(draft.device)
+    plan = plan_memory(free, device_type, resolution=tuple(largest.resolution), batch_size=largest.batch_size,
+                       size=TransformerSize.of(read_flux_params(draft.pretrained_model_name_or_path)))
+    for line in plan.lines:
+        warn(line)
+    for name, value in plan.fields.items():
+        if name not in given:
+            setattr(ns, name, value)
+    return config_from_args(ns, warn=warn)
 
 
 def _old_optimizer_flags(given: dict) -> None:
@@ -369,7 +413,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("--output_config writes the options to --config_file: give its path")
             print(f"options written to {write_config_file(ns.config_file, ns)}")
             return 0
-        config = config_from_args(ns, warn=warn)
+        if getattr(ns, "memory", None) == "auto":
+            config = config_with_memory_plan(ns, lambda text: reporter.emit(Message(text)))
+        else:
+            config = config_from_args(ns, warn=warn)
         if getattr(ns, "check_only", False) or getattr(ns, "debug_dataset", False):
             from .preflight import check, preflight_report
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -40,14 +41,16 @@ class World:
         return items[self.rank::self.size]
 
 
-def init_world(device: torch.device) -> World:
-    """Read torchrun's (or accelerate's) environment and join the process group."""
+def init_world(device: torch.device, timeout_minutes: int | None = None) -> World:
+    """Read torchrun's (or accelerate's) environment and join the process group (--ddp_timeout: minutes a
+    collective may wait, else torch's default)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
     world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        timeout = {"timeout": datetime.timedelta(minutes=timeout_minutes)} if timeout_minutes else {}
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **timeout)
     return world
 
 

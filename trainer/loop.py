@@ -32,7 +32,7 @@ from .checkpoint import (
 from .config import TrainConfig, canonical_optimizer
 from .distributed import init_world, pick_device
 from .errors import NonFiniteError, Stopped
-from .events import EpochEnd, Finished, GroupLR, Message, Reporter, Samples, Saved, StepEnd
+from .events import EpochEnd, Finished, GroupLR, Message, Reporter, Samples, Saved, StepEnd, ValidationEnd
 from .lora.max_norm import MaxNormResult, scale_weight_norms
 from .metrics import Fanout, MetricsLog, check_trackers
 from .optim import optimizer_eval_mode, optimizer_train_mode
@@ -41,6 +41,7 @@ from .sampling import generate, sample_filename, with_seed
 from .saving import SAVE_DTYPES, LoRAWriter
 from .session import Session, prepare
 from .step import StepContext, TrainStep
+from .validation import Validator
 
 
 def train(config: TrainConfig, reporter: Reporter) -> Finished:
@@ -56,7 +57,7 @@ def train(config: TrainConfig, reporter: Reporter) -> Finished:
     session = loop = metrics = None
     try:
         with torch.random.fork_rng(devices=cuda_devices), torch.inference_mode(False), torch.enable_grad():
-            world = init_world(device)
+            world = init_world(device, config.ddp_timeout)
             if world.is_main:
                 metrics = MetricsLog.from_config(config, reporter.emit)
                 # a resumed run trains (and logs) again the steps after its state's; a run that starts over, all
@@ -74,6 +75,7 @@ def train(config: TrainConfig, reporter: Reporter) -> Finished:
             metrics.close()
         if session is not None:
             session.network.detach()
+            session.flux.block_runner = None  # the runner's slots and host copies go with the model, not back into it
         session = loop = None
         gc.collect()
         if device.type == "cuda":
@@ -109,10 +111,13 @@ class Loop:
             ae=session.ae, clip_l=session.clip_l, t5=session.t5, train_clip=session.train_clip,
             train_t5=session.train_t5))
         self.ddp_step = self.step_module
+        self.validator = Validator.from_session(session, self.step_module.context)
         if session.world.enabled:
             ids = [session.device.index] if session.device.type == "cuda" else None
             self.ddp_step = torch.nn.parallel.DistributedDataParallel(  # module_dropout may skip a LoRA for a step
-                self.step_module, device_ids=ids, find_unused_parameters=bool(self.config.network.module_dropout))
+                self.step_module, device_ids=ids, find_unused_parameters=bool(self.config.network.module_dropout),
+                gradient_as_bucket_view=self.config.ddp_gradient_as_bucket_view,
+                static_graph=self.config.ddp_static_graph)
         self.scaler = None
         if self.config.mixed_precision == "fp16":
             self.scaler = (Fp16GradScaler if self.config.full_fp16 else torch.amp.GradScaler)(session.device.type)
@@ -318,6 +323,13 @@ class Loop:
     def _step_cadence(self, epoch: int) -> None:
         with self._optimizer_evaluating():
             self._step_saves_and_previews(epoch)
+            if self.validator is not None and self.validator.schedule.at_step(self.position.global_step):
+                self._validate(epoch + 1, per_epoch=False)
+
+    def _validate(self, epoch_number: int, per_epoch: bool) -> None:
+        """The held-out loss at fixed timesteps and noise, on every process (each computes its share)."""
+        loss = self.validator.loss()
+        self.reporter.emit(ValidationEnd(self.position.global_step, epoch_number, loss, per_epoch=per_epoch))
 
     def _step_saves_and_previews(self, epoch: int) -> None:
         """Saves and previews every N steps."""
@@ -335,6 +347,9 @@ class Loop:
         cfg, every = self.config, self.writer.every_n_epochs
         if stopped:
             return
+        with self._optimizer_evaluating():
+            if self.validator is not None and self.validator.schedule.at_epoch_end(number):
+                self._validate(number, per_epoch=True)
         if self.losses:
             self.reporter.emit(EpochEnd(number, self.position.global_step, self._average_loss()))
         with self._optimizer_evaluating():

@@ -42,6 +42,8 @@ def check(config: TrainConfig) -> None:
         weights, _ = read_lora(config.network_weights)
         if not config.dim_from_weights:
             _check_lora_fits(config, weights, network)
+    for path in config.base_weights:
+        read_lora(path)  # a LoRA file in a layout we read (the merge itself waits for the models)
     if config.resume:
         _check_resume_state(config, optimizer, network)
     datasets = resolve_datasets(config)

@@ -12,13 +12,14 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from . import data, memory
+from . import data, fp8, memory
 from .config import TrainConfig, resolve_datasets
 from .distributed import World
 from .errors import ConfigError, Stopped
 from .events import Message, Phase, Reporter
-from .lora import LoRANetwork, read_lora
+from .lora import LoRANetwork, apply_lora, read_lora
 from .models import load_autoencoder, load_clip_l, load_flux, load_t5xxl, read_flux_params
+from .models.loading import t5_fp8_option
 from .optim import build_optimizer_and_scheduler
 from .sampling import SamplePrompt, read_prompts
 
@@ -46,6 +47,7 @@ class Session:
     prompt_conds: list[tuple] = field(default_factory=list)  # (cond, negative) per prompt, pre-encoded
     train_clip: bool = False
     train_t5: bool = False
+    validation_datasets: data.DatasetGroup | None = None  # the held-out images (--validation_split), cached alike
 
 
 def _weight_dtype(config: TrainConfig) -> torch.dtype:
@@ -88,7 +90,6 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
         reporter.emit(Message(f"no --seed given: using {seed}"))
     torch.manual_seed(seed)
     dtype = _weight_dtype(config)
-    _check_memory_options(config, device, reporter)
 
     # the transformer is loaded last: encoders and the autoencoder do their caching without it in memory
     params = read_flux_params(config.pretrained_model_name_or_path)
@@ -97,7 +98,10 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
     stop = _StopCheck(reporter)
     stop("reading the datasets")
     reporter.emit(Phase("reading the datasets"))
-    datasets = data.build_datasets(dataset_configs(config, world), seed)
+    configs = dataset_configs(config, world)
+    datasets = data.build_datasets(configs, seed)
+    validation = data.build_validation_datasets(configs, seed)
+    groups = [datasets] + ([validation] if validation is not None else [])
     datasets.log_buckets(lambda line: reporter.emit(Message(line)))
     for dataset in datasets.datasets:
         if dataset.skipped.problems:
@@ -114,9 +118,10 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
     if config.cache_latents:
         stop("caching latents")
         reporter.emit(Phase("caching latents"))
-        _cache_share(world, datasets, lambda group: data.cache_latents(
-            group, ae, config.cache_latents_to_disk, config.vae_batch_size, seed, stop.progress, config.cache_dir),
-            config.cache_latents_to_disk)
+        for group in groups:
+            _cache_share(world, group, lambda g: data.cache_latents(
+                g, ae, config.cache_latents_to_disk, config.vae_batch_size, seed, stop.progress, config.cache_dir),
+                config.cache_latents_to_disk)
     if not need_ae:
         ae = None
     elif config.cache_latents:
@@ -126,13 +131,16 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
     clip_l = load_clip_l(config.clip_l, dtype=dtype if device.type != "cpu" else torch.float32, device=device,
                          tokenizer=config.clip_l_tokenizer)
     t5 = load_t5xxl(config.t5xxl, dtype=dtype if device.type != "cpu" else torch.float32, device=device,
-                    tokenizer=config.t5xxl_tokenizer, max_length=t5_length, fp8=config.t5xxl_fp8)
+                    tokenizer=config.t5xxl_tokenizer, max_length=t5_length,
+                    fp8=t5_fp8_option(config.t5xxl_fp8, config.fp8_base, config.fp8_base_unet))
     if clip_l.model.config.hidden_size != params.vec_in_dim:
         raise ConfigError(f"clip_l {config.clip_l}: pooled size {clip_l.model.config.hidden_size} does not fit the "
                           f"transformer's vector input of {params.vec_in_dim} (a CLIP-G or other encoder?)")
     if t5.model.config.d_model != params.context_in_dim:
         raise ConfigError(f"t5xxl {config.t5xxl}: hidden size {t5.model.config.d_model} does not fit the transformer's "
                           f"text input of {params.context_in_dim}")
+    merge_base_weights(config, clip_l, reporter)
+    merge_base_weights(config, t5, reporter)
     prompts = read_prompts(config.sample_prompts, warn=lambda text: reporter.emit(Message(text, "warning"))) \
         if config.sample_prompts else []
     conds = [_encode_prompt(clip_l, t5, p, config.apply_t5_attn_mask) for p in prompts]
@@ -140,9 +148,10 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
         stop("caching text-encoder outputs")
         reporter.emit(Phase("caching text-encoder outputs"))
         batch = config.text_encoder_batch_size or config.vae_batch_size
-        _cache_share(world, datasets, lambda group: data.cache_text_outputs(
-            group, clip_l, t5, config.cache_text_encoder_outputs_to_disk, batch, config.apply_t5_attn_mask,
-            stop.progress, config.cache_dir), config.cache_text_encoder_outputs_to_disk)
+        for group in groups:
+            _cache_share(world, group, lambda g: data.cache_text_outputs(
+                g, clip_l, t5, config.cache_text_encoder_outputs_to_disk, batch, config.apply_t5_attn_mask,
+                stop.progress, config.cache_dir), config.cache_text_encoder_outputs_to_disk)
         if not train_clip:
             clip_l = None
         if not train_t5:
@@ -153,9 +162,14 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
 
     stop("loading the transformer")
     reporter.emit(Phase("loading the transformer"))
-    flux = load_flux(config.pretrained_model_name_or_path, dtype=dtype, device=device,
+    # with block swap on a GPU the transformer is read into host memory: only what stays resident moves to the GPU
+    swap_from_host = bool(config.blocks_to_swap) and device.type == "cuda"
+    flux = load_flux(config.pretrained_model_name_or_path, dtype=dtype, device="cpu" if swap_from_host else device,
                      fp8=config.fp8_base or config.fp8_base_unet)
-    memory.install(flux, memory.runner_for(config.gradient_checkpointing))
+    merge_base_weights(config, flux, reporter)
+    memory.setup_for_training(flux, config, device, lambda text: reporter.emit(Message(text)))
+    if config.fp8_base or config.fp8_base_unet:
+        fp8.enable(flux)  # each resident block's fp8 weights packed, on their device, for one upcast per pass
     stop("loading the transformer")
 
     network = _network(config, flux, clip_l if train_clip else None, t5 if train_t5 else None, dtype)
@@ -168,20 +182,27 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
     optimizer, scheduler = build_optimizer_and_scheduler(config, groups, total,
                                                          lambda text: reporter.emit(Message(text, "warning")))
     return Session(config, world, device, dtype, seed, flux, datasets, network, optimizer, scheduler, total, epochs,
-                   steps_per_epoch, t5_length, ae, clip_l, t5, prompts, conds, train_clip, train_t5)
+                   steps_per_epoch, t5_length, ae, clip_l, t5, prompts, conds, train_clip, train_t5, validation)
 
 
-def _check_memory_options(config: TrainConfig, device: torch.device, reporter: Reporter) -> None:
-    for option, active in (("blocks_to_swap", bool(config.blocks_to_swap)),
-                           ("cpu_offload_checkpointing", config.cpu_offload_checkpointing)):
-        if not active:
-            continue
-        if device.type == "cpu":
-            reporter.emit(Message(f"{option}: training on the CPU, nothing to move off a GPU; ignored"))
-        else:
-            raise ConfigError(f"{option} is accepted but its machinery has not landed yet; train without it "
-                              "(or with --fp8_base to save memory)")
+def merge_base_weights(config: TrainConfig, model: torch.nn.Module, reporter: Reporter) -> None:
+    """--base_weights: LoRA files merged into the models before training (and before any caching), each at its
+    --base_weights_multiplier (default 1.0); a file's layers for other models are skipped."""
+    multipliers = config.base_weights_multiplier or (1.0,) * len(config.base_weights)
+    name = _model_name(model)
+    prefixes = {"transformer": ("lora_unet_",), "CLIP-L": ("lora_te1_",), "T5-XXL": ("lora_te3_", "lora_te2_")}[name]
+    for path, multiplier in zip(config.base_weights, multipliers):
+        weights, _ = read_lora(path)
+        if not any(key.startswith(prefixes) for key in weights):
+            continue  # this file holds nothing for this model
+        with torch.random.fork_rng(devices=[]):  # building the merged LoRA draws its (overwritten) init
+            apply_lora(model, weights, multiplier, merge=True)
+        reporter.emit(Message(f"base_weights: merged {path} at {multiplier:g} into the {name}"))
 
+
+def _model_name(model: torch.nn.Module) -> str:
+    name = type(getattr(model, "model", model)).__name__
+    return "transformer" if name == "Flux" else "CLIP-L" if name.startswith("CLIP") else "T5-XXL"
 
 def _cache_share(world: World, datasets: data.DatasetGroup, run, to_disk: bool) -> None:
     """With several processes and a disk cache, each encodes its share, then all read every file."""

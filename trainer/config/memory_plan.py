@@ -1,75 +1,151 @@
-"""The memory plan: from the free memory of the device, the row of sd-scripts' guide (24/16/12/10/8 GB) and the
-settings that run today, with the explanation a user reads. Torch-free; the ComfyUI memory node's `auto` uses it.
+"""The memory plan: from the free memory of the device, the training resolution and batch and the transformer's
+size, the fastest settings whose estimated peak fits, with the explanation a user reads. Torch-free; the CLI's
+`--memory auto` and the ComfyUI memory node's `auto` use it.
+
+The estimate: the transformer's resident weights (all of them, less the blocks swapped out, plus the block-swap
+slots) at 2 bytes a weight (bf16) or 1 (fp8), plus what training adds with gradient checkpointing, which grows with
+the pixels of a batch. Its two constants come from the reference measurements (FLUX.1-dev, LoRA rank 16 on every
+block Linear, AdamW, batch 1, one GPU; DESIGN.md): 25.6 GiB at 1024² and 24.0 GiB at 512² with a bf16 base, 14.6
+and 13.1 with an fp8 base, 15.1 with 18 blocks swapped, 9.4 with fp8 and 18 swapped; the estimate is within 3% of
+each (tests/test_memory_plan.py; sd-scripts swaps a block into the memory of the one going out, which is the
+estimate with no slots). Order of preference, fastest first (the reference's timings): bf16 base, fp8 base,
+fp8 base with the fewest swapped blocks that fit.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# The core refuses blocks_to_swap and cpu_offload_checkpointing on a GPU until their machinery lands (session.py
-# _check_memory_options); the plan says what it would pick and picks what runs.
-SWAP_RUNS_ON_GPU = False
+GIB = 2**30
+# what training adds at batch 1 with gradient checkpointing, in GiB: FIXED + PER_MEGAPIXEL_SQUARE · (w·h / 1024²)
+FIXED_GIB = 1.43
+PER_1024_SQUARE_GIB = 2.13
+HEADROOM_GIB = 0.8  # the CUDA context and allocator slack that the measured peaks do not count
+T5_FP8_BELOW_GIB = 12.0  # T5-XXL takes 9.5 GB in bf16 while it encodes: below this, keep it in fp8
+SWAP_SLOTS = 2  # device slots per block kind of trainer/block_swap.py
+
+
+@dataclass(frozen=True)
+class TransformerSize:
+    """Parameter counts of a FLUX transformer: one double block, one single block, how many of each, the rest."""
+    double_block: int
+    single_block: int
+    double_count: int
+    single_count: int
+    other: int
+
+    @classmethod
+    def of(cls, params) -> "TransformerSize":
+        """From FluxParams (or anything with its fields): the same arithmetic as the layers' shapes."""
+        h, mlp, ctx = params.hidden_size, params.mlp_hidden_dim, params.context_in_dim
+        bias = 1 if params.qkv_bias else 0
+        head = h // params.num_heads
+        stream = (h * 3 * h + 3 * h * bias + h * h + h + h * mlp + mlp + mlp * h + h + h * 6 * h + 6 * h
+                  + 2 * head)  # qkv, proj, mlp in/out, modulation, q/k norm scales
+        double = 2 * stream
+        single = (h * (3 * h + mlp) + 3 * h + mlp + (h + mlp) * h + h + h * 3 * h + 3 * h + 2 * head)
+        embed = 256 * h + h + h * h + h  # time_in
+        embed += params.vec_in_dim * h + h + h * h + h  # vector_in
+        embed += (256 * h + h + h * h + h) if params.guidance_embed else 0
+        other = embed + params.in_channels * h + h + ctx * h + h + h * 2 * h + 2 * h + h * params.out_channels \
+            + params.out_channels
+        return cls(double, single, params.depth, params.depth_single_blocks, other)
+
+    @property
+    def total(self) -> int:
+        return self.double_block * self.double_count + self.single_block * self.single_count + self.other
+
+
+# FLUX.1-dev (hidden 3072, 19 double + 38 single blocks, guidance embedding): 11.9 B parameters
+FLUX_DEV = TransformerSize(double_block=339_831_296, single_block=141_591_808, double_count=19, single_count=38,
+                           other=64_124_992)
+
+
+def swapped_blocks(blocks_to_swap: int, size: TransformerSize) -> tuple[int, int]:
+    """sd-scripts' split of --blocks_to_swap N: N // 2 double blocks and (N - N // 2) · 2 single blocks, the last
+    ones, keeping at least one of each kind resident."""
+    double = min(blocks_to_swap // 2, size.double_count - 1)
+    single = min((blocks_to_swap - blocks_to_swap // 2) * 2, size.single_count - 1)
+    return max(double, 0), max(single, 0)
+
+
+def estimate_peak_gib(size: TransformerSize = FLUX_DEV, fp8: bool = False, blocks_to_swap: int = 0,
+                      resolution: tuple[int, int] = (1024, 1024), batch_size: int = 1,
+                      slots: int = SWAP_SLOTS) -> float:
+    """The training peak with gradient checkpointing, in GiB (what torch's allocator reports, without headroom)."""
+    double, single = swapped_blocks(blocks_to_swap, size)
+    resident = size.total - double * size.double_block - single * size.single_block
+    if double:
+        resident += min(slots, double) * size.double_block
+    if single:
+        resident += min(slots, single) * size.single_block
+    weights = resident * (1 if fp8 else 2) / GIB
+    pixels = resolution[0] * resolution[1] * batch_size / 1024**2
+    return weights + FIXED_GIB + PER_1024_SQUARE_GIB * pixels
 
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """What `auto` picked from the free memory: the fields it sets, what it would set if block swap ran on a GPU,
-    and the explanation shown on the node."""
+    """What `auto` picked: the fields it sets, the guide's suggestions it leaves to the user (`would`), the estimated
+    peak and the explanation shown to the user."""
     free_gib: float
     row: int | None  # the guide's table row (GB), None on the CPU or above the table
     fields: dict
     would: dict = field(default_factory=dict)
     lines: tuple[str, ...] = ()
+    estimate_gib: float | None = None
 
     def text(self) -> str:
         return "\n".join(self.lines)
 
 
-# the guide's table (sd-scripts README, FLUX.1 LoRA): card size -> what it needs
+# the guide's table (sd-scripts README, FLUX.1 LoRA): card size -> what it uses
 GUIDE_ROWS: tuple[tuple[int, dict, str], ...] = (
-    (24, {}, "the base settings work (batch size 2 fits)"),
-    (16, {"blocks_to_swap": 8}, "block swap (the guide names no count; 8 keeps about 2 GiB spare in our "
-                                "reference measurements)"),
+    (24, {}, "the base settings (fp8 base, batch size 2 fits)"),
+    (16, {"blocks_to_swap": 8}, "block swap (the guide names no count)"),
     (12, {"blocks_to_swap": 16, "optimizer_type": "AdamW8bit"}, "--blocks_to_swap 16 with 8-bit AdamW"),
     (10, {"blocks_to_swap": 22, "t5xxl_fp8": True}, "--blocks_to_swap 22 and T5-XXL in fp8"),
     (8, {"blocks_to_swap": 28, "t5xxl_fp8": True}, "--blocks_to_swap 28 and T5-XXL in fp8"),
 )
-BF16_BASE_GIB = 28  # measured peak 25.6 GiB at 1024² with a bf16 base and checkpointing (DESIGN.md)
-FP8_PEAK_GIB = 14.6  # measured fp8 base + checkpointing at 1024² (13.1 at 512²)
 ROW_SHARE = 0.9  # a card of N GB has somewhat less than N GiB free
+MAX_SWAP = 35
 
 
-def plan_memory(free_bytes: float, device_type: str = "cuda") -> MemoryPlan:
-    """The memory node's `auto`: from the free memory, the guide's row and the settings that run today."""
+def plan_memory(free_bytes: float, device_type: str = "cuda", *, resolution: tuple[int, int] = (1024, 1024),
+                batch_size: int = 1, size: TransformerSize = FLUX_DEV) -> MemoryPlan:
+    """The fastest settings whose estimated peak fits the free memory, and why."""
     gib = free_bytes / 2**30
     base = {"gradient_checkpointing": True, "cpu_offload_checkpointing": False, "blocks_to_swap": None,
             "cache_latents": True, "cache_latents_to_disk": False, "cache_text_encoder_outputs": True,
             "cache_text_encoder_outputs_to_disk": False}
+    shape = f"{resolution[0]}x{resolution[1]}, batch {batch_size}"
     if device_type == "cpu":
         return MemoryPlan(gib, None, {**base, "fp8_base": False}, {}, (
             f"auto: training on the CPU ({gib:.1f} GiB free RAM): nothing to move off a GPU; gradient checkpointing "
             "on, latents and text-encoder outputs cached in memory, bf16 base",))
-    if gib >= BF16_BASE_GIB:
-        return MemoryPlan(gib, None, {**base, "fp8_base": False}, {}, (
-            f"auto: {gib:.1f} GiB free, more than the guide's largest row (24 GB): bf16 base (peak about 25.6 GiB "
-            "at 1024² in our reference), gradient checkpointing, caches in memory",))
-    row, would, why = next(((r, w, y) for r, w, y in GUIDE_ROWS if gib >= ROW_SHARE * r), GUIDE_ROWS[-1])
-    fields_ = {**base, "fp8_base": True}
-    lines = [f"auto: {gib:.1f} GiB free -> the guide's {row} GB row: {why}"
-             + ("" if gib >= ROW_SHARE * row else " (below its smallest row: expect out-of-memory errors)")]
-    swap = would.get("blocks_to_swap")
-    if swap and SWAP_RUNS_ON_GPU:
-        fields_["blocks_to_swap"] = swap
-    elif swap:
-        fits = FP8_PEAK_GIB < gib
-        lines.append(f"would pick --blocks_to_swap {swap}, but this trainer refuses block swap on a GPU until its "
-                     "machinery lands; running with fp8 base + gradient checkpointing instead (peak about "
-                     f"{FP8_PEAK_GIB} GiB at 1024²): "
-                     + ("it should fit" if fits else "more than is free: lower the resolution or expect an "
-                        "out-of-memory error"))
-    if "optimizer_type" in would:
-        lines.append(f"the guide also uses {would['optimizer_type']}: choose it on the optimizer node")
-    if would.get("t5xxl_fp8"):
-        lines.append("the guide also keeps T5-XXL in fp8: turn on t5xxl_fp8 on the models node")
-    lines.append("settings: fp8 base, gradient checkpointing, latents and text-encoder outputs cached in memory")
-    return MemoryPlan(gib, row, fields_, dict(would), tuple(lines))
+    budget = gib - HEADROOM_GIB
+    candidates = [(False, 0), (True, 0)] + [(True, n) for n in range(1, MAX_SWAP + 1)]
+    chosen = next(((fp8, n) for fp8, n in candidates
+                   if estimate_peak_gib(size, fp8, n, resolution, batch_size) <= budget), None)
+    fits = chosen is not None
+    fp8, swap = chosen if fits else (True, MAX_SWAP)
+    estimate = estimate_peak_gib(size, fp8, swap, resolution, batch_size)
+    row = next((r for r, _, _ in GUIDE_ROWS if gib >= ROW_SHARE * r), GUIDE_ROWS[-1][0])
+    row = None if not fp8 else row
+    would = next((dict(w) for r, w, _ in GUIDE_ROWS if r == row), {})
+    fields_ = {**base, "fp8_base": fp8, "blocks_to_swap": swap or None, "t5xxl_fp8": gib < T5_FP8_BELOW_GIB,
+               "mixed_precision": "bf16"}  # what FLUX.1 was trained in (and fp8 base computes in)
+    settings = ", ".join(["fp8 base" if fp8 else "bf16 base"] + ([f"--blocks_to_swap {swap}"] if swap else [])
+                         + (["T5-XXL in fp8 while it encodes"] if fields_["t5xxl_fp8"] else []))
+    lines = [f"auto: {gib:.1f} GiB free; at {shape}: {settings}, gradient checkpointing, latents and text-encoder "
+             f"outputs cached in memory; estimated peak {estimate:.1f} GiB"
+             + ("" if fits else ", MORE than is free: lower the resolution or batch size, or expect an out-of-memory "
+                                "error")]
+    if row is not None:
+        why = next(y for r, _, y in GUIDE_ROWS if r == row)
+        lines.append(f"the guide's {row} GB row uses {why}"
+                     + ("" if gib >= ROW_SHARE * row else " (this is below its smallest row)"))
+    if would.get("optimizer_type"):
+        lines.append(f"the guide also uses {would['optimizer_type']}, which saves about half a GiB more: choose it "
+                     "on the optimizer node (or --optimizer_type)")
+    return MemoryPlan(gib, row, fields_, would, tuple(lines), estimate)

@@ -225,6 +225,9 @@ class TrainConfig:
             raise ConfigError("torch_compile needs a --dynamo_backend (inductor, eager ...), not 'no'")
         object.__setattr__(self, "base_weights", tuple(self.base_weights))
         object.__setattr__(self, "base_weights_multiplier", tuple(float(v) for v in self.base_weights_multiplier))
+        if self.base_weights and (self.fp8_base or self.fp8_base_unet):
+            raise ConfigError("base_weights are merged into the transformer's weights, which fp8_base keeps in fp8: "
+                              "merge them into a bf16 model first, or train without fp8_base")
         if self.base_weights_multiplier and len(self.base_weights_multiplier) != len(self.base_weights):
             raise ConfigError(f"base_weights_multiplier: {len(self.base_weights_multiplier)} values for "
                               f"{len(self.base_weights)} base_weights files; give one per file (or none for 1.0)")
