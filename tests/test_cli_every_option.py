@@ -24,7 +24,8 @@ VALUES = {
     "loss_type": ["l1"], "huber_schedule": ["constant"], "weighting_scheme": ["logit_normal"],
     "timestep_sampling": ["shift"], "model_prediction_type": ["additive"], "save_model_as": ["safetensors"],
     "optimizer_type": ["Lion"], "network_module": ["networks.lora_flux"], "resume": None,
-    "network_args": ["conv_dim=4", "train_blocks=single"], "optimizer_args": ["weight_decay=0.1"],
+    "network_args": ["conv_dim=4", "train_blocks=single", "ggpo_sigma=0.03", "colour=1"],
+    "optimizer_args": ["weight_decay=0.1"],
     "lr_scheduler_args": ["T_max=10"], "text_encoder_lr": ["0.5", "0.25"], "base_weights": ["a.safetensors"],
     "base_weights_multiplier": ["0.5"], "dataset_config": None, "train_data_dir": ["other"],
     "resolution": ["640,384"], "resize_interpolation": ["bicubic"], "dynamo_backend": ["eager"],
@@ -99,7 +100,9 @@ def test_each_option_parses_and_lands(option):
     elif name in ACTS:
         assert ACTS[name](config), f"--{name} did not act"
         if name == "network_args":  # sd-scripts ignores keys its network does not take; so do we, saying so
-            assert any("unknown key 'conv_dim', ignored" in w for w in warnings), warnings
+            assert any("conv_dim is not supported here (FLUX's blocks have no convolutions)" in w for w in warnings)
+            assert any("ggpo_sigma is not supported here (GGPO" in w for w in warnings)
+            assert any("unknown key 'colour', ignored" in w for w in warnings), warnings
     elif name in field_names():
         landed = where(config, name)
         given = ns.__dict__[name]

@@ -141,3 +141,49 @@ def test_no_metadata_keeps_only_what_loaders_need(ws, tokenizer_dirs, tmp_path):
         meta = f.metadata()
     assert meta["ss_network_dim"] == "4" and meta["ss_network_module"] == "networks.lora_flux"
     assert "ss_learning_rate" not in meta and "ss_datasets" not in meta and "modelspec.architecture" in meta
+
+
+@pytest.mark.parametrize("options,steps", [
+    ({"initial_step": 5, "skip_until_initial_step": True}, [6, 7, 8]),
+    ({"initial_step": 5}, [5, 6, 7, 8]),  # without skipping: from the start of the epoch holding step 5
+    ({"initial_epoch": 2}, [5, 6, 7, 8]),
+])
+def test_initial_step_and_epoch(ws, tokenizer_dirs, tmp_path, options, steps):
+    from trainer.events import StepEnd
+
+    reporter = SilentReporter()
+    train(config(ws, tokenizer_dirs, tmp_path, max_train_steps=8, **options), reporter)
+    assert [e.step for e in reporter.of(StepEnd)] == steps
+    assert all(e.epoch == 2 for e in reporter.of(StepEnd))  # 4 steps per epoch
+
+
+def test_skip_until_initial_step_sees_the_uninterrupted_runs_batches(ws, tokenizer_dirs, tmp_path):
+    from safetensors.torch import load_file
+
+    from trainer.errors import ConfigError
+
+    common = dict(max_train_steps=7, save_every_n_steps=3, save_state=True)
+    straight = train(config(ws, tokenizer_dirs, tmp_path / "a", **common), SilentReporter()).lora
+    state = tmp_path / "a" / "test_lora-step00000003-state"
+    resumed = train(config(ws, tokenizer_dirs, tmp_path / "b", resume=str(state), initial_step=3,
+                           skip_until_initial_step=True, **common), SilentReporter()).lora
+    a, b = load_file(str(straight)), load_file(str(resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="initial_step 7: must be below the run's 7 training steps"):
+        train(config(ws, tokenizer_dirs, tmp_path / "c", max_train_steps=7, initial_step=7), SilentReporter())
+
+
+def test_validation_loss_in_a_run(ws, tokenizer_dirs, tmp_path):
+    """validation_split 0.25 of 8 images: 6 train (3 steps an epoch at batch 2), 2 held out; validation every 2 steps
+    and at each epoch's end, each pass the same fixed sigmas and noise."""
+    from trainer.events import StepEnd, ValidationEnd
+
+    reporter = SilentReporter()
+    finished = train(config(ws, tokenizer_dirs, tmp_path, max_train_steps=6, validation_split=0.25,
+                            validate_every_n_steps=2), reporter)
+    assert [e.step for e in reporter.of(StepEnd)] == [1, 2, 3, 4, 5, 6]
+    passes = [(e.step, e.epoch, e.per_epoch) for e in reporter.of(ValidationEnd)]
+    assert passes == [(2, 1, False), (3, 1, True), (4, 2, False), (6, 2, False), (6, 2, True)]
+    losses = [e.average_loss for e in reporter.of(ValidationEnd)]
+    assert all(loss > 0 for loss in losses) and len(set(losses)) > 1  # the LoRA changes between passes
+    assert finished.metadata["ss_num_validation_images"] == "2" and finished.metadata["ss_validation_split"] == "0.25"

@@ -31,7 +31,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig, canonical_optimizer
 from .distributed import init_world, pick_device
-from .errors import NonFiniteError, Stopped
+from .errors import ConfigError, NonFiniteError, Stopped
 from .events import EpochEnd, Finished, GroupLR, Message, Reporter, Samples, Saved, StepEnd, ValidationEnd
 from .lora.max_norm import MaxNormResult, scale_weight_norms
 from .metrics import Fanout, MetricsLog, check_trackers
@@ -169,12 +169,40 @@ class Loop:
         self.reporter.emit(Message(f"resumed from {folder} at step {position.global_step} "
                                    f"(epoch {position.epoch + 1})"))
 
+    def _start_at_initial_step(self) -> None:
+        """--initial_step N / --initial_epoch E (step (E-1) x steps per epoch): with --skip_until_initial_step the run
+        starts at step N itself, its batches before N skipped, so it sees the data an uninterrupted run would; without
+        it, at the start of the epoch that holds step N. Either replaces a resumed state's step; the learning-rate
+        schedule is not advanced (it is the resumed state's, or starts from its beginning)."""
+        cfg, s = self.config, self.session
+        step = cfg.initial_step if cfg.initial_step is not None else (cfg.initial_epoch - 1) * s.steps_per_epoch
+        if step >= s.total_steps:
+            raise ConfigError(f"initial_step {step}: must be below the run's {s.total_steps} training steps "
+                              "(--max_train_steps)")
+        if cfg.resume:
+            self.reporter.emit(Message(f"initial_step {step} replaces the resumed state's step "
+                                       f"{self.position.global_step}", "warning"))
+        epoch = step // s.steps_per_epoch
+        if cfg.skip_until_initial_step:
+            within = step - epoch * s.steps_per_epoch
+            batch = min(within * cfg.gradient_accumulation_steps, len(s.datasets))
+            self.position = Position(global_step=step, epoch=epoch, next_batch=batch)
+            self.reporter.emit(Message(f"skipping {step} steps: training starts at step {step + 1} (epoch "
+                                       f"{epoch + 1}, batch {batch + 1})"))
+        else:
+            self.position = Position(global_step=epoch * s.steps_per_epoch, epoch=epoch, next_batch=0)
+            self.reporter.emit(Message(f"initial step {step}: training starts with epoch {epoch + 1} at step "
+                                       f"{epoch * s.steps_per_epoch + 1}; --skip_until_initial_step starts at step "
+                                       f"{step + 1} itself"))
+
     # ------------------------------------------------------------------------------------------ running
 
     def run(self) -> Finished:
         cfg, s = self.config, self.session
         if cfg.resume:
             self.resume(Path(cfg.resume))
+        if cfg.initial_step is not None or cfg.initial_epoch is not None:
+            self._start_at_initial_step()
         self.reporter.emit(Message(
             f"training {len(s.network.loras)} LoRA layers for {s.total_steps} steps ({s.epochs} epochs of "
             f"{s.steps_per_epoch}), {len(s.datasets)} batches per epoch, device {s.device}"))

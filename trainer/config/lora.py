@@ -99,6 +99,9 @@ class LoRAConfig:
             if "=" not in arg:
                 raise LoRAConfigError(f"network_args: {arg!r} is not of the form key=value")
             key, raw = (s.strip() for s in arg.split("=", 1))
+            if key in NOT_SUPPORTED_KEYS and unknown_key is not None:
+                unknown_key(f"network_args: {key} is not supported here ({NOT_SUPPORTED_KEYS[key]}); ignored")
+                continue
             if key not in known or key in ("network_dim", "network_alpha", "network_dropout"):
                 valid = sorted(k for k in known if k not in ("network_dim", "network_alpha", "network_dropout",
                                                               "network_train_unet_only"))
@@ -109,6 +112,15 @@ class LoRAConfig:
                 continue
             values[key] = _parse_value(key, raw)
         return cls(**values)
+
+
+# keys sd-scripts' lora_flux takes that do nothing here, and why
+NOT_SUPPORTED_KEYS = {
+    "ggpo_sigma": "GGPO's weight perturbation is not implemented; the LoRA trains without it",
+    "ggpo_beta": "GGPO's weight perturbation is not implemented; the LoRA trains without it",
+    "conv_dim": "FLUX's blocks have no convolutions", "conv_alpha": "FLUX's blocks have no convolutions",
+    "verbose": "the network's layers are listed by --check_only",
+}
 
 
 def _check(ok: bool, option: str, expected: str) -> None:

@@ -103,7 +103,6 @@ class TrainConfig:
     in_json: str | None = None  # fine-tune style captions for --train_data_dir
     dataset_repeats: int = 1  # repeats of the --in_json dataset
     cache_info: bool = False
-    masked_loss: bool = False
     # validation loss: held-out images, fixed timesteps and noise
     validation_split: float = 0.0
     validation_seed: int | None = None
