@@ -149,6 +149,10 @@ def test_swap_plan_maps_the_count_as_sd_scripts_and_fits_small_models():
     assert counts(swap_plan(35, 19, 38)) == (17, 36)
     assert counts(swap_plan(1, 19, 38)) == (0, 2)
     assert counts(swap_plan(0, 19, 38)) == (0, 0)
+    # with two slots per kind, two more blocks of each kind stream: the device holds as much as in sd-scripts
+    assert counts(swap_plan(18, 19, 38, slots=2)) == (11, 20)
+    assert counts(swap_plan(1, 19, 38, slots=2)) == (0, 4)
+    assert counts(swap_plan(35, 19, 38, slots=2)) == (18, 37) and swap_plan(35, 19, 38, slots=2).note is None
     small = swap_plan(2, 2, 2)
     assert counts(small) == (1, 1)
     assert "2 double and 2 single" in small.note and "1 double + 1 single are swapped" in small.note
@@ -173,7 +177,7 @@ def test_training_with_block_swap_equals_training_without(wide_state, tiny_state
     runner = BlockSwapRunner(blocks_to_swap, checkpointing, compute_device="cpu", host_device="cpu", slots=slots)
     reference = Trainee(state, params, memory.runner_for(checkpointing))
     swapped = Trainee(state, params, runner)
-    plan = swap_plan(blocks_to_swap, params.depth, params.depth_single_blocks)
+    plan = swap_plan(blocks_to_swap, params.depth, params.depth_single_blocks, slots)
     assert runner.plan == plan
     swapped_keys = ([("double", i) for i in range(params.depth - plan.double, params.depth)]
                     + [("single", i) for i in range(params.depth_single_blocks - plan.single,

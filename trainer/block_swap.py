@@ -40,19 +40,23 @@ class SwapPlan:
     note: str | None = None  # set when the model is smaller than the request
 
 
-def swap_plan(blocks_to_swap: int, depth: int, depth_single: int) -> SwapPlan:
-    """sd-scripts' mapping: N//2 double and (N - N//2)*2 single blocks (at most 17 and 36), here also capped so at
-    least one block of each kind stays resident on a model smaller than FLUX.1."""
+def swap_plan(blocks_to_swap: int, depth: int, depth_single: int, slots: int = 0) -> SwapPlan:
+    """sd-scripts' mapping: the memory of N//2 double and (N - N//2)*2 single blocks (at most 17 and 36) leaves the
+    device. sd-scripts brings each block into the memory of the one going out; here the blocks that stream share
+    `slots` device slots per kind, so `slots` more blocks of each kind stream and the device holds what it holds in
+    sd-scripts. Capped so that at least one block of each kind stays resident on a model smaller than FLUX.1."""
     if not 0 <= blocks_to_swap <= 35:
         raise ValueError(f"blocks_to_swap: expected 0-35, not {blocks_to_swap}")
-    wanted_double = min(blocks_to_swap // 2, MAX_DOUBLE)
-    wanted_single = min((blocks_to_swap - blocks_to_swap // 2) * 2, MAX_SINGLE)
+    freed_double = min(blocks_to_swap // 2, MAX_DOUBLE)
+    freed_single = min((blocks_to_swap - blocks_to_swap // 2) * 2, MAX_SINGLE)
+    wanted_double = freed_double + slots if freed_double else 0
+    wanted_single = freed_single + slots if freed_single else 0
     double, single = min(wanted_double, max(depth - 1, 0)), min(wanted_single, max(depth_single - 1, 0))
     note = None
-    if (double, single) != (wanted_double, wanted_single):
-        note = (f"blocks_to_swap {blocks_to_swap} asks for {wanted_double} double + {wanted_single} single blocks, "
-                f"but this model has {depth} double and {depth_single} single blocks and one of each stays on the "
-                f"compute device: {double} double + {single} single are swapped")
+    if double < freed_double or single < freed_single:  # the model is too small for the memory asked to be freed
+        note = (f"blocks_to_swap {blocks_to_swap} asks for {wanted_double} double + {wanted_single} single blocks "
+                f"streamed, but this model has {depth} double and {depth_single} single blocks and one of each stays "
+                f"on the compute device: {double} double + {single} single are swapped")
     return SwapPlan(double, single, note)
 
 
@@ -207,7 +211,7 @@ class BlockSwapRunner:
             raise RuntimeError("this block-swap runner is already bound to a model")
         device = self.compute_device or flux.img_in.weight.device
         self.compute_device = device
-        self.plan = swap_plan(self.blocks_to_swap, len(flux.double_blocks), len(flux.single_blocks))
+        self.plan = swap_plan(self.blocks_to_swap, len(flux.double_blocks), len(flux.single_blocks), self.slot_count)
         pin = device.type == "cuda" and self.host_device.type == "cpu"
         order, specs = [], {}
         for kind, blocks, count in (("double", flux.double_blocks, self.plan.double),

@@ -7,8 +7,7 @@ slots) at 2 bytes a weight (bf16) or 1 (fp8), plus what training adds with gradi
 the pixels of a batch. Its two constants come from the reference measurements (FLUX.1-dev, LoRA rank 16 on every
 block Linear, AdamW, batch 1, one GPU; DESIGN.md): 25.6 GiB at 1024² and 24.0 GiB at 512² with a bf16 base, 14.6
 and 13.1 with an fp8 base, 15.1 with 18 blocks swapped, 9.4 with fp8 and 18 swapped; the estimate is within 3% of
-each (tests/test_memory_plan.py; sd-scripts swaps a block into the memory of the one going out, which is the
-estimate with no slots). Order of preference, fastest first (the reference's timings): bf16 base, fp8 base,
+each (tests/test_memory_plan.py). Order of preference, fastest first (the reference's timings): bf16 base, fp8 base,
 fp8 base with the fewest swapped blocks that fit.
 """
 
@@ -22,7 +21,7 @@ FIXED_GIB = 1.43
 PER_1024_SQUARE_GIB = 2.13
 HEADROOM_GIB = 0.8  # the CUDA context and allocator slack that the measured peaks do not count
 T5_FP8_BELOW_GIB = 12.0  # T5-XXL takes 9.5 GB in bf16 while it encodes: below this, keep it in fp8
-SWAP_SLOTS = 2  # device slots per block kind of trainer/block_swap.py
+SWAP_SLOTS = 2  # device slots per block kind of trainer/block_swap.py (they come out of the swapped blocks)
 
 
 @dataclass(frozen=True)
@@ -62,23 +61,20 @@ FLUX_DEV = TransformerSize(double_block=339_831_296, single_block=141_591_808, d
 
 
 def swapped_blocks(blocks_to_swap: int, size: TransformerSize) -> tuple[int, int]:
-    """sd-scripts' split of --blocks_to_swap N: N // 2 double blocks and (N - N // 2) · 2 single blocks, the last
-    ones, keeping at least one of each kind resident."""
+    """The blocks' worth of memory --blocks_to_swap N frees (sd-scripts' split: N // 2 double and (N - N // 2) · 2
+    single blocks), keeping at least one of each kind resident. trainer/block_swap.py streams `SWAP_SLOTS` more of
+    each kind through that many device slots, so the device holds what it holds in sd-scripts, less a little at
+    the top counts where the cap bites."""
     double = min(blocks_to_swap // 2, size.double_count - 1)
     single = min((blocks_to_swap - blocks_to_swap // 2) * 2, size.single_count - 1)
     return max(double, 0), max(single, 0)
 
 
 def estimate_peak_gib(size: TransformerSize = FLUX_DEV, fp8: bool = False, blocks_to_swap: int = 0,
-                      resolution: tuple[int, int] = (1024, 1024), batch_size: int = 1,
-                      slots: int = SWAP_SLOTS) -> float:
+                      resolution: tuple[int, int] = (1024, 1024), batch_size: int = 1) -> float:
     """The training peak with gradient checkpointing, in GiB (what torch's allocator reports, without headroom)."""
     double, single = swapped_blocks(blocks_to_swap, size)
     resident = size.total - double * size.double_block - single * size.single_block
-    if double:
-        resident += min(slots, double) * size.double_block
-    if single:
-        resident += min(slots, single) * size.single_block
     weights = resident * (1 if fp8 else 2) / GIB
     pixels = resolution[0] * resolution[1] * batch_size / 1024**2
     return weights + FIXED_GIB + PER_1024_SQUARE_GIB * pixels
