@@ -137,7 +137,8 @@ class FluxLoraTrainerTrain(io.ComfyNode):
                 flow={k: widgets.pop(k) for k in FLOW_WIDGETS}, sample_prompts=sample_prompts,
                 extra_options=extra_options, output_dir=run_dir, output_name=output_name,
                 cache_dir=cache_folder(comfy_output), resume=resume_dir, device=str(device),
-                free_memory=mm.get_free_memory(device) if auto else None, device_type=device.type, **widgets)
+                free_memory=mm.get_free_memory(device) if auto else None, device_type=device.type,
+                transformer=_transformer_size(models) if auto else None, **widgets)
         run_dir.mkdir(parents=True, exist_ok=True)
         if plan.prompts:
             Path(plan.config.sample_prompts).write_text(plan.prompts + "\n", encoding="utf-8")
@@ -197,3 +198,11 @@ def _blank():
 
 
 NODES = [FluxLoraTrainerTrain]
+
+
+def _transformer_size(models: dict):
+    """The chosen transformer's parameter counts, from its file's header, for the memory plan."""
+    from ..trainer.config.memory_plan import TransformerSize
+    from ..trainer.models import read_flux_params
+
+    return TransformerSize.of(read_flux_params(models["pretrained_model_name_or_path"]))

@@ -29,7 +29,13 @@ from ..trainer.config import (
     load_dataset_config,
     single_folder_dataset,
 )
-from ..trainer.config.memory_plan import GUIDE_ROWS, MemoryPlan, plan_memory  # noqa: F401
+from ..trainer.config.memory_plan import (  # noqa: F401
+    FLUX_DEV,
+    GUIDE_ROWS,
+    MemoryPlan,
+    TransformerSize,
+    plan_memory,
+)
 from ..trainer.errors import ConfigError, DatasetConfigError, TrainerError
 from .paths import resolve_input_file, resolve_input_folder
 
@@ -466,7 +472,8 @@ def train_config(*, models: Mapping, datasets: tuple, network: Mapping | None = 
                  apply_t5_attn_mask: bool = False, t5xxl_max_token_length: int = 0, extra_options: str = "",
                  output_dir: str | os.PathLike, output_name: str, cache_dir: str | os.PathLike | None,
                  resume: str | os.PathLike | None = None, device: str | None = None,
-                 free_memory: float | None = None, device_type: str = "cuda") -> RunPlan:
+                 free_memory: float | None = None, device_type: str = "cuda",
+                 transformer: TransformerSize | None = None) -> RunPlan:
     """Every piece -> one TrainConfig, built on TrainConfig.recommended(). Later pieces win: recommended <
     memory (or its auto plan from `free_memory`) < models (fp8_base is on when either asks) < optimizer < network <
     the train node's widgets < its extra options."""
@@ -482,7 +489,7 @@ def train_config(*, models: Mapping, datasets: tuple, network: Mapping | None = 
             raise ConfigError("memory auto: the free memory is unknown")
         largest = max(datasets, key=lambda d: d.resolution[0] * d.resolution[1] * d.batch_size)
         plan = plan_memory(free_memory, device_type, resolution=tuple(largest.resolution),
-                           batch_size=largest.batch_size)
+                           batch_size=largest.batch_size, size=transformer or FLUX_DEV)
         values.update(plan.fields)
         notes += plan.lines
     else:

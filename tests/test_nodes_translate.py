@@ -374,6 +374,15 @@ def test_auto_memory_is_planned_from_the_free_memory(inputs, tmp_path):
     assert any("24 GB row" in n for n in plan.notes)
     with pytest.raises(ConfigError, match="free memory is unknown"):
         run(inputs, tmp_path, memory=memory)
+    # at 11.6 GiB FLUX.1-dev needs blocks swapped; the transformer the models node picked may be smaller
+    from trainer.config.memory_plan import TransformerSize
+    from trainer.models.tiny import TINY_FLUX
+
+    dev = run(inputs, tmp_path, memory=memory, free_memory=11.6 * GIB).config
+    small = run(inputs, tmp_path, memory=memory, free_memory=11.6 * GIB,
+                transformer=TransformerSize.of(TINY_FLUX)).config
+    assert dev.fp8_base and dev.blocks_to_swap and dev.t5xxl_fp8
+    assert not small.fp8_base and not small.blocks_to_swap
 
 
 def test_default_caches_give_way_to_random_captions_and_crops(inputs, tmp_path):

@@ -187,3 +187,7 @@ def test_validation_loss_in_a_run(ws, tokenizer_dirs, tmp_path):
     losses = [e.average_loss for e in reporter.of(ValidationEnd)]
     assert all(loss > 0 for loss in losses) and len(set(losses)) > 1  # the LoRA changes between passes
     assert finished.metadata["ss_num_validation_images"] == "2" and finished.metadata["ss_validation_split"] == "0.25"
+    from trainer.preflight import preflight_report
+
+    report = preflight_report(config(ws, tokenizer_dirs, tmp_path, validation_split=0.25)).text()
+    assert "6 images" in report and "validation: 2 images held out" in report and "3 steps per epoch" in report

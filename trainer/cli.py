@@ -374,7 +374,10 @@ class ConsoleReporter:
                 self.bar = tqdm(total=event.total_steps, desc="steps", initial=event.step - 1) if tqdm else False
             if self.bar:
                 self.bar.update(1)
-                self.bar.set_postfix(loss=f"{event.average_loss:.4f}", lr=f"{event.lr:.2e}", epoch=event.epoch)
+                norms = {} if event.keys_scaled is None else {"keys_scaled": event.keys_scaled,
+                                                               "avg_norm": f"{event.mean_norm:.3g}"}
+                self.bar.set_postfix(loss=f"{event.average_loss:.4f}", lr=f"{event.lr:.2e}", epoch=event.epoch,
+                                     **norms)
             elif event.step % 10 == 0:
                 print(f"step {event.step}/{event.total_steps} loss {event.average_loss:.4f}", flush=True)
         elif isinstance(event, Saved):

@@ -235,6 +235,7 @@ class DatasetReport:
     skipped: tuple[tuple[Path, str], ...]  # (file, why)
     buckets: tuple[tuple[int, int, int], ...]  # (width, height, images with repeats)
     batches: int
+    held_out: int = 0  # images kept out of training for the validation loss (validation_split)
 
 
 @dataclass(frozen=True)
@@ -254,6 +255,8 @@ class PreflightReport:
                        + (f", {d.regularisation_images} regularisation" if d.regularisation_images else "") + ")")
             for folder, repeats in d.repeats:
                 out.append(f"  {folder}: {repeats} repeat(s)")
+            if d.held_out:
+                out.append(f"  validation: {d.held_out} images held out of training for the validation loss")
             out.append(f"  captions: {d.captioned} of {d.images} images have a caption file"
                        + (f"; {len(d.uncaptioned)} use the class tokens or an empty caption (e.g. "
                           f"{d.uncaptioned[0].name})" if d.uncaptioned else ""))
@@ -287,7 +290,8 @@ def dataset_report(datasets: list, seed: int = 0) -> tuple[list[DatasetReport], 
             repeats=tuple((str(s.image_dir or s.metadata_file), s.num_repeats) for s in dataset.config.subsets),
             captioned=len(items) - len(uncaptioned), uncaptioned=uncaptioned,
             skipped=tuple(sorted(dataset.skipped.problems.items())),
-            buckets=tuple((w, h, n) for (w, h), n in dataset.bucket_table()), batches=len(dataset)))
+            buckets=tuple((w, h, n) for (w, h), n in dataset.bucket_table()), batches=len(dataset),
+            held_out=len(dataset.held_out)))
     return reports, len(group)
 
 
