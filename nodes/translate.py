@@ -32,8 +32,10 @@ from ..trainer.config import (
 from ..trainer.config.memory_plan import (  # noqa: F401
     FLUX_DEV,
     GUIDE_ROWS,
+    LATENT_RANDOM_OPTIONS,
     MemoryPlan,
     TransformerSize,
+    drop_impossible_caches,
     plan_memory,
 )
 from ..trainer.errors import ConfigError, DatasetConfigError, TrainerError
@@ -431,30 +433,16 @@ def flow_config(extra_flow: Mapping | None = None, **widgets) -> FlowConfig:
     return FlowConfig(**{**asdict(recommended().flow), **widgets, **(extra_flow or {})})
 
 
-LATENT_RANDOM_OPTIONS = ("color_aug", "random_crop")  # the core's check_latent_caching refuses these with caching
 
 
 def _drop_impossible_caches(values: dict, datasets: tuple, network: LoRAConfig) -> list[str]:
     """Caching picked by default (no memory node, or auto) is turned off where a dataset changes images or captions
     every step, instead of failing after the models have loaded; a cache the user chose keeps the core's error."""
-    from ..trainer.data.captions import caption_is_random
-
-    notes = []
-    subsets = [s for d in datasets for s in d.subsets]
-    random_latents = [o for o in LATENT_RANDOM_OPTIONS if any(getattr(s, o) for s in subsets)]
-    if random_latents and values.get("cache_latents", recommended().cache_latents):
-        values["cache_latents"] = values["cache_latents_to_disk"] = False
-        notes.append(f"latents are not cached: {', '.join(random_latents)} changes the images every step")
-    text_cached = values.get("cache_text_encoder_outputs", recommended().cache_text_encoder_outputs)
-    if network.train_t5xxl and text_cached:
-        values["cache_text_encoder_outputs"] = values["cache_text_encoder_outputs_to_disk"] = False
-        notes.append("text-encoder outputs are not cached: T5-XXL is trained (its outputs change every step)")
-    elif any(caption_is_random(s) for s in subsets) and values.get("cache_text_encoder_outputs",
-                                                                  recommended().cache_text_encoder_outputs):
-        values["cache_text_encoder_outputs"] = values["cache_text_encoder_outputs_to_disk"] = False
-        notes.append("text-encoder outputs are not cached: a dataset changes its captions every step (shuffle, "
-                     "dropout, warmup or wildcards)")
-    return notes
+    rec = recommended()
+    for key in ("cache_latents", "cache_latents_to_disk", "cache_text_encoder_outputs",
+                "cache_text_encoder_outputs_to_disk"):
+        values.setdefault(key, getattr(rec, key))
+    return drop_impossible_caches(values, datasets, network.train_t5xxl)
 
 
 @dataclass(frozen=True)

@@ -61,3 +61,41 @@ def test_cli_memory_auto_fills_what_the_command_line_leaves_open(tmp_path, token
     monkeypatch.setattr("trainer.models.read_flux_params", lambda path: FluxParams())
     ns = cli.parse_command_line(cli_args(ws, tokenizer_dirs, tmp_path) + ["--memory", "auto"])
     assert cli.config_with_memory_plan(ns, messages.append).mixed_precision == "bf16"  # fp8 base computes in bf16
+
+
+@pytest.mark.parametrize("extra,check", [
+    (["--shuffle_caption"], lambda c: not c.cache_text_encoder_outputs and c.cache_latents),
+    (["--random_crop"], lambda c: not c.cache_latents and c.cache_text_encoder_outputs),
+    (["--network_args", "train_t5xxl=True"], lambda c: not c.cache_text_encoder_outputs),
+    (["--base_weights", "x.safetensors"], lambda c: not c.fp8_base and c.blocks_to_swap),  # bf16 + swap instead
+    (["--mixed_precision", "no"], lambda c: not c.fp8_base),
+    (["--gradient_checkpointing", "--cpu_offload_checkpointing"], lambda c: not c.blocks_to_swap),
+    (["--split_mode"], lambda c: c.blocks_to_swap == 18),
+])
+def test_cli_memory_auto_respects_what_the_other_options_rule_out(tmp_path, tokenizer_dirs, monkeypatch, extra, check):
+    from trainer import cli
+    from trainer.config.memory_plan import GIB
+
+    from trainspace import cli_args, make_workspace
+
+    ws = make_workspace(tmp_path / "ws")
+    monkeypatch.setattr(cli, "free_device_memory", lambda device: ("cuda", 11.6 * GIB))
+    monkeypatch.setattr("trainer.models.read_flux_params", lambda path: FluxParams())
+    args = cli_args(ws, tokenizer_dirs, tmp_path)
+    args[args.index("--dataset_config"):args.index("--dataset_config") + 2] = [
+        "--train_data_dir", str(ws["root"] / "dataset"), "--resolution", "64"]
+    messages = []
+    config = cli.config_with_memory_plan(cli.parse_command_line(args + ["--memory", "auto"] + extra),
+                                         messages.append)
+    assert check(config), messages
+
+
+def test_estimate_follows_the_slots_cap_of_block_swap():
+    """The estimate frees what trainer/block_swap.py really streams (less its slots), capped like it at the top."""
+    from trainer.block_swap import swap_plan
+    from trainer.config.memory_plan import SWAP_SLOTS, swapped_blocks
+
+    for n in range(36):
+        plan = swap_plan(n, 19, 38, SWAP_SLOTS)
+        resident_slots = (min(SWAP_SLOTS, plan.double), min(SWAP_SLOTS, plan.single))
+        assert swapped_blocks(n, FLUX_DEV) == (plan.double - resident_slots[0], plan.single - resident_slots[1]), n

@@ -2,6 +2,8 @@
 failed before its fix (issue 13, fixes 1, 4, 5, 6) or proves an option that did not act (scale_weight_norms,
 save_n_epoch_ratio, save_last_n_steps_state, metadata_*, no_metadata)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -157,20 +159,53 @@ def test_initial_step_and_epoch(ws, tokenizer_dirs, tmp_path, options, steps):
     assert all(e.epoch == 2 for e in reporter.of(StepEnd))  # 4 steps per epoch
 
 
-def test_skip_until_initial_step_sees_the_uninterrupted_runs_batches(ws, tokenizer_dirs, tmp_path):
-    from safetensors.torch import load_file
-
+def test_skip_until_initial_step_sees_the_uninterrupted_runs_batches(ws, tokenizer_dirs, tmp_path, monkeypatch):
+    """From scratch, --initial_step 5 --skip_until_initial_step trains steps 6.. on the very images (and noise step
+    numbers) an uninterrupted run trains them on; without skipping, the epoch's first batches come again."""
+    import trainer.step as step_module
     from trainer.errors import ConfigError
 
-    common = dict(max_train_steps=7, save_every_n_steps=3, save_state=True)
-    straight = train(config(ws, tokenizer_dirs, tmp_path / "a", **common), SilentReporter()).lora
-    state = tmp_path / "a" / "test_lora-step00000003-state"
-    resumed = train(config(ws, tokenizer_dirs, tmp_path / "b", resume=str(state), initial_step=3,
-                           skip_until_initial_step=True, **common), SilentReporter()).lora
-    a, b = load_file(str(straight)), load_file(str(resumed))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(ConfigError, match="initial_step 7: must be below the run's 7 training steps"):
-        train(config(ws, tokenizer_dirs, tmp_path / "c", max_train_steps=7, initial_step=7), SilentReporter())
+    seen = []
+    original = step_module.loss
+
+    def recording(ctx, batch, step):
+        seen.append((step, tuple(Path(p).name for p in batch.paths)))
+        return original(ctx, batch, step)
+
+    monkeypatch.setattr(step_module, "loss", recording)
+    train(config(ws, tokenizer_dirs, tmp_path / "a", max_train_steps=8), SilentReporter())
+    straight, seen[:] = list(seen), []
+    train(config(ws, tokenizer_dirs, tmp_path / "b", max_train_steps=8, initial_step=5, skip_until_initial_step=True),
+          SilentReporter())
+    assert seen == straight[5:]
+    seen.clear()
+    train(config(ws, tokenizer_dirs, tmp_path / "c", max_train_steps=8, initial_step=5), SilentReporter())
+    assert seen == straight[4:]  # from the start of epoch 2 (steps 5..8)
+    with pytest.raises(ConfigError, match="initial_step 8: must be below the run's 8 training steps"):
+        train(config(ws, tokenizer_dirs, tmp_path / "d", max_train_steps=8, initial_step=8), SilentReporter())
+
+
+def test_resuming_a_finished_run_trains_nothing_more(ws, tokenizer_dirs, tmp_path):
+    """A state saved at the last step, resumed with the same length: no step past --max_train_steps."""
+    from trainer.events import Message, StepEnd
+
+    train(config(ws, tokenizer_dirs, tmp_path / "a", max_train_steps=3, save_state=True), SilentReporter())
+    reporter = SilentReporter()
+    finished = train(config(ws, tokenizer_dirs, tmp_path / "b", max_train_steps=3,
+                            resume=str(tmp_path / "a" / "test_lora-state")), reporter)
+    assert reporter.of(StepEnd) == [] and finished.steps == 3
+    assert any("nothing left to train" in e.text for e in reporter.of(Message))
+
+
+def test_metrics_log_keeps_the_steps_before_an_initial_step(ws, tokenizer_dirs, tmp_path):
+    import json
+
+    train(config(ws, tokenizer_dirs, tmp_path, max_train_steps=4), SilentReporter())
+    train(config(ws, tokenizer_dirs, tmp_path, max_train_steps=8, initial_step=4, skip_until_initial_step=True),
+          SilentReporter())
+    steps = [json.loads(line)["step"] for line in (tmp_path / "test_lora_metrics.jsonl").read_text().splitlines()
+             if '"step"' in line and '"loss"' in line]
+    assert steps == list(range(1, 9))
 
 
 def test_validation_loss_in_a_run(ws, tokenizer_dirs, tmp_path):

@@ -23,6 +23,7 @@ checkpointing this costs one extra forward of the swapped blocks only; with it, 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -58,6 +59,22 @@ def swap_plan(blocks_to_swap: int, depth: int, depth_single: int, slots: int = 0
                 f"streamed, but this model has {depth} double and {depth_single} single blocks and one of each stays "
                 f"on the compute device: {double} double + {single} single are swapped")
     return SwapPlan(double, single, note)
+
+
+def _pinned_empty(shape: torch.Size, dtype: torch.dtype) -> Tensor:
+    """Page-locked host memory of exactly this size. torch's pinned allocator rounds every block up to a power of two
+    (a 648 MiB block weight set would take 1 GiB) and keeps it cached after the run; registering an ordinary
+    allocation with CUDA pins just its bytes, and unregistering it when the tensor goes gives them back."""
+    host = torch.empty(shape, dtype=dtype)
+    size = host.numel() * host.element_size()
+    try:
+        cudart = torch.cuda.cudart()
+        if size and int(cudart.cudaHostRegister(host.data_ptr(), size, 0)) == 0:
+            weakref.finalize(host, cudart.cudaHostUnregister, host.data_ptr())
+            return host
+    except (AssertionError, AttributeError, RuntimeError, TypeError):  # no CUDA runtime binding: torch's pinning
+        pass
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
 
 
 # ------------------------------------------------------------------------------------------------ recompute
@@ -249,7 +266,7 @@ class BlockSwapRunner:
         w = weight.detach()
         if w.device == self.host_device and (not pin or w.is_pinned()):
             return w  # already in host memory: the slot is the copy
-        host = torch.empty(w.shape, dtype=w.dtype, device=self.host_device, pin_memory=pin)
+        host = _pinned_empty(w.shape, w.dtype) if pin else torch.empty(w.shape, dtype=w.dtype, device=self.host_device)
         host.copy_(w)
         return host
 

@@ -276,21 +276,30 @@ def config_with_memory_plan(ns: argparse.Namespace, warn=print) -> TrainConfig:
     """--memory auto: the plan's fields for every option the command line leaves unset; the plan's explanation goes
     to `warn` (as information)."""
     from .config import resolve_datasets
-    from .config.memory_plan import TransformerSize, plan_memory
+    from .config.memory_plan import TransformerSize, drop_impossible_caches, plan_memory
     from .models import read_flux_params
 
+    if getattr(ns, "split_mode", False) and not hasattr(ns, "blocks_to_swap"):
+        ns.blocks_to_swap = 18  # the deprecated flag's count is the user's, not the plan's
+        del ns.split_mode
+        warn("--split_mode is deprecated: using --blocks_to_swap 18")
     given = set(vars(ns))
     draft = config_from_args(ns, warn=lambda text: None)
     datasets = resolve_datasets(draft)
     largest = max(datasets, key=lambda d: d.resolution[0] * d.resolution[1] * d.batch_size)
     device_type, free = free_device_memory(draft.device)
+    no_fp8 = bool(draft.base_weights) or ("mixed_precision" in given and draft.mixed_precision == "no")
     plan = plan_memory(free, device_type, resolution=tuple(largest.resolution), batch_size=largest.batch_size,
-                       size=TransformerSize.of(read_flux_params(draft.pretrained_model_name_or_path)))
-    for line in plan.lines:
+                       size=TransformerSize.of(read_flux_params(draft.pretrained_model_name_or_path)),
+                       allow_fp8=not no_fp8, allow_swap=not draft.cpu_offload_checkpointing)
+    fields = {name: value for name, value in plan.fields.items() if name not in given}
+    if draft.cpu_offload_checkpointing:
+        fields.pop("blocks_to_swap", None)
+    notes = drop_impossible_caches(fields, datasets, draft.network.train_t5xxl)
+    for line in [*plan.lines, *notes]:
         warn(line)
-    for name, value in plan.fields.items():
-        if name not in given:
-            setattr(ns, name, value)
+    for name, value in fields.items():
+        setattr(ns, name, value)
     return config_from_args(ns, warn=warn)
 
 

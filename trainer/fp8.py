@@ -26,9 +26,12 @@ Packing makes each Linear's `weight` a view into its block's buffer (the Paramet
 that moves parameters one by one (`Module.to`, a block swapper assigning `.data`) breaks the packing; the block
 then upcasts weight by weight, still once per pass, with the same result.
 
-With the block runners (trainer/memory.py): call `enable` after loading and before installing a runner. Every
-runner ends in `block(*args)` (checkpointing, its recomputation, block swap's recomputation), so the hooks fire
-whichever runs. Inside `torch.compile` the layers compute the plain per-call upcast and the compiler schedules it.
+With the block runners (trainer/memory.py): the session calls `enable` after installing the runner, once block swap
+has moved the resident blocks to the GPU (moving parameters one by one would undo the packing). Every runner ends in
+`block(*args)` (checkpointing, its recomputation, block swap's recomputation), so the hooks fire whichever runs.
+Swapped blocks hold placeholders when they are packed and slot memory when they run, so they upcast weight by
+weight, still once per pass. Inside `torch.compile` the layers compute the plain per-call upcast and the compiler
+schedules it.
 """
 
 from __future__ import annotations

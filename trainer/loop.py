@@ -27,7 +27,6 @@ from .checkpoint import (
     restore_rng,
     restoring,
     save_state,
-    state_position,
 )
 from .config import TrainConfig, canonical_optimizer
 from .distributed import init_world, pick_device
@@ -60,11 +59,12 @@ def train(config: TrainConfig, reporter: Reporter) -> Finished:
             world = init_world(device, config.ddp_timeout)
             if world.is_main:
                 metrics = MetricsLog.from_config(config, reporter.emit)
-                # a resumed run trains (and logs) again the steps after its state's; a run that starts over, all
-                metrics.truncate_after(state_position(Path(config.resume)).global_step if config.resume else 0)
             events = Fanout(reporter, metrics)
             session = prepare(config, events, world, device)
             loop = Loop(session, events)
+            loop.start()
+            if metrics is not None:  # the steps from here on are trained (and logged) again; a new run logs them all
+                metrics.truncate_after(loop.position.global_step)
             return loop.run()
     except BaseException as e:
         traceback.clear_frames(e.__traceback__)  # the traceback stays readable but no longer holds the models
@@ -80,6 +80,8 @@ def train(config: TrainConfig, reporter: Reporter) -> Finished:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+            if hasattr(torch, "accelerator") and hasattr(torch.accelerator, "empty_host_cache"):
+                torch.accelerator.empty_host_cache()  # block swap's pinned host copies
 
 
 def previews_due(config: TrainConfig, step: int | None = None, epoch: int | None = None) -> bool:
@@ -128,6 +130,7 @@ class Loop:
         self.last_sampled: int | None = None
         self.nonfinite_steps = 0
         self.max_norm: MaxNormResult | None = None
+        self._started = False
 
     # ------------------------------------------------------------------------------------------ state
 
@@ -197,12 +200,24 @@ class Loop:
 
     # ------------------------------------------------------------------------------------------ running
 
-    def run(self) -> Finished:
-        cfg, s = self.config, self.session
+    def start(self) -> None:
+        """Where the run starts: a resumed state's position, then --initial_step / --initial_epoch."""
+        cfg = self.config
         if cfg.resume:
             self.resume(Path(cfg.resume))
         if cfg.initial_step is not None or cfg.initial_epoch is not None:
             self._start_at_initial_step()
+        self._started = True
+
+    def run(self) -> Finished:
+        cfg, s = self.config, self.session
+        if not self._started:
+            self.start()
+        if self.position.global_step >= s.total_steps:
+            self.reporter.emit(Message(f"the run starts at step {self.position.global_step}, and it has "
+                                       f"{s.total_steps} steps: nothing left to train (raise --max_train_steps or "
+                                       "--max_train_epochs to go on)", "warning"))
+            return self._finish(stopped=False)
         self.reporter.emit(Message(
             f"training {len(s.network.loras)} LoRA layers for {s.total_steps} steps ({s.epochs} epochs of "
             f"{s.steps_per_epoch}), {len(s.datasets)} batches per epoch, device {s.device}"))

@@ -95,6 +95,10 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
     params = read_flux_params(config.pretrained_model_name_or_path)
     t5_length = config.t5xxl_max_token_length or (512 if params.guidance_embed else 256)
 
+    if world.enabled and config.network.module_dropout and (config.blocks_to_swap or config.cpu_offload_checkpointing):
+        raise ConfigError("module_dropout with several processes needs DDP to find unused LoRA layers, which the "
+                          "per-block backward of block swap and CPU-offloaded checkpointing does not allow: drop "
+                          "module_dropout, or train on one process")
     stop = _StopCheck(reporter)
     stop("reading the datasets")
     reporter.emit(Phase("reading the datasets"))

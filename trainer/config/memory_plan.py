@@ -60,14 +60,18 @@ FLUX_DEV = TransformerSize(double_block=339_831_296, single_block=141_591_808, d
                            other=64_124_992)
 
 
-def swapped_blocks(blocks_to_swap: int, size: TransformerSize) -> tuple[int, int]:
-    """The blocks' worth of memory --blocks_to_swap N frees (sd-scripts' split: N // 2 double and (N - N // 2) · 2
-    single blocks), keeping at least one of each kind resident. trainer/block_swap.py streams `SWAP_SLOTS` more of
-    each kind through that many device slots, so the device holds what it holds in sd-scripts, less a little at
-    the top counts where the cap bites."""
-    double = min(blocks_to_swap // 2, size.double_count - 1)
-    single = min((blocks_to_swap - blocks_to_swap // 2) * 2, size.single_count - 1)
-    return max(double, 0), max(single, 0)
+def swapped_blocks(blocks_to_swap: int, size: TransformerSize, slots: int = SWAP_SLOTS) -> tuple[int, int]:
+    """The blocks' worth of memory that leaves the device, per kind. sd-scripts' split of --blocks_to_swap N is
+    N // 2 double and (N - N // 2) · 2 single blocks; trainer/block_swap.py streams `slots` more of each kind through
+    that many device slots (at most all blocks but one of a kind), so the device holds what it holds in sd-scripts
+    except where that cap bites (the top counts)."""
+    freed = []
+    for wanted, most, count in ((blocks_to_swap // 2, 17, size.double_count),
+                                ((blocks_to_swap - blocks_to_swap // 2) * 2, 36, size.single_count)):
+        wanted = min(wanted, most)
+        streamed = min(wanted + slots, count - 1) if wanted else 0
+        freed.append(max(streamed - min(slots, streamed), 0))
+    return freed[0], freed[1]
 
 
 def estimate_peak_gib(size: TransformerSize = FLUX_DEV, fp8: bool = False, blocks_to_swap: int = 0,
@@ -108,8 +112,11 @@ MAX_SWAP = 35
 
 
 def plan_memory(free_bytes: float, device_type: str = "cuda", *, resolution: tuple[int, int] = (1024, 1024),
-                batch_size: int = 1, size: TransformerSize = FLUX_DEV) -> MemoryPlan:
-    """The fastest settings whose estimated peak fits the free memory, and why."""
+                batch_size: int = 1, size: TransformerSize = FLUX_DEV, allow_fp8: bool = True,
+                allow_swap: bool = True) -> MemoryPlan:
+    """The fastest settings whose estimated peak fits the free memory, and why. `allow_fp8` / `allow_swap` False
+    leave out what the user's other options rule out (base_weights or no mixed precision; CPU-offloaded
+    checkpointing)."""
     gib = free_bytes / 2**30
     base = {"gradient_checkpointing": True, "cpu_offload_checkpointing": False, "blocks_to_swap": None,
             "cache_latents": True, "cache_latents_to_disk": False, "cache_text_encoder_outputs": True,
@@ -120,11 +127,14 @@ def plan_memory(free_bytes: float, device_type: str = "cuda", *, resolution: tup
             f"auto: training on the CPU ({gib:.1f} GiB free RAM): nothing to move off a GPU; gradient checkpointing "
             "on, latents and text-encoder outputs cached in memory, bf16 base",))
     budget = gib - HEADROOM_GIB
-    candidates = [(False, 0), (True, 0)] + [(True, n) for n in range(1, MAX_SWAP + 1)]
+    fp8_choices = (False, True) if allow_fp8 else (False,)
+    candidates = [(fp8, 0) for fp8 in fp8_choices]
+    if allow_swap:
+        candidates += [(fp8_choices[-1], n) for n in range(1, MAX_SWAP + 1)]
     chosen = next(((fp8, n) for fp8, n in candidates
                    if estimate_peak_gib(size, fp8, n, resolution, batch_size) <= budget), None)
     fits = chosen is not None
-    fp8, swap = chosen if fits else (True, MAX_SWAP)
+    fp8, swap = chosen if fits else candidates[-1]
     estimate = estimate_peak_gib(size, fp8, swap, resolution, batch_size)
     row = next((r for r, _, _ in GUIDE_ROWS if gib >= ROW_SHARE * r), GUIDE_ROWS[-1][0])
     row = None if not fp8 else row
@@ -145,3 +155,25 @@ def plan_memory(free_bytes: float, device_type: str = "cuda", *, resolution: tup
         lines.append(f"the guide also uses {would['optimizer_type']}, which saves about half a GiB more: choose it "
                      "on the optimizer node (or --optimizer_type)")
     return MemoryPlan(gib, row, fields_, would, tuple(lines), estimate)
+
+
+LATENT_RANDOM_OPTIONS = ("color_aug", "random_crop")  # options that change a subset's images every step
+
+
+def drop_impossible_caches(fields: dict, datasets, train_t5xxl: bool) -> list[str]:
+    """Caches that a plan (not the user) turned on are turned off again where a dataset changes images or captions
+    every step, or where T5-XXL trains, instead of failing after the models have loaded; says what it dropped."""
+    notes = []
+    subsets = [s for d in datasets for s in d.subsets]
+    random_latents = [o for o in LATENT_RANDOM_OPTIONS if any(getattr(s, o) for s in subsets)]
+    if random_latents and fields.get("cache_latents"):
+        fields["cache_latents"] = fields["cache_latents_to_disk"] = False
+        notes.append(f"latents are not cached: {', '.join(random_latents)} changes the images every step")
+    random_captions = any(s.shuffle_caption or s.caption_dropout_rate or s.caption_dropout_every_n_epochs
+                          or s.caption_tag_dropout_rate or s.token_warmup_step or s.enable_wildcard for s in subsets)
+    if fields.get("cache_text_encoder_outputs") and (train_t5xxl or random_captions):
+        fields["cache_text_encoder_outputs"] = fields["cache_text_encoder_outputs_to_disk"] = False
+        notes.append("text-encoder outputs are not cached: " + (
+            "T5-XXL is trained (its outputs change every step)" if train_t5xxl else
+            "a dataset changes its captions every step (shuffle, dropout, warmup or wildcards)"))
+    return notes
