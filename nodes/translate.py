@@ -32,7 +32,6 @@ from ..trainer.config import (
 from ..trainer.config.memory_plan import (  # noqa: F401
     FLUX_DEV,
     GUIDE_ROWS,
-    LATENT_RANDOM_OPTIONS,
     MemoryPlan,
     TransformerSize,
     drop_impossible_caches,

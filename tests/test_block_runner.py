@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from flux_inputs import random_inputs
 from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
@@ -21,17 +22,7 @@ def state():
 
 @pytest.fixture(scope="module")
 def inputs():
-    g = torch.Generator().manual_seed(0)
-    batch, n_img, n_txt = 2, 16, 8
-    return dict(
-        img=torch.randn(batch, n_img, TINY_FLUX.in_channels, generator=g),
-        img_ids=torch.randint(0, 4, (batch, n_img, 3), generator=g).float(),
-        txt=torch.randn(batch, n_txt, TINY_FLUX.context_in_dim, generator=g),
-        txt_ids=torch.zeros(batch, n_txt, 3),
-        timesteps=torch.rand(batch, generator=g),
-        y=torch.randn(batch, TINY_FLUX.vec_in_dim, generator=g),
-        guidance=torch.full((batch,), 3.5),
-    )
+    return random_inputs(TINY_FLUX, 0)
 
 
 def model(state, runner=None, gradient_checkpointing=False) -> Flux:

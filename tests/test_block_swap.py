@@ -9,6 +9,7 @@ import types
 
 import pytest
 import torch
+from flux_inputs import random_inputs
 from torch import nn
 
 from trainer import memory
@@ -24,20 +25,7 @@ STEPS = 3
 
 
 def make_inputs(params, step: int, mask: bool = False) -> dict:
-    g = torch.Generator().manual_seed(1000 + step)
-    batch, n_img, n_txt = 2, 16, 8
-    out = dict(
-        img=torch.randn(batch, n_img, params.in_channels, generator=g),
-        img_ids=torch.randint(0, 4, (batch, n_img, 3), generator=g).float(),
-        txt=torch.randn(batch, n_txt, params.context_in_dim, generator=g),
-        txt_ids=torch.zeros(batch, n_txt, 3),
-        timesteps=torch.rand(batch, generator=g),
-        y=torch.randn(batch, params.vec_in_dim, generator=g),
-        guidance=torch.full((batch,), 3.5),
-    )
-    if mask:
-        out["txt_attention_mask"] = torch.arange(n_txt)[None].expand(batch, -1) < torch.tensor([[5], [8]])
-    return out
+    return random_inputs(params, 1000 + step, mask)
 
 
 def to_fp8(flux: Flux, scaled: bool) -> None:

@@ -15,7 +15,14 @@ from trainer.lora import LoRAConfig, LoRANetwork
 from trainer.models import load_flux, load_t5xxl
 from trainer.models.flux import FP8_DTYPES, Linear
 from trainer.models.loading import FP8_IF_STORED, t5_fp8_option
-from trainer.models.tiny import TINY_FLUX, flux_state_dict, t5_state_dict, to_fp8, write_flux, write_t5xxl
+from trainer.models.tiny import (
+    TINY_FLUX,
+    flux_state_dict,
+    fp8_rounded,
+    t5_state_dict,
+    write_flux,
+    write_t5xxl,
+)
 
 TOL = 1e-5
 BLOCKS = TINY_FLUX.depth + TINY_FLUX.depth_single_blocks  # 4
@@ -29,19 +36,6 @@ def inputs(seed=0, batch=2):
                 txt=torch.randn(batch, 5, TINY_FLUX.context_in_dim, generator=g), txt_ids=text_ids(batch, 5),
                 timesteps=torch.rand(batch, generator=g), y=torch.randn(batch, TINY_FLUX.vec_in_dim, generator=g),
                 guidance=torch.full((batch,), 3.5))
-
-
-def fp8_rounded(state, dtype, scaled):
-    """The float32 weights an fp8 file stands for: its fp8 values (times their scale) in float32."""
-    quantized = to_fp8(state, dtype, scaled)
-    out = {}
-    for k, v in state.items():
-        if quantized[k].dtype in FP8_DTYPES:
-            scale = quantized[k[: -len("weight")] + "scale_weight"] if scaled else torch.tensor(1.0)
-            out[k] = quantized[k].float() * scale
-        else:
-            out[k] = v
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from trainer.models.tiny import (
     ae_state_dict,
     clip_l_state_dict,
     flux_state_dict,
+    fp8_rounded,
     t5_state_dict,
-    to_fp8,
     write_comfy_checkpoint,
     write_flux,
 )
@@ -57,19 +57,6 @@ def test_comfy_layout_really_is_prefixed_and_diffusers_really_is_split(tmp_path)
     assert all(k.startswith("model.diffusion_model.") for k in comfy)
     diffusers = load_file(write_flux(tmp_path / "d.safetensors", layout="diffusers"))
     assert "transformer_blocks.0.attn.to_q.weight" in diffusers and not any("double_blocks" in k for k in diffusers)
-
-
-def fp8_rounded(state, fp8, scaled):
-    """What the model computes once an fp8 file's weights are upcast: the fp32 weights rounded through fp8."""
-    quantized = to_fp8(state, fp8, scaled)
-    out = {}
-    for k, v in state.items():
-        if quantized[k].dtype in FP8_DTYPES:
-            scale = quantized[k[: -len("weight")] + "scale_weight"] if scaled else torch.tensor(1.0)
-            out[k] = quantized[k].float() * scale
-        else:
-            out[k] = v
-    return out
 
 
 @pytest.mark.parametrize("fp8", FP8_DTYPES, ids=["e4m3fn", "e5m2"])

@@ -54,6 +54,20 @@ class SubsetConfig:
     def __post_init__(self):
         _check_values(self, "subset")
 
+    def options_changing_captions(self) -> list[str]:
+        """The options set here that change the caption from step to step (text-encoder outputs then cannot be
+        cached)."""
+        return [o for o in CAPTION_CHANGING_OPTIONS if getattr(self, o)]
+
+    def options_changing_images(self) -> list[str]:
+        """The options set here that change the image from step to step (latents then cannot be cached)."""
+        return [o for o in IMAGE_CHANGING_OPTIONS if getattr(self, o)]
+
+
+CAPTION_CHANGING_OPTIONS = ("shuffle_caption", "caption_dropout_rate", "caption_dropout_every_n_epochs",
+                            "caption_tag_dropout_rate", "token_warmup_step", "enable_wildcard")
+IMAGE_CHANGING_OPTIONS = ("color_aug", "random_crop")
+
 
 @dataclass(frozen=True)
 class DatasetConfig:

@@ -157,20 +157,16 @@ def plan_memory(free_bytes: float, device_type: str = "cuda", *, resolution: tup
     return MemoryPlan(gib, row, fields_, would, tuple(lines), estimate)
 
 
-LATENT_RANDOM_OPTIONS = ("color_aug", "random_crop")  # options that change a subset's images every step
-
-
 def drop_impossible_caches(fields: dict, datasets, train_t5xxl: bool) -> list[str]:
     """Caches that a plan (not the user) turned on are turned off again where a dataset changes images or captions
     every step, or where T5-XXL trains, instead of failing after the models have loaded; says what it dropped."""
     notes = []
     subsets = [s for d in datasets for s in d.subsets]
-    random_latents = [o for o in LATENT_RANDOM_OPTIONS if any(getattr(s, o) for s in subsets)]
+    random_latents = sorted({o for s in subsets for o in s.options_changing_images()})
     if random_latents and fields.get("cache_latents"):
         fields["cache_latents"] = fields["cache_latents_to_disk"] = False
         notes.append(f"latents are not cached: {', '.join(random_latents)} changes the images every step")
-    random_captions = any(s.shuffle_caption or s.caption_dropout_rate or s.caption_dropout_every_n_epochs
-                          or s.caption_tag_dropout_rate or s.token_warmup_step or s.enable_wildcard for s in subsets)
+    random_captions = any(s.options_changing_captions() for s in subsets)
     if fields.get("cache_text_encoder_outputs") and (train_t5xxl or random_captions):
         fields["cache_text_encoder_outputs"] = fields["cache_text_encoder_outputs_to_disk"] = False
         notes.append("text-encoder outputs are not cached: " + (

@@ -94,5 +94,4 @@ def process_caption(caption: str, subset: SubsetConfig, rng: random.Random, epoc
 
 def caption_is_random(subset: SubsetConfig) -> bool:
     """Whether captions change from step to step (then text-encoder outputs cannot be cached)."""
-    return bool(subset.shuffle_caption or subset.caption_dropout_rate or subset.caption_dropout_every_n_epochs
-                or subset.caption_tag_dropout_rate or subset.token_warmup_step or subset.enable_wildcard)
+    return bool(subset.options_changing_captions())

@@ -48,11 +48,11 @@ def check_latent_caching(group: DatasetGroup) -> None:
     """Cached latents are fixed, so per-step pixel augmentations cannot be used with them."""
     for dataset in group.datasets:
         for i, subset in enumerate(dataset.config.subsets):
-            for option in ("color_aug", "random_crop"):
-                if getattr(subset, option):
-                    raise DatasetError(f"{dataset.name} subset {i + 1} ({subset.image_dir}): {option} changes the "
-                                       "image every step, so its latents cannot be cached; turn off --cache_latents "
-                                       f"or {option}")
+            changing = subset.options_changing_images()
+            if changing:
+                raise DatasetError(f"{dataset.name} subset {i + 1} ({subset.image_dir}): {changing[0]} changes the "
+                                   "image every step, so its latents cannot be cached; turn off --cache_latents "
+                                   f"or {changing[0]}")
 
 
 def cache_latents(group: DatasetGroup, ae, to_disk: bool, batch_size: int = 1, seed: int = 0,

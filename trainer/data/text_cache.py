@@ -14,7 +14,6 @@ import torch
 from ..atomic import remove_stale_temporaries
 from .cache_files import TEXT_KEYS as KEYS
 from .cache_files import caption_sha256, read_text_entry, text_npz_path
-from .captions import caption_is_random
 from .dataset import DatasetError, DatasetGroup, FluxDataset, ImageItem
 from .npz import read_npz, write_npz
 
@@ -36,10 +35,8 @@ def check_text_caching(group: DatasetGroup, train_t5xxl: bool = False) -> None:
                            "--cache_text_encoder_outputs")
     for dataset in group.datasets:
         for i, subset in enumerate(dataset.config.subsets):
-            if caption_is_random(subset):
-                options = [o for o in ("shuffle_caption", "caption_dropout_rate", "caption_dropout_every_n_epochs",
-                                       "caption_tag_dropout_rate", "token_warmup_step", "enable_wildcard")
-                           if getattr(subset, o)]
+            options = subset.options_changing_captions()
+            if options:
                 raise DatasetError(f"{dataset.name} subset {i + 1} ({subset.image_dir}): {', '.join(options)} change "
                                    "the caption every step, so text-encoder outputs cannot be cached; turn off "
                                    "--cache_text_encoder_outputs or those options")

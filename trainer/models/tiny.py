@@ -84,6 +84,20 @@ def to_fp8(state: dict[str, Tensor], fp8: torch.dtype, scaled: bool = False) -> 
     return out
 
 
+def fp8_rounded(state: dict[str, Tensor], fp8: torch.dtype, scaled: bool = False) -> dict[str, Tensor]:
+    """The float32 weights an fp8 file made by `to_fp8` stands for: its fp8 values (times their scale) in float32,
+    what a model computes once those weights are upcast; everything else as it was."""
+    quantized = to_fp8(state, fp8, scaled)
+    out = {}
+    for k, v in state.items():
+        if quantized[k].dtype in FP8_DTYPES:
+            scale = quantized[k[: -len("weight")] + "scale_weight"] if scaled else torch.tensor(1.0)
+            out[k] = quantized[k].float() * scale
+        else:
+            out[k] = v
+    return out
+
+
 def write_flux(path: str | os.PathLike, params: FluxParams = TINY_FLUX, layout: str = "bfl", seed: int = 0,
                dtype: torch.dtype = torch.float32, fp8: torch.dtype | None = None, scaled: bool = False) -> Path:
     """layout: bfl | comfy (model.diffusion_model. prefix) | diffusers."""
