@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
-import signal
 import sys
 import time
 from pathlib import Path
 
+from .cli_config_file import read_config_file, write_config_file
 from .cli_options import CHOICES, NO_EFFECT, NO_EFFECT_DEFAULTS, OURS_TITLE, REFUSED, SD_SCRIPTS_GROUPS
 from .config import FlowConfig, LoRAConfig, TrainConfig
 from .config.train import DYNAMO_BACKENDS, RESIZE_INTERPOLATIONS
+from .console import ConsoleReporter, configure_logging
 from .errors import ConfigError, Stopped, TrainerError
-from .events import Finished, Message, Phase, Samples, Saved, StepEnd
+from .events import Message
 
 # TrainConfig fields that are not flags: nested option groups, and values only the library interface takes
 NOT_FLAGS = ("network", "flow", "datasets")
@@ -146,57 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
             _add(ours, name, fields)
             placed.add(name)
     return p
-
-
-def read_config_file(path: str, parser: argparse.ArgumentParser, warn=print) -> list[str]:
-    """sd-scripts' --config_file: a TOML of options, its tables flattened (a key in any table is the option of that
-    name), turned into command-line words so that each value is converted and checked like a typed one. The
-    command line's own words come after these, so they win. Unknown keys are reported and skipped."""
-    from .tomlio import TOMLError, loads
-
-    file = Path(path if Path(path).suffix else f"{path}.toml")
-    try:
-        data = loads(file.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"config_file: cannot read {file}: {e.strerror or e}") from None
-    except TOMLError as e:
-        raise ConfigError(f"config_file: {file} is not valid TOML: {e}") from None
-    flat: dict = {}
-    for key, value in data.items():
-        flat.update(value if isinstance(value, dict) else {key: value})
-    known = {a.dest: a for a in parser._actions}
-    words, unknown = [], []
-    for key, value in flat.items():
-        action = known.get(key)
-        if action is None or key in ("config_file", "output_config"):
-            unknown.append(key)
-        elif isinstance(action, argparse._StoreTrueAction):
-            if not isinstance(value, bool):
-                raise ConfigError(f"config_file {file}: '{key}' = {value!r}: expected true or false")
-            words += [f"--{key}"] if value else []
-        elif value is None or (value == "" and action.type is not None and action.type is not str):
-            continue  # an empty GUI field: the option is not given
-        elif isinstance(value, list):
-            words += [f"--{key}", *(str(v) for v in value)]
-        else:
-            words += [f"--{key}={value}"]
-    if unknown:
-        warn(f"config_file {file}: not options here, ignored: {', '.join(unknown)}")
-    return words
-
-
-def write_config_file(path: str, ns: argparse.Namespace) -> Path:
-    """sd-scripts' --output_config: the options given, as a TOML that --config_file reads back."""
-    from .atomic import write_bytes
-    from .tomlio import dumps_flat
-
-    values = {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(vars(ns).items())
-              if k not in ("config_file", "output_config") and v is not None}
-    if "resolution" in values:
-        values["resolution"] = ",".join(str(v) for v in values["resolution"])
-    file = Path(path if Path(path).suffix else f"{path}.toml")
-    write_bytes(file, dumps_flat(values).encode("utf-8"))
-    return file
 
 
 def parse_command_line(argv: list[str] | None, warn=print) -> argparse.Namespace:
@@ -331,86 +280,6 @@ def _tokenizer_cache(given: dict, warn) -> None:
                  "$FLUX_TRAINER_TOKENIZERS (nothing is downloaded into the cache here)")
 
 
-class ConsoleReporter:
-    """tqdm progress with loss and ETA; first Ctrl-C (or SIGTERM) stops after the current step and saves."""
-
-    def __init__(self, quiet: bool = False):
-        self.stop = False
-        self.bar = None
-        self.quiet = quiet
-        self.interrupts = 0
-
-    def install_signals(self) -> None:
-        def handler(signum, frame):
-            self.interrupts += 1
-            if self.interrupts > 1:
-                raise KeyboardInterrupt
-            self.stop = True
-            self._write("stopping after this step; the LoRA and the training state will be saved "
-                        "(press Ctrl-C again to abort without saving)")
-
-        signal.signal(signal.SIGINT, handler)
-        signal.signal(signal.SIGTERM, handler)
-
-    def should_stop(self) -> bool:
-        return self.stop
-
-    def end_progress(self) -> None:
-        """End the progress bar's line, so that a message after it starts a line of its own."""
-        if self.bar:
-            self.bar.close()
-        self.bar = None
-
-    def _write(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text)
-        else:
-            print(text, flush=True)
-
-    def emit(self, event) -> None:
-        if self.quiet:
-            return
-        if isinstance(event, Message):
-            self._write(("WARNING: " if event.level == "warning" else "") + event.text)
-        elif isinstance(event, Phase) and not event.total:
-            self._write(f"{event.name} ...")
-        elif isinstance(event, StepEnd):
-            if self.bar is None:
-                try:
-                    from tqdm import tqdm
-                except ImportError:
-                    tqdm = None
-                self.bar = tqdm(total=event.total_steps, desc="steps", initial=event.step - 1) if tqdm else False
-            if self.bar:
-                self.bar.update(1)
-                norms = {} if event.keys_scaled is None else {"keys_scaled": event.keys_scaled,
-                                                               "avg_norm": f"{event.mean_norm:.3g}"}
-                self.bar.set_postfix(loss=f"{event.average_loss:.4f}", lr=f"{event.lr:.2e}", epoch=event.epoch,
-                                     **norms)
-            elif event.step % 10 == 0:
-                print(f"step {event.step}/{event.total_steps} loss {event.average_loss:.4f}", flush=True)
-        elif isinstance(event, Saved):
-            self._write(f"saved {event.kind}: {event.path}")
-        elif isinstance(event, Samples):
-            self._write(f"samples: {', '.join(str(p) for p in event.paths)}")
-        elif isinstance(event, Finished):
-            if self.bar:
-                self.bar.close()
-            state = "stopped early" if event.stopped_early else "finished"
-            self._write(f"training {state} after {event.steps} steps; LoRA: {event.lora}")
-
-
-def _configure_logging(ns: argparse.Namespace) -> None:
-    """sd-scripts' --console_log_level / --console_log_file / --console_log_simple, for the library's log lines."""
-    level = getattr(logging, getattr(ns, "console_log_level", None) or "WARNING")
-    simple = getattr(ns, "console_log_simple", False)
-    layout = "%(message)s" if simple else "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    handlers: list[logging.Handler] = [logging.StreamHandler()]
-    if getattr(ns, "console_log_file", None):
-        handlers.append(logging.FileHandler(ns.console_log_file, encoding="utf-8"))
-    logging.basicConfig(level=level, format=layout, handlers=handlers, force=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     reporter = ConsoleReporter(quiet=os.environ.get("RANK", "0") != "0")  # one console voice under torchrun
 
@@ -419,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         ns = parse_command_line(argv, warn)
-        _configure_logging(ns)
+        configure_logging(ns)
         if getattr(ns, "output_config", False):
             if not getattr(ns, "config_file", None):
                 raise ConfigError("--output_config writes the options to --config_file: give its path")

@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1:
         parser.error("--steps must be at least 1")
 
-    from .cli import ConsoleReporter
+    from .console import ConsoleReporter
     from .events import Finished, Samples
     from .loop import train
     from .models.tiny import write_model_set
