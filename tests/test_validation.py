@@ -3,6 +3,7 @@ the weights, limited by max_validation_steps, and invisible to training (random 
 LoRA a run trains are the same with and without it)."""
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,10 +13,10 @@ from trainer import step as step_module
 from trainer.data import build_validation_datasets
 from trainer.distributed import World
 from trainer.events import SilentReporter
-from trainer.flow import FlowConfig, sample_sigmas
+from trainer.flow import FlowConfig
 from trainer.loop import Loop, train
 from trainer.session import dataset_configs, prepare
-from trainer.validation import VALIDATION_SIGMAS, ValidationSchedule, Validator, fixed_sigma_flow
+from trainer.validation import VALIDATION_SIGMAS, ValidationSchedule, Validator
 
 from trainspace import config, make_workspace
 
@@ -40,14 +41,25 @@ def session(ws, tokenizer_dirs, tmp_path_factory):
     return with_validation(prepare(cfg, SilentReporter(), World(), torch.device("cpu")))
 
 
-@pytest.mark.parametrize("sigma", VALIDATION_SIGMAS)
 @pytest.mark.parametrize("sampling", ["sigma", "flux_shift", "uniform"])
-def test_fixed_sigma_flow_draws_exactly_that_sigma(sigma, sampling):
-    cfg = fixed_sigma_flow(FlowConfig(timestep_sampling=sampling, model_prediction_type="sigma_scaled",
-                                      weighting_scheme="sigma_sqrt"), sigma)
-    assert cfg.model_prediction_type == "sigma_scaled" and cfg.weighting_scheme == "sigma_sqrt"
-    drawn = sample_sigmas(cfg, torch.randn(64) * 5, torch.rand(64), 32, 32)
-    assert torch.allclose(drawn, torch.full((64,), sigma), atol=1e-7, rtol=0)
+def test_each_pass_noises_at_exactly_the_fixed_sigmas(session, monkeypatch, sampling):
+    """Whatever the training's sampling, every validation batch is noised at exactly 0.2, 0.4, 0.6 and 0.8."""
+    import trainer.flow as flow_module
+
+    seen = []
+    original = flow_module.noisy_latents
+
+    def recording(latents, noise, sigmas):
+        seen.append(sigmas.clone())
+        return original(latents, noise, sigmas)
+
+    monkeypatch.setattr(flow_module, "noisy_latents", recording)
+    validator = Validator.from_session(session)
+    validator.context = replace(validator.context, flow=FlowConfig(timestep_sampling=sampling))
+    validator.loss()
+    assert len(seen) == validator.steps * len(VALIDATION_SIGMAS)
+    for k, sigmas in enumerate(seen):
+        assert torch.equal(sigmas, torch.full_like(sigmas, VALIDATION_SIGMAS[k % len(VALIDATION_SIGMAS)]))
 
 
 def test_counts_of_the_split(session):
@@ -105,14 +117,14 @@ def test_every_batch_is_evaluated_at_the_fixed_sigmas(session, monkeypatch):
     calls = []
     original = step_module.loss
 
-    def spy(ctx, batch, step):
-        calls.append((ctx.flow.discrete_flow_shift, tuple(batch.paths), step, ctx.seed))
-        return original(ctx, batch, step)
+    def spy(ctx, batch, step, sigma=None):
+        calls.append((sigma, tuple(batch.paths), step, ctx.seed))
+        return original(ctx, batch, step, sigma=sigma)
 
     monkeypatch.setattr(step_module, "loss", spy)
     Validator.from_session(session).loss()
     assert len(calls) == 2 * len(VALIDATION_SIGMAS)
-    assert [round(c[0] / (1 + c[0]), 6) for c in calls[:4]] == list(VALIDATION_SIGMAS)
+    assert [c[0] for c in calls[:4]] == list(VALIDATION_SIGMAS)
     held = {i.path for d in session.validation_datasets.datasets for i in d.items}
     assert {p for c in calls for p in c[1]} == held
     assert {c[3] for c in calls} == {session.seed}  # no validation_seed: the training seed

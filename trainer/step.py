@@ -79,7 +79,8 @@ def text_conditioning(ctx: StepContext, batch) -> tuple[Tensor, Tensor, Tensor |
     return pooled, hidden, mask
 
 
-def loss(ctx: StepContext, batch, step: int) -> Tensor:
+def loss(ctx: StepContext, batch, step: int, sigma: float | None = None) -> Tensor:
+    """The batch's loss at step `step`; `sigma` fixes every sample's noise level (validation) instead of drawing it."""
     cfg, device = ctx.flow, ctx.device
     encode_now = batch.latents is None
     if encode_now:
@@ -95,7 +96,10 @@ def loss(ctx: StepContext, batch, step: int) -> Tensor:
         latents = batch.latents.to(device, torch.float32)
     b, _, h, w = latents.shape
     noise = noise.to(device)
-    sigmas = flow.sample_sigmas(cfg, normal, uniform, h, w).to(device)
+    if sigma is None:
+        sigmas = flow.sample_sigmas(cfg, normal, uniform, h, w).to(device)
+    else:
+        sigmas = torch.full((b,), float(sigma), device=device)
     noisy = flow.noisy_latents(latents, noise, sigmas)
     pooled, hidden, mask = text_conditioning(ctx, batch)
     ctx.network.set_multiplier(batch.network_multiplier)

@@ -27,20 +27,11 @@ import numpy as np
 import torch
 
 from . import step as step_module
-from .config import FlowConfig
 from .data import DatasetGroup
 from .step import StepContext
 
 # sd-scripts: NUM_VALIDATION_TIMESTEPS = 4; np.linspace(0, 1000, 6, dtype=int)[1:-1] -> 200, 400, 600, 800
 VALIDATION_SIGMAS = (0.2, 0.4, 0.6, 0.8)
-
-
-def fixed_sigma_flow(cfg: FlowConfig, sigma: float) -> FlowConfig:
-    """`cfg` with every sampled sigma equal to `sigma`, everything else (prediction type, loss, weighting) kept:
-    "shift" sampling with sigmoid_scale 0 draws sigmoid(0) = 0.5, and a shift of s / (1 - s) maps 0.5 to s."""
-    if not 0 < sigma < 1:
-        raise ValueError(f"a validation sigma must lie strictly between 0 and 1, not {sigma}")
-    return replace(cfg, timestep_sampling="shift", sigmoid_scale=0.0, discrete_flow_shift=sigma / (1 - sigma))
 
 
 @dataclass(frozen=True)
@@ -71,7 +62,7 @@ class Validator:
         self.steps = len(datasets) if max_steps is None else min(max_steps, len(datasets))
         # the encoders' own LoRA (when trained) still applies: encoded now, just without gradients through T5
         self.context = replace(context, seed=seed, train_t5=False)
-        self.flows = [fixed_sigma_flow(context.flow, s) for s in sigmas]
+        self.sigmas = tuple(sigmas)
 
     @classmethod
     def from_session(cls, session, context: StepContext | None = None) -> Validator | None:
@@ -109,8 +100,8 @@ class Validator:
                     m.eval()
                 for index in range(self.steps):
                     batch = self.datasets.batch(index, part=self.part)
-                    for k, flow in enumerate(self.flows):
-                        value = step_module.loss(replace(ctx, flow=flow), batch, index * len(self.flows) + k)
+                    for k, sigma in enumerate(self.sigmas):
+                        value = step_module.loss(ctx, batch, index * len(self.sigmas) + k, sigma=sigma)
                         total += float(value.detach().float().item())
                         count += 1
         finally:
@@ -134,4 +125,4 @@ class Validator:
         return float(value.item()) / world
 
 
-__all__ = ["Validator", "ValidationSchedule", "VALIDATION_SIGMAS", "fixed_sigma_flow"]
+__all__ = ["Validator", "ValidationSchedule", "VALIDATION_SIGMAS"]
