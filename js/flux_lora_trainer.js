@@ -1,16 +1,17 @@
 // FLUX LoRA Trainer: the pack's web extension (ComfyUI extension API only: registerExtension,
 // beforeRegisterNodeDef, addDOMWidget, api.addEventListener).
 //
-// - Train node: a live loss chart (loss, its moving average, lr on a second axis, validation loss when the step
-//   events carry `validation_loss`) with a status line (step/total, it/s, ETA) from the websocket events
-//   `flux_lora_trainer.step` / `flux_lora_trainer.status`. A new run (a new prompt id) starts a new chart. The
-//   history is kept in the node's properties (thinned to MAX_STORED_POINTS), so a reloaded page or a saved and
-//   re-opened workflow draws it again; the node's executed output (`loss`: every step's loss) replaces it when the
-//   run ends.
+// - Train node: a live loss chart (loss, its moving average, lr on a second axis, validation loss) with a status
+//   line (step/total, it/s, ETA) from the train node's websocket messages (js/event_schema.js, generated from
+//   trainer/event_schema.py: the event names and every message's fields). A new run (a new prompt id) starts a
+//   new chart. The history is kept in the node's properties (thinned to MAX_STORED_POINTS), so a reloaded page or a
+//   saved and re-opened workflow draws it again; the node's executed output (`loss`: every step's loss) replaces
+//   it when the run ends.
 // - Network node: a block picker (19 double, 38 single blocks) kept in sync both ways with block_preset,
 //   double_blocks and single_blocks, showing the per-layer ranks that apply.
 // - Every node of ours with a text output shows it (the dataset nodes' pre-flight report, what the memory node's
-//   `auto` picked, ...), and the memory node also shows what the train node's `auto` finally picked.
+//   `auto` picked, ...), and the memory node also shows what the train node's `auto` finally picked (its
+//   `memory_plan` message).
 //
 // Our widgets are never saved in widgets_values nor sent with the prompt (serialize: false), so workflows and
 // prompts stay exactly what the nodes define.
@@ -19,13 +20,12 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { LossChart, chartColors } from "./lib/chart.js";
 import { BlockPicker } from "./lib/picker.js";
-import { addStep, emptyHistory, readHistory, setLosses, thinned } from "./lib/series.js";
+import { EVENTS } from "./event_schema.js";
+import { applyMessage, emptyHistory, readHistory, setLosses, thinned } from "./lib/series.js";
 import { StatusBox } from "./lib/status.js";
 import { addStyle } from "./lib/style.js";
 
 const EXTENSION = "FluxLoraTrainer.NodeUI";
-const STEP_EVENT = "flux_lora_trainer.step";
-const STATUS_EVENT = "flux_lora_trainer.status";
 const TRAIN = "FluxLoraTrainerTrain";
 const NETWORK = "FluxLoraTrainerNetwork";
 const MEMORY = "FluxLoraTrainerMemory";
@@ -142,53 +142,27 @@ function setupChart(node) {
   });
 }
 
-function chartEvent(detail, kind) {
+/** one of the train node's websocket messages (`type` a key of EVENTS) */
+function trainerMessage(type, detail) {
   const node = nodeFor(detail?.node);
+  if (type === "memory_plan") {
+    if (node) forwardMemoryPlan(node, detail);
+    return;
+  }
   const s = node?.__flt;
   if (!s?.chart) return;
-  const h = s.history;
-  if (kind === "step") {
-    if (addStep(h, detail)) s.chart.rate = [];
-    s.chart.noteStep(Number(detail.step));
-  } else {
-    if (detail.prompt_id && detail.prompt_id !== h.prompt_id) { // a new run: its first event clears the chart
-      Object.assign(h, emptyHistory(), { prompt_id: detail.prompt_id, state: "running" });
-      s.chart.rate = [];
-      s.autoLines = null;
-    }
-    h.message = statusMessage(detail) ?? h.message;
-    if (detail.text === "finished" || detail.text === "stopped") h.state = detail.text;
-    forwardMemoryPlan(node, detail);
-  }
+  if (applyMessage(s.history, type, detail)) s.chart.rate = [];
+  if (type === "step") s.chart.noteStep(Number(detail.step));
   s.chart.update();
   node.setDirtyCanvas?.(true, false);
 }
 
-function statusMessage(d) {
-  if (d.phase) return d.total > 0 ? `${d.phase} ${d.done}/${d.total}` : String(d.phase);
-  if (typeof d.text === "string") return d.level && d.level !== "info" ? `${d.level}: ${d.text}` : d.text;
-  return null;
-}
-
-/** the train node's `auto` memory plan (its status messages from "auto: ..." to "settings: ...") -> the memory
- *  node linked to it */
-function forwardMemoryPlan(train, d) {
-  const s = train.__flt;
-  let lines = null;
-  if (typeof d.memory === "string") lines = [d.memory];
-  else if (typeof d.text === "string" && d.text.startsWith("auto:")) s.autoLines = [d.text];
-  else if (s.autoLines && typeof d.text === "string" && !d.phase) s.autoLines.push(d.text);
-  if (s.autoLines && (d.phase || (typeof d.text === "string" && d.text.startsWith("settings:")))) {
-    lines = s.autoLines;
-    s.autoLines = null;
-  } else if (s.autoLines && !lines) {
-    lines = s.autoLines; // shown as it grows
-  }
-  if (!lines) return;
+/** the train node's `auto` memory plan -> the memory node linked to it */
+function forwardMemoryPlan(train, plan) {
   const slot = train.findInputSlot?.("memory") ?? -1;
   const memory = slot >= 0 ? train.getInputNode?.(slot) : null;
   if (memory?.comfyClass === MEMORY && memory.__flt?.status) {
-    memory.__flt.picked = lines.join("\n");
+    memory.__flt.picked = plan.lines.join("\n");
     showStatus(memory);
   }
 }
@@ -233,8 +207,9 @@ app.registerExtension({
 
   async setup() {
     addStyle();
-    api.addEventListener(STEP_EVENT, ({ detail }) => chartEvent(detail, "step"));
-    api.addEventListener(STATUS_EVENT, ({ detail }) => chartEvent(detail, "status"));
+    for (const [type, event] of Object.entries(EVENTS)) {
+      api.addEventListener(event, ({ detail }) => trainerMessage(type, detail));
+    }
     api.addEventListener("execution_interrupted", ({ detail }) => runEnded(detail, "stopped"));
     api.addEventListener("execution_error", ({ detail }) => runEnded(detail, "error"));
   },

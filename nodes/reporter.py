@@ -1,5 +1,6 @@
-"""The core's events -> ComfyUI: the node's progress bar (with the newest preview image), websocket events for the
-web extension's loss chart and status line, and ComfyUI's Cancel as the core's stop request.
+"""The core's events -> ComfyUI: the node's progress bar (with the newest preview image), websocket messages for the
+web extension's loss chart, status line and memory node (each built and checked by trainer/event_schema.py, which
+js/event_schema.js mirrors), and ComfyUI's Cancel as the core's stop request.
 
 ComfyUI's progress hook raises InterruptProcessingException (and clears the flag) when Cancel was pressed; raised
 inside the core, that would skip the LoRA and state the core saves on a stop. So the reporter never lets it
@@ -11,11 +12,13 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from ..trainer.events import Finished, Message, Phase, Samples, Saved, StepEnd
+from ..trainer.event_schema import event_name, payload
+from ..trainer.events import EpochEnd, Finished, MemoryPlanned, Message, Phase, Samples, Saved, StepEnd, ValidationEnd
 
-STEP_EVENT = "flux_lora_trainer.step"
-STATUS_EVENT = "flux_lora_trainer.status"
+STEP_EVENT = event_name("step")
+STATUS_EVENT = event_name("status")
 PREVIEW_SIZE = 512
+NOT_SENT = (EpochEnd,)  # the chart draws steps; an epoch's average is the metrics log's
 
 
 class ComfyReporter:
@@ -67,23 +70,42 @@ class ComfyReporter:
     def emit(self, event) -> None:
         if isinstance(event, StepEnd):
             self._step(event)
-        elif isinstance(event, Phase):
-            self._status(phase=event.name, done=event.done, total=event.total)
-            if event.total > 0:
-                self._progress(event.done, event.total)
+            return
+        message = self.message_of(event)
+        if message is not None:
+            self._send(*payload(message[0], node=self.node_id, prompt_id=self.prompt_id, **message[1]))
+        if isinstance(event, Phase) and event.total > 0:
+            self._progress(event.done, event.total)
         elif isinstance(event, Samples):
             self.previews = list(event.images)
-            self._status(text=f"previews at step {event.step}", previews=[str(p) for p in event.paths])
             if self.previews:
                 self._progress(self.value, self.total, ("JPEG", self.previews[0].convert("RGB"), PREVIEW_SIZE))
         elif isinstance(event, Message):
             self.log.append(event.text if event.level == "info" else f"{event.level}: {event.text}")
-            self._status(text=event.text, level=event.level)
         elif isinstance(event, Saved):
             self.log.append(f"saved {event.kind} at step {event.step}: {event.path}")
-            self._status(text=f"saved {event.kind}: {event.path.name}", saved=str(event.path), kind=event.kind)
-        elif isinstance(event, Finished):
-            self._status(text="stopped" if event.stopped_early else "finished", steps=event.steps)
+
+    @staticmethod
+    def message_of(event) -> tuple[str, dict] | None:
+        """(websocket message type, its fields) of a core event other than StepEnd; None for NOT_SENT."""
+        if isinstance(event, Phase):
+            return "phase", {"phase": event.name, "done": event.done, "total": event.total}
+        if isinstance(event, ValidationEnd):
+            return "validation", {"step": event.step, "epoch": event.epoch, "loss": event.average_loss,
+                                  "per_epoch": event.per_epoch}
+        if isinstance(event, Samples):
+            return "previews", {"step": event.step, "paths": [str(p) for p in event.paths]}
+        if isinstance(event, Message):
+            return "status", {"text": event.text, "level": event.level}
+        if isinstance(event, Saved):
+            return "saved", {"path": str(event.path), "kind": event.kind, "step": event.step}
+        if isinstance(event, Finished):
+            return "finished", {"steps": event.steps, "stopped_early": event.stopped_early}
+        if isinstance(event, MemoryPlanned):
+            return "memory_plan", {"free_gib": event.free_gib, "guide_row": event.guide_row,
+                                   "estimate_gib": event.estimate_gib, "settings": event.settings,
+                                   "lines": list(event.lines)}
+        return None
 
     # ------------------------------------------------------------------------------------------ helpers
 
@@ -101,13 +123,9 @@ class ComfyReporter:
         self.last_step = event
         eta = self.eta(event)
         self._progress(event.step, event.total_steps)
-        self._send(STEP_EVENT, {"node": self.node_id, "prompt_id": self.prompt_id, "step": event.step,
-                                "total": event.total_steps,
-                                "loss": event.loss, "average_loss": event.average_loss, "lr": event.lr,
-                                "eta_seconds": eta, "epoch": event.epoch})
-
-    def _status(self, **data) -> None:
-        self._send(STATUS_EVENT, {"node": self.node_id, "prompt_id": self.prompt_id, **data})
+        self._send(*payload("step", node=self.node_id, prompt_id=self.prompt_id, step=event.step,
+                            total=event.total_steps, epoch=event.epoch, loss=event.loss,
+                            average_loss=event.average_loss, lr=event.lr, eta_seconds=eta))
 
     def _progress(self, value: int, total: int, preview=None) -> None:
         self.value, self.total = value, max(int(total), 1)

@@ -3,8 +3,8 @@ fixture of tests/comfyui_server.py): the example workflows load with every node 
 tests' own converter does; the train-then-test workflow trains on the tiny models with the loss chart filling and
 a preview on the train node while it runs; the chart survives a re-opened workflow and a page reload; the block
 picker and the text fields stay in sync and the queued prompt carries the picker's choice; light and dark themes;
-and nothing is logged as an error in the browser console. Screenshots go to docs/browser_*.png (the README shows
-them).
+and nothing is logged as an error in the browser console. Screenshots go to a temporary folder; with
+UPDATE_SCREENSHOTS=1 they replace docs/browser_*.png (the README shows them), which a plain run leaves alone.
 
 Needs `playwright` (pip; only the Python package: its browser download does not work here) and Debian's
 `chromium` at /usr/bin/chromium (or $CHROMIUM). Without either the module is skipped with one line, or fails when
@@ -31,11 +31,14 @@ except ImportError:  # reported below
 
 from packimport import REPO, pack  # noqa: E402
 
+schema = pack("trainer.event_schema")
 EXAMPLES = REPO / "example_workflows"
 DOCS = REPO / "docs"
 HELPERS = REPO / "tests" / "browser" / "page_helpers.js"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+UPDATE_SCREENSHOTS = os.environ.get("UPDATE_SCREENSHOTS", "").lower() in ("1", "true", "yes")
+TRAINER_EVENTS = [schema.event_name(t) for t in schema.MESSAGES]  # the train node's websocket messages
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
 VIEWPORT = {"width": 1600, "height": 1000}
@@ -120,6 +123,7 @@ def open_app(page, url: str) -> None:
                            "?.registered_node_types?.FluxLoraTrainerTrain"
                            " && document.getElementById('flux-lora-trainer-style')", timeout=60_000)
     page.add_script_tag(path=str(HELPERS))
+    page.evaluate("(types) => window.__fltTest.record(types)", TRAINER_EVENTS)
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +139,12 @@ def ui(comfyui, browser):
         yield page, console
     finally:
         page.close()
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory) -> Path:
+    """Where the screenshots go: docs/ with UPDATE_SCREENSHOTS=1, else a temporary folder."""
+    return DOCS if UPDATE_SCREENSHOTS else tmp_path_factory.mktemp("screenshots")
 
 
 @pytest.fixture(scope="module")
@@ -177,12 +187,12 @@ def without_meta(prompt: dict) -> dict:
     return {k: {kk: vv for kk, vv in v.items() if kk != "_meta"} for k, v in prompt.items()}
 
 
-def shot(page, name: str, nodes: list, scale: float, x: int = 30, y: int = 30) -> Path:
+def shot(page, folder: Path, name: str, nodes: list, scale: float, x: int = 30, y: int = 30) -> Path:
     page.evaluate("([ids, s, x, y]) => { window.__fltTest.makeRoom(); window.__fltTest.frame(ids, s, x, y); }",
                   [nodes, scale, x, y])
     page.wait_for_timeout(400)  # two frames: the canvas, then the DOM widgets follow it
-    DOCS.mkdir(exist_ok=True)
-    path = DOCS / name
+    folder.mkdir(exist_ok=True)
+    path = folder / name
     page.screenshot(path=str(path))
     return path
 
@@ -340,7 +350,7 @@ def test_block_syntax_and_presets_match_the_core(ui):
     console.check()
 
 
-def test_train_then_test_in_the_browser_chart_preview_status_reload(comfyui, ui, dataset):
+def test_train_then_test_in_the_browser_chart_preview_status_reload(comfyui, ui, dataset, screenshots):
     page, console = ui
     workflow = json.loads((EXAMPLES / "flux_lora_train_then_test.json").read_text(encoding="utf-8"))
     load(page, workflow)
@@ -404,7 +414,7 @@ def test_train_then_test_in_the_browser_chart_preview_status_reload(comfyui, ui,
                         (app.nodePreviewImages?.[String(id)]?.length ?? 0) > 0 && (n.imgs?.length ?? 0) > 0); }""",
         arg=train, timeout=120_000, polling=100)
     running = dataset_of(page, train, "loss_chart")
-    shot(page, "browser_training.png", [data, train], 0.75, 20, 10)
+    shot(page, screenshots, "browser_training.png", [data, train], 0.75, 20, 10)
     assert running["state"] == "running", "training ended before the chart and a preview were seen"
     assert 6 <= int(running["points"]) < STEPS and int(running["lrPoints"]) == int(running["points"])
     assert int(running["total"]) == STEPS
@@ -432,14 +442,17 @@ def test_train_then_test_in_the_browser_chart_preview_status_reload(comfyui, ui,
     assert stored["loss"] == pytest.approx(losses) and stored["lr"] == pytest.approx([s["lr"] for s in steps])
     # the nodes' status text: pre-flight report, what auto picked (node and train node), the train summary
     assert "8 images" in text_of(page, data) and "batch size 1" in text_of(page, data)
-    assert text_of(page, memory).startswith("auto:") and "picked by the train node" in text_of(page, memory)
+    plans = [e["detail"] for e in events if e["type"] == schema.event_name("memory_plan")]
+    assert [p["prompt_id"] for p in plans] == [prompt_id] and plans[0]["lines"][0].startswith("auto:")
+    assert text_of(page, memory).startswith("auto:")  # the memory node's own preview, then the train node's plan
+    assert text_of(page, memory).endswith("picked by the train node (last run):\n" + "\n".join(plans[0]["lines"]))
     assert f"LoRA: {name}.safetensors" in text_of(page, train)
     assert "double blocks 1, single blocks 0-1" in text_of(page, net)  # what the server got from the picker
     queued = comfyui.history(prompt_id)["prompt"][2][str(net)]["inputs"]
     assert (queued["block_preset"], queued["double_blocks"], queued["single_blocks"]) == ("custom", "1", "0-1")
     images = page.evaluate("(id) => app.graph.getNodeById(id).imgs?.length ?? 0", save_with)
     assert images == 1 and history[str(save_with)]["images"][0]["filename"].endswith(".png")
-    shot(page, "browser_finished.png", [], 0.7, 10, 10)
+    shot(page, screenshots, "browser_finished.png", [], 0.7, 10, 10)
     elapsed = time.monotonic() - started
 
     # queued again unchanged: everything is cached, the train node re-sends its output, the chart stays whole
@@ -465,13 +478,17 @@ def test_train_then_test_in_the_browser_chart_preview_status_reload(comfyui, ui,
     assert dataset_of(page, train, "loss_chart")["state"] == "finished"
     assert text_of(page, memory).startswith("auto:")
 
-    # a new run (a step event of another prompt id) starts a new chart; validation loss is drawn when present
-    fake = {"node": str(train), "prompt_id": "another-run", "step": 1, "total": 4, "loss": 0.5,
-            "average_loss": 0.5, "lr": 1e-4, "eta_seconds": 3.0, "epoch": 1, "validation_loss": 0.45}
-    page.evaluate("(d) => window.comfyAPI.api.api.dispatchCustomEvent('flux_lora_trainer.step', d)", fake)
+    # a new run (a step message of another prompt id) starts a new chart; its validation message draws a point.
+    # Both are built by the server's own schema, as the reporter builds them.
+    for message_type, fields in (("step", dict(step=1, total=4, epoch=1, loss=0.5, average_loss=0.5, lr=1e-4,
+                                                eta_seconds=3.0)),
+                                 ("validation", dict(step=1, epoch=1, loss=0.45, per_epoch=False))):
+        name, data = schema.payload(message_type, node=str(train), prompt_id="another-run", **fields)
+        page.evaluate("([name, d]) => window.comfyAPI.api.api.dispatchCustomEvent(name, d)", [name, data])
     after = dataset_of(page, train, "loss_chart")
     assert (after["points"], after["promptId"], after["validationPoints"], after["state"]) == \
         ("1", "another-run", "1", "running")
+    assert page.evaluate("(id) => app.graph.getNodeById(id).properties.flux_lora_trainer_chart.val", train) == [0.45]
     load(page, saved)  # leave the trained chart on screen for the theme test
     console.check()
     step_times = [e["t"] for e in events if e["type"] == "flux_lora_trainer.step"]
@@ -481,7 +498,7 @@ def test_train_then_test_in_the_browser_chart_preview_status_reload(comfyui, ui,
           f"(models, caches), {STEPS} steps in {steps_s:.1f} s")
 
 
-def test_light_and_dark_themes(ui):
+def test_light_and_dark_themes(ui, screenshots):
     page, console = ui
     if not by_type(page, TRAIN):  # run alone: the example (an empty chart) instead of the trained graph
         load(page, json.loads((EXAMPLES / "flux_lora_train_then_test.json").read_text(encoding="utf-8")))
@@ -508,7 +525,7 @@ def test_light_and_dark_themes(ui):
         page.evaluate("() => window.__fltTest.onlyOurs()")  # the pack's nodes side by side, none collapsed
         if trained:  # the screenshot in docs/ shows a trained chart
             assert dataset_of(page, train, "loss_chart")["points"] == str(STEPS)
-            shot(page, "browser_light.png", [], 0.8, 20, 10)
+            shot(page, screenshots, "browser_light.png", [], 0.8, 20, 10)
     finally:
         page.evaluate(setting, "dark")
     console.check()

@@ -1,6 +1,7 @@
 """nodes/reporter.py with fakes for ComfyUI's progress bar, websocket and interrupt flag; nodes/images.py."""
 
 import math
+import typing
 
 import pytest
 from packimport import PACK, REPO, pack  # noqa: F401
@@ -9,6 +10,8 @@ from PIL import Image
 reporter_module = pack("nodes.reporter")
 images = pack("nodes.images")
 events = pack("trainer.events")
+schema = pack("trainer.event_schema")
+memory_plan = pack("trainer.config.memory_plan")
 
 
 class Interrupted(Exception):
@@ -58,8 +61,8 @@ def test_steps_move_the_progress_bar_and_send_the_loss_event_with_node_and_eta()
     assert name == reporter_module.STEP_EVENT
     assert data == {"node": "7", "prompt_id": None, "step": 2, "total": 10, "loss": 0.25, "average_loss": 0.4,
                     "lr": 1e-4, "eta_seconds": pytest.approx(16.0), "epoch": 1}
-    assert comfy.sent[0] == (reporter_module.STATUS_EVENT, {"node": "7", "prompt_id": None,
-                                                            "phase": "caching latents", "done": 2, "total": 8})
+    assert comfy.sent[0] == ("flux_lora_trainer.phase", {"node": "7", "prompt_id": None,
+                                                         "phase": "caching latents", "done": 2, "total": 8})
     assert not r.should_stop()
 
 
@@ -112,3 +115,63 @@ def test_loss_curve_draws_any_series():
     assert all(im.size == (8, 8) and im.mode == "RGB"
                for im in images.same_size([Image.new("RGB", (8, 8)), Image.new("L", (4, 6))]))
     assert not math.isnan(images.moving_average([0.1, 0.2])[-1])
+
+
+def test_validation_reaches_the_websocket_with_its_step():
+    comfy = FakeComfy()
+    r = comfy.reporter()
+    r.emit(step(4))
+    r.emit(events.ValidationEnd(step=4, epoch=1, average_loss=0.31, per_epoch=False, divergence=-0.09))
+    assert comfy.sent[-1] == ("flux_lora_trainer.validation", {"node": "7", "prompt_id": None, "step": 4, "epoch": 1,
+                                                              "loss": 0.31, "per_epoch": False})
+    assert comfy.updates == [(4, 10, None)]  # no progress of its own
+
+
+def test_the_memory_plan_is_sent_as_data():
+    plan = memory_plan.plan_memory(11.5 * 2**30, "cuda")
+    comfy = FakeComfy()
+    comfy.reporter().emit(events.MemoryPlanned.of(plan))
+    name, data = comfy.sent[-1]
+    assert name == "flux_lora_trainer.memory_plan"
+    assert data == {"node": "7", "prompt_id": None, "free_gib": pytest.approx(11.5), "guide_row": plan.row,
+                    "estimate_gib": plan.estimate_gib, "settings": plan.fields, "lines": list(plan.lines)}
+    assert data["settings"]["fp8_base"] is True and data["settings"]["blocks_to_swap"] > 0
+    assert data["lines"][0].startswith("auto: 11.5 GiB free")
+
+
+def sample_events(tmp_path) -> dict:
+    """One of each core event."""
+    plan = memory_plan.plan_memory(30 * 2**30, "cuda")
+    return {events.Message: events.Message("hello"), events.Phase: events.Phase("loading", 1, 2),
+            events.StepEnd: step(1), events.EpochEnd: events.EpochEnd(1, 5, 0.3),
+            events.ValidationEnd: events.ValidationEnd(5, 1, 0.3),
+            events.Samples: events.Samples(5, (tmp_path / "a.png",)),
+            events.Saved: events.Saved(tmp_path / "l.safetensors", "lora", 5),
+            events.Finished: events.Finished(tmp_path / "l.safetensors", 5, False),
+            events.MemoryPlanned: events.MemoryPlanned.of(plan)}
+
+
+def test_every_core_event_is_sent_through_the_schema_or_named_as_not_sent(tmp_path):
+    samples = sample_events(tmp_path)
+    assert set(samples) == set(typing.get_args(events.Event)), "a new core event: add it here and to the reporter"
+    sent_types = {}
+    for kind, event in samples.items():
+        comfy = FakeComfy()
+        comfy.reporter().emit(event)
+        if kind in reporter_module.NOT_SENT:
+            assert comfy.sent == [], kind
+            continue
+        assert len(comfy.sent) == 1, kind
+        name, data = comfy.sent[0]
+        message_type = name.removeprefix(schema.PREFIX)
+        assert (name, data) == schema.payload(message_type, **data), kind  # exactly the schema's fields and types
+        sent_types[kind.__name__] = message_type
+    assert set(sent_types.values()) == set(schema.MESSAGES)  # and every message type has its core event
+    assert reporter_module.NOT_SENT == (events.EpochEnd,)
+
+
+def test_a_diverged_step_is_sent_with_a_null_loss():
+    comfy = FakeComfy()
+    comfy.reporter().emit(events.StepEnd(step=1, total_steps=2, epoch=1, loss=math.nan, average_loss=math.nan,
+                                         lr=1e-4, seconds=1.0))
+    assert comfy.sent[-1][1]["loss"] is None and comfy.sent[-1][1]["average_loss"] is None

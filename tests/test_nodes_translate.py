@@ -1,6 +1,7 @@
 """nodes/translate.py: every node's widgets -> the core's config pieces, without ComfyUI. Defaults come from the
 core, bad values give the core's messages, and the train node assembles one TrainConfig."""
 
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -53,8 +54,12 @@ def run(inputs, tmp_path, datasets=None, **kwargs):
 
 def test_widget_defaults_are_the_cores_recommended_values():
     rec = t.recommended()
-    assert rec == config.TrainConfig.recommended(pretrained_model_name_or_path="-", clip_l="-", t5xxl="-", ae="-",
-                                                 train_data_dir="-")
+    files = dict.fromkeys(("pretrained_model_name_or_path", "clip_l", "t5xxl", "ae", "train_data_dir"), t.PLACEHOLDER)
+    plain = config.TrainConfig(**files)  # the core's own (sd-scripts') defaults
+    differs = {f.name for f in fields(config.TrainConfig) if getattr(rec, f.name) != getattr(plain, f.name)}
+    assert differs == set(config.RECOMMENDED)  # the nodes start from the core's defaults but for its recommendations
+    assert all(getattr(rec, name) == value for name, value in config.RECOMMENDED.items())
+    assert {getattr(rec, name) for name in files} == {t.PLACEHOLDER}
     assert (rec.flow.guidance_scale, rec.flow.model_prediction_type, rec.flow.timestep_sampling) == \
         (1.0, "raw", "flux_shift")
     assert t.default(config.SubsetConfig, "caption_extension") == ".caption"

@@ -95,7 +95,22 @@ class Finished:
     metadata: dict | None = field(default=None, compare=False, repr=False)
 
 
-Event = Union[Message, Phase, StepEnd, EpochEnd, ValidationEnd, Samples, Saved, Finished]
+@dataclass(frozen=True)
+class MemoryPlanned:
+    """What memory `auto` picked (trainer/config/memory_plan.py MemoryPlan), as data for a UI: the free memory it
+    planned for, the guide's table row, the estimated peak, the settings it sets and the explanation's lines."""
+    free_gib: float
+    guide_row: int | None
+    estimate_gib: float | None
+    settings: dict = field(hash=False)
+    lines: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, plan) -> "MemoryPlanned":
+        return cls(plan.free_gib, plan.row, plan.estimate_gib, dict(plan.fields), tuple(plan.lines))
+
+
+Event = Union[Message, Phase, StepEnd, EpochEnd, ValidationEnd, Samples, Saved, Finished, MemoryPlanned]
 
 
 class Reporter(Protocol):

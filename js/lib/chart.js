@@ -1,5 +1,5 @@
 // The loss chart: a canvas of our own (no chart library) with the loss per step, its moving average, the
-// learning rate on a second axis and validation loss when the events carry it; a status line (step/total, it/s,
+// learning rate on a second axis and validation loss (dots) when the run validates; a status line (step/total, it/s,
 // ETA) and the newest status message under it. The DOM element exposes what it shows as data attributes
 // (data-points, data-last-step, data-total, data-state, data-prompt-id, data-lr-points, data-validation-points).
 
@@ -138,7 +138,8 @@ export function drawChart(canvas, history, colors) {
   ctx.fillText(`${last}`, right, bottom + 3);
   ctx.textBaseline = "middle";
 
-  const line = (values, toY, color, widthPx, dash) => {
+  // joinGaps: a sparse series (validation) is drawn through its points, every one of them, nulls skipped
+  const line = (values, toY, color, widthPx, dash, joinGaps = false) => {
     ctx.save();
     ctx.beginPath();
     ctx.rect(left, top - 2, right - left, bottom - top + 4);
@@ -149,10 +150,10 @@ export function drawChart(canvas, history, colors) {
     ctx.lineJoin = "round";
     let open = false;
     let drawn = 0;
-    const stride = Math.max(1, Math.floor(values.length / ((right - left) * 2)));
+    const stride = joinGaps ? 1 : Math.max(1, Math.floor(values.length / ((right - left) * 2)));
     for (let i = 0; i < values.length; i += (i + stride < values.length ? stride : 1)) {
       const v = values[i];
-      if (v === null || !Number.isFinite(v)) { open = false; continue; }
+      if (v === null || !Number.isFinite(v)) { open = open && joinGaps; continue; }
       if (!open) { ctx.moveTo(x(steps[i]), toY(v)); open = true; } else ctx.lineTo(x(steps[i]), toY(v));
       drawn++;
       if (i === values.length - 1) break;
@@ -170,7 +171,7 @@ export function drawChart(canvas, history, colors) {
   line(average, y, colors.average, 2);
   const hasVal = val.some((v) => v !== null && Number.isFinite(v));
   if (hasVal) {
-    line(val, y, colors.validation, 1.5);
+    line(val, y, colors.validation, 1.5, [], true);
     ctx.fillStyle = colors.validation;
     val.forEach((v, i) => {
       if (v === null || !Number.isFinite(v)) return;

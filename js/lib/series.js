@@ -1,6 +1,6 @@
-// The loss chart's data: steps with loss, lr and (when the events carry it) validation loss; the moving average
-// the train node's loss_curve image draws (nodes/images.py moving_average, 50 steps); thinning for storage in the
-// node's properties. Pure functions, no ComfyUI imports.
+// The loss chart's data: steps with loss, lr and validation loss; the train node's websocket messages
+// (js/event_schema.js) applied to it; the moving average the train node's loss_curve image draws (nodes/images.py
+// moving_average, 50 steps); thinning for storage in the node's properties. Pure functions, no ComfyUI imports.
 
 export const AVERAGE_WINDOW = 50;
 export const MAX_STORED_POINTS = 2000; // a saved workflow keeps about this many steps (evenly thinned)
@@ -40,32 +40,70 @@ export function movingAverage(values, window = AVERAGE_WINDOW) {
   return out;
 }
 
-/** add one step event; returns true when it started a new run (the history was reset) */
-export function addStep(history, event) {
-  let reset = false;
-  if (event.prompt_id && event.prompt_id !== history.prompt_id) {
-    Object.assign(history, emptyHistory(), { prompt_id: event.prompt_id });
-    reset = true;
-  }
-  const step = Number(event.step);
+/** a message of another prompt id starts a new run: the history is reset; returns whether it was */
+function startRun(history, promptId) {
+  if (!promptId || promptId === history.prompt_id) return false;
+  Object.assign(history, emptyHistory(), { prompt_id: promptId, state: "running" });
+  return true;
+}
+
+/** the row of `step` (inserted in order, without values, when it has none) */
+function rowOf(history, step) {
   const n = history.steps.length;
   const at = n && step <= history.steps[n - 1] ? history.steps.lastIndexOf(step) : -1; // usually the next step
-  const val = typeof event.validation_loss === "number" ? event.validation_loss : null;
-  const row = [Number(event.loss), event.lr === null || event.lr === undefined ? null : Number(event.lr), val];
-  if (at >= 0) {
-    history.loss[at] = row[0]; history.lr[at] = row[1]; if (val !== null) history.val[at] = val;
-  } else {
-    let i = history.steps.length;
-    while (i > 0 && history.steps[i - 1] > step) i--;
-    history.steps.splice(i, 0, step);
-    history.loss.splice(i, 0, row[0]);
-    history.lr.splice(i, 0, row[1]);
-    history.val.splice(i, 0, val);
-  }
+  if (at >= 0) return at;
+  let i = n;
+  while (i > 0 && history.steps[i - 1] > step) i--;
+  history.steps.splice(i, 0, step);
+  history.loss.splice(i, 0, null);
+  history.lr.splice(i, 0, null);
+  history.val.splice(i, 0, null);
+  return i;
+}
+
+const number = (v) => (v === null || v === undefined ? null : Number(v));
+
+/** one `step` message; returns true when it started a new run (the history was reset) */
+export function addStep(history, event) {
+  const reset = startRun(history, event.prompt_id);
+  const i = rowOf(history, Number(event.step));
+  history.loss[i] = number(event.loss);
+  history.lr[i] = number(event.lr);
   history.total = Number(event.total) || history.total;
   history.eta = event.eta_seconds ?? null;
   history.epoch = event.epoch ?? history.epoch;
   history.state = "running";
+  return reset;
+}
+
+/** one `validation` message: the held-out loss at its step; returns true when it started a new run */
+export function addValidation(history, event) {
+  const reset = startRun(history, event.prompt_id);
+  history.val[rowOf(history, Number(event.step))] = number(event.loss);
+  return reset;
+}
+
+const fileName = (path) => String(path).split(/[\\/]/).pop();
+
+/** the status line of a `phase`, `status`, `previews`, `saved` or `finished` message */
+export function statusText(type, d) {
+  switch (type) {
+    case "phase": return d.total > 0 ? `${d.phase} ${d.done}/${d.total}` : d.phase;
+    case "status": return d.level !== "info" ? `${d.level}: ${d.text}` : d.text;
+    case "previews": return `previews at step ${d.step}`;
+    case "saved": return `saved ${d.kind}: ${fileName(d.path)}`;
+    case "finished": return d.stopped_early ? "stopped" : "finished";
+    default: return null;
+  }
+}
+
+/** any chart message (EVENTS' types but memory_plan) -> the history; returns true when it started a new run */
+export function applyMessage(history, type, detail) {
+  if (type === "step") return addStep(history, detail);
+  if (type === "validation") return addValidation(history, detail);
+  const reset = startRun(history, detail.prompt_id);
+  history.message = statusText(type, detail) ?? history.message;
+  if (type === "finished") history.state = detail.stopped_early ? "stopped" : "finished";
   return reset;
 }
 

@@ -8,7 +8,7 @@
     events.push({ type, detail: detail instanceof Blob ? { size: detail.size } : detail, t: performance.now() });
   });
   for (const type of ["execution_start", "executed", "execution_success", "execution_error", "execution_interrupted",
-                      "execution_cached", "flux_lora_trainer.step", "flux_lora_trainer.status"]) {
+                      "execution_cached"]) {
     record(type);
   }
   api.addEventListener("b_preview_with_metadata", ({ detail }) => {
@@ -20,6 +20,8 @@
 
   window.__fltTest = {
     events,
+    /** record these events too (the train node's, named by trainer/event_schema.py) */
+    record: (types) => types.forEach(record),
     clientId: () => api.clientId,
     byType: (type) => byType(type).map((n) => n.id),
     widgetValues(id) {
