@@ -1,5 +1,6 @@
-"""Models node: which FLUX.1 files to train on, from ComfyUI's model folders. Nothing is loaded here; the file
-headers are read so a wrong file in a slot fails on this node with the core's message."""
+"""Models node: which FLUX.1 (or Chroma) files to train on, from ComfyUI's model folders. Nothing is loaded here;
+the file headers are read so a wrong file in a slot fails on this node with the core's message, and a Chroma
+transformer is recognised from its file (no CLIP-L then)."""
 
 from __future__ import annotations
 
@@ -33,10 +34,11 @@ class FluxLoraTrainerModels(io.ComfyNode):
             inputs=[
                 io.Combo.Input("transformer", options=transformers, default=first(transformers, ("flux",)),
                                tooltip="FLUX.1 dev or schnell transformer (models/diffusion_models, also models/unet): "
-                                       "BFL, ComfyUI or diffusers layout, bf16/fp16/fp8."),
+                                       "BFL, ComfyUI or diffusers layout, bf16/fp16/fp8; or a Chroma transformer "
+                                       "(e.g. Chroma1-Base), recognised from the file."),
                 io.Combo.Input("clip_l", options=encoders, default=first(encoders, ("clip_l", "clip")),
                                tooltip="CLIP-L text encoder (models/text_encoders or models/clip), e.g. "
-                                       "clip_l.safetensors."),
+                                       "clip_l.safetensors. Not used for Chroma."),
                 io.Combo.Input("t5xxl", options=encoders, default=first(encoders, ("t5",)),
                                tooltip="T5-XXL text encoder (models/text_encoders or models/clip), e.g. "
                                        "t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn.safetensors."),
@@ -70,13 +72,32 @@ class FluxLoraTrainerModels(io.ComfyNode):
                                   full_path=folder_paths.get_full_path,
                                   tokenizers=comfy_tokenizers(comfy_package_dir()))
             params = read_flux_params(values["pretrained_model_name_or_path"])
+            values = fields_for_transformer(values, params)
             for slot in ("clip_l", "t5xxl", "ae"):
-                check_model_file(values[slot], slot)
-        kind = "dev" if params.guidance_embed else "schnell"
-        text = (f"FLUX.1 {kind}: {params.depth} double + {params.depth_single_blocks} single blocks, "
+                if slot in values:
+                    check_model_file(values[slot], slot)
+        text = (f"{transformer_label(params)}: {params.depth} double + {params.depth_single_blocks} single blocks, "
                 f"hidden {params.hidden_size}; base {base_precision}"
-                + ("; T5-XXL in fp8" if values.get(T5_FP8_FIELD) else ""))
+                + ("; T5-XXL in fp8" if values.get(T5_FP8_FIELD) else "")
+                + ("; CLIP-L not used" if "clip_l" not in values else ""))
         return io.NodeOutput(values, ui={"text": [text]})
+
+
+def transformer_label(params) -> str:
+    """What the file is, as the node says it: FLUX.1 dev, FLUX.1 schnell or Chroma."""
+    if params.variant == "chroma":
+        return "Chroma"
+    return f"FLUX.1 {'dev' if params.guidance_embed else 'schnell'}"
+
+
+def fields_for_transformer(values: dict, params) -> dict:
+    """The node's output for the transformer found in the file: for Chroma, `model_type` chroma and no CLIP-L (the
+    slot's file is neither checked nor passed on); a FLUX file's values unchanged."""
+    if params.variant != "chroma":
+        return values
+    out = {k: v for k, v in values.items() if k != "clip_l"}
+    out["model_type"] = "chroma"
+    return out
 
 
 NODES = [FluxLoraTrainerModels]

@@ -19,9 +19,16 @@ class Signature:
     shadowed_by: tuple[str, ...] = ()  # kinds that, found under the same prefix, already explain this anchor
 
 
+_CHROMA_KINDS = ("chroma_radiance", "chroma")  # FLUX-like blocks under the same prefix: the Chroma kind explains them
+
 SIGNATURES = (
-    Signature("flux", "double_blocks.0.img_attn.qkv.weight", "a FLUX.1 transformer (BFL layout)"),
-    Signature("flux", "single_blocks.0.linear1.weight", "a FLUX.1 transformer (BFL layout)"),
+    Signature("chroma_radiance", "nerf_blocks.0.norm.scale", "a Chroma Radiance transformer (pixel space)"),
+    Signature("chroma", "distilled_guidance_layer.in_proj.weight", "a Chroma transformer",
+              shadowed_by=("chroma_radiance",)),
+    Signature("flux", "double_blocks.0.img_attn.qkv.weight", "a FLUX.1 transformer (BFL layout)",
+              shadowed_by=_CHROMA_KINDS),
+    Signature("flux", "single_blocks.0.linear1.weight", "a FLUX.1 transformer (BFL layout)",
+              shadowed_by=_CHROMA_KINDS),
     Signature("flux_diffusers", "single_transformer_blocks.0.attn.to_q.weight",
               "a FLUX.1 transformer (diffusers layout)"),
     Signature("sd3", "joint_blocks.0.x_block.attn.qkv.weight", "an SD3 MMDiT"),

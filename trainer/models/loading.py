@@ -19,9 +19,10 @@ from torch import Tensor, nn
 
 from . import flux_diffusers
 from .autoencoder import AutoEncoder, AutoEncoderParams
+from .chroma import Chroma, ChromaParams
 from .flux import FP8_DTYPES, Flux, FluxParams, Linear
 from .formats import Component, describe, find_component
-from .safetensors_file import SafetensorsFile
+from .safetensors_file import ModelFileError, SafetensorsFile
 
 DeviceLike = str | torch.device
 # Per-layer quantisation extras of "scaled fp8" files: folded into the weights, never parameters themselves.
@@ -171,9 +172,14 @@ def _finish(model: nn.Module) -> nn.Module:
 
 # ------------------------------------------------------------------------------------------ FLUX
 
+TRANSFORMER_EXPECTED = "a FLUX.1 transformer (BFL, ComfyUI or diffusers layout) or a Chroma transformer"
+MODEL_TYPES = {FluxParams: "flux", ChromaParams: "chroma"}  # --model_type of each transformer
+
+
 def load_flux(path: str | os.PathLike, dtype: torch.dtype | None = None, device: DeviceLike = "cpu",
               fp8: bool | torch.dtype = False) -> Flux:
-    """The FLUX.1 transformer (dev or schnell, any size) from a BFL, ComfyUI or diffusers file.
+    """The FLUX.1 transformer (dev or schnell, any size) from a BFL, ComfyUI or diffusers file; from a Chroma file
+    (BFL keys plus `distilled_guidance_layer.*`, bare or ComfyUI-prefixed), the Chroma transformer (a Flux).
 
     dtype: compute dtype of every tensor (default: the file's own; fp8 files compute in bfloat16).
     fp8: keep the Linear weights inside the blocks in fp8 (the file's fp8 type, else `torch.float8_e4m3fn`, or
@@ -181,25 +187,48 @@ def load_flux(path: str | os.PathLike, dtype: torch.dtype | None = None, device:
     """
     file, component, source, params = _flux_source(path)
     with torch.device("meta"):
-        model = Flux(params)
+        model = build_transformer(params)
     block_linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "_blocks." in n]
     _fill(model, source, _compute_dtype(file, component.prefix, dtype), _fp8_storage(file, fp8), block_linears, device)
     return _finish(model)
 
 
-def read_flux_params(path: str | os.PathLike) -> FluxParams:
-    """The transformer's sizes (dev or schnell, depth ...) from the file's header alone, without loading it."""
+def read_flux_params(path: str | os.PathLike) -> FluxParams | ChromaParams:
+    """The transformer's sizes (dev or schnell, depth ...) from the file's header alone, without loading it;
+    ChromaParams for a Chroma file."""
     return _flux_source(path)[3]
 
 
-def _flux_source(path: str | os.PathLike) -> tuple[SafetensorsFile, Component, TensorSource, FluxParams]:
-    file, component = _open(path, "a FLUX.1 transformer (BFL, ComfyUI or diffusers layout)", ("flux", "flux_diffusers"))
+def build_transformer(params: FluxParams | ChromaParams) -> Flux:
+    """The transformer `params` describe (on the current default device): Flux, or Chroma for ChromaParams."""
+    return Chroma(params) if isinstance(params, ChromaParams) else Flux(params)
+
+
+def model_type_of(params: FluxParams | ChromaParams) -> str:
+    """The --model_type value (sd-scripts') that a transformer's params call for: flux or chroma."""
+    return MODEL_TYPES[type(params)]
+
+
+def check_transformer_type(path: str | os.PathLike, params: FluxParams | ChromaParams, model_type: str) -> None:
+    """Refuse a transformer file that is not what --model_type says (sd-scripts loads the file as the type given,
+    so a mismatch never trains there either)."""
+    found = model_type_of(params)
+    if found != model_type:
+        what = "a Chroma transformer" if found == "chroma" else "a FLUX.1 transformer"
+        raise ModelFileError(f"{path}: --pretrained_model_name_or_path holds {what}, but --model_type is "
+                             f"{model_type!r}; set --model_type {found}.")
+
+
+def _flux_source(path: str | os.PathLike) -> tuple[SafetensorsFile, Component, TensorSource,
+                                                   FluxParams | ChromaParams]:
+    file, component = _open(path, TRANSFORMER_EXPECTED, ("flux", "flux_diffusers", "chroma"))
     if component.kind == "flux_diffusers":
         source = TensorSource.flux_from_diffusers(file, component.prefix)
     else:
         source = TensorSource.prefixed(file, component.prefix)
+    params_class = ChromaParams if component.kind == "chroma" else FluxParams
     try:
-        params = FluxParams.from_shapes(source.shapes, _config_metadata(file))
+        params = params_class.from_shapes(source.shapes, _config_metadata(file))
     except (KeyError, ValueError) as e:
         raise file.error(f"holds {component.describe()} that cannot be built: {e}") from e
     return file, component, source, params
