@@ -27,7 +27,8 @@ class FluxLoraTrainerOptimizer(io.ComfyNode):
                                tooltip="AdamW is the reference; AdamW8bit / Adafactor save memory (the guide's 12 GB "
                                        f"row uses AdamW8bit). {needs}."),
                 io.Float.Input("learning_rate", default=rec.learning_rate, min=0.0, max=1.0, step=LR_STEP,
-                               tooltip="Learning rate of the transformer's LoRA (1e-4 is the usual start)."),
+                               tooltip="Learning rate of the transformer's LoRA (1e-4 is the usual start; the "
+                                       "D-Adaptation family and Prodigy set their own step size and take 1.0)."),
                 io.Combo.Input("lr_scheduler", options=list(SCHEDULERS), default=rec.lr_scheduler,
                                tooltip="How the learning rate changes over the run."),
                 io.Float.Input("lr_warmup_steps", default=float(rec.lr_warmup_steps), min=0.0, max=100000.0,

@@ -37,6 +37,7 @@ from ..trainer.config.memory_plan import (  # noqa: F401
     drop_impossible_caches,
     plan_memory,
 )
+from ..trainer.config.optim import check_named_only
 from ..trainer.errors import ConfigError, DatasetConfigError, TrainerError
 from .paths import resolve_input_file, resolve_input_folder
 
@@ -308,6 +309,7 @@ def optimizer_fields(*, optimizer_type: str, learning_rate: float, lr_scheduler:
     count (sd-scripts). `optimizer_args`: key=value, one per line or separated by spaces; empty with Adafactor
     means the guide's recipe (ADAFACTOR_RECOMMENDED_ARGS)."""
     name = canonical_optimizer(optimizer_type)
+    check_named_only(name, "", "optimizer node")
     args = tuple(token for line in _lines(optimizer_args) for token in _split(line, "optimizer_args"))
     notes = []
     if name == "Adafactor" and not args:
@@ -410,6 +412,7 @@ def parse_extra_options(text: str) -> tuple[dict, dict]:
     values = vars(namespace)
     train = {n: values[n] for n in given if n in train_names}
     flow = {n: values[n] for n in given if n in flow_names}
+    check_named_only(train.get("optimizer_type", ""), train.get("lr_scheduler_type", ""), "extra_options")
     for name in ("text_encoder_lr", "optimizer_args"):
         if name in train:
             train[name] = tuple(train[name]) or None if name == "text_encoder_lr" else tuple(train[name])
@@ -513,6 +516,7 @@ def train_config(*, models: Mapping, datasets: tuple, network: Mapping | None = 
     if memory.get("chosen_by_user") is False or memory["auto"]:
         notes += _drop_impossible_caches(values, datasets, values.get("network", recommended().network))
     values.update(extra_train)
+    check_named_only(values.get("optimizer_type", ""), values.get("lr_scheduler_type", ""), "train node")
     flow_cfg = flow_config(extra_flow, **dict(flow))
     config = TrainConfig.recommended(flow=flow_cfg, datasets=tuple(datasets), **values)
     notes += config.advice()

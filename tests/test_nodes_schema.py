@@ -21,8 +21,8 @@ NODE_IDS = ["FluxLoraTrainerModels", "FluxLoraTrainerDataset", "FluxLoraTrainerD
 TORCH_FREE = {"", ".nodes", ".nodes.common", ".nodes.paths", ".nodes.translate", ".trainer", ".trainer.config",
               ".trainer.errors", *(f".nodes.{n}" for n in ("models", "dataset", "network", "optimizer", "memory",
                                                             "train", "apply")),
-              *(f".trainer.config.{n}" for n in ("data", "flow", "lora", "memory_plan", "names", "optim", "resolve",
-                                                  "train"))}
+              *(f".trainer.config.{n}" for n in ("data", "finite", "flow", "lora", "memory_plan", "model_type",
+                                                  "names", "optim", "resolve", "safe_regex", "train"))}
 
 MEASURE = """
 import asyncio, importlib.util, json, sys

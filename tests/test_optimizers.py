@@ -2,6 +2,7 @@
 optimizers (they step on CPU tensors with bitsandbytes 0.50), Adafactor's recipe and its relative-step mode,
 schedule-free optimizers, and each schedule against its closed form."""
 
+import copy
 import math
 import sys
 import types
@@ -211,10 +212,58 @@ def test_schedule_free_optimizers_by_sd_scripts_names(fake_schedulefree, name):
 
 
 def test_mode_helpers_do_nothing_for_other_optimizers():
-    param = torch.nn.Parameter(torch.zeros(4))
-    optimizer, _, _ = build(param, optimizer_type="AdamW")
+    """For an optimizer without train()/eval() the helpers change neither the weights nor the optimizer's state."""
+    param = torch.nn.Parameter(torch.zeros(64, 64))
+    optimizer, scheduler, _ = build(param, optimizer_type="AdamW")
+    train(optimizer, scheduler, param, 2)
+    weights, state = param.detach().clone(), copy.deepcopy(optimizer.state_dict())
     optimizer_eval_mode(optimizer)
     optimizer_train_mode(optimizer)
+    after = optimizer.state_dict()
+    assert torch.equal(param.detach(), weights) and after["param_groups"] == state["param_groups"]
+    assert after["state"].keys() == state["state"].keys() == {0}
+    for key, value in state["state"][0].items():
+        assert torch.equal(after["state"][0][key], value), key
+
+
+# ---------------------------------------------------------------------------------------------------- D-Adaptation
+
+DADAPT = {"DAdaptation": "DAdaptAdamPreprint", "DAdaptAdamPreprint": "DAdaptAdamPreprint",
+          "DAdaptAdaGrad": "DAdaptAdaGrad", "DAdaptAdam": "DAdaptAdam", "DAdaptAdan": "DAdaptAdan",
+          "DAdaptAdanIP": "DAdaptAdanIP", "DAdaptLion": "DAdaptLion", "DAdaptSGD": "DAdaptSGD"}
+
+
+def test_dadapt_family_is_named_with_its_package():
+    assert {name: OPTIMIZERS[name] for name in DADAPT} == dict.fromkeys(DADAPT, "dadaptation")
+
+
+@pytest.mark.parametrize("name, cls", DADAPT.items())
+def test_dadapt_optimizers_train_by_sd_scripts_names(name, cls):
+    pytest.importorskip("dadaptation")
+    param = torch.nn.Parameter(torch.zeros(64, 64))
+    optimizer, scheduler, notes = build(param, lr=1.0, optimizer_type=name.lower())
+    assert type(optimizer).__name__ == cls and not notes  # lr 1.0 is what sd-scripts recommends: no advice
+    losses = train(optimizer, scheduler, param, 100)
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
+    assert optimizer.param_groups[0]["d"] > 1e-6  # it grew its own step size from the package's starting d
+
+
+def test_dadapt_gives_sd_scripts_learning_rate_advice():
+    pytest.importorskip("dadaptation")
+    param, other = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
+    _, _, notes = build(param, lr=1e-4, optimizer_type="DAdaptAdam",
+                        groups=[{"params": [param], "lr": 1e-4}, {"params": [other], "lr": 5e-5}])
+    assert any("DAdaptAdam adapts the step size itself" in n and "1.0 is the usual value (not 0.0001)" in n
+               for n in notes)
+    assert any("only the first one, 0.0001, takes effect" in n for n in notes)
+
+
+@pytest.mark.parametrize("name", ["DAdaptAdam", "DAdaptation", "DAdaptAdanIP"])
+def test_dadapt_without_the_package_is_one_clear_error(monkeypatch, name):
+    monkeypatch.setitem(sys.modules, "dadaptation", None)
+    monkeypatch.setitem(sys.modules, "dadaptation.experimental", None)
+    with pytest.raises(ConfigError, match=f"^optimizer_type {name} needs dadaptation: pip install dadaptation$"):
+        build(torch.nn.Parameter(torch.zeros(4)), lr=1.0, optimizer_type=name)
 
 
 def test_schedule_free_without_the_package_is_one_clear_error(monkeypatch):

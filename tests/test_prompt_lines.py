@@ -3,6 +3,7 @@ flag it knows, case-insensitive, in its order; what FLUX previews ignore (or sd-
 warning per prompt instead of an error; .toml and .json in sd-scripts' layouts. Each test failed before issue #13."""
 
 import json
+import re
 
 import pytest
 
@@ -100,3 +101,51 @@ def test_json_lines_and_objects(tmp_path):
     path.write_text(json.dumps({"prompt": "x"}))
     with pytest.raises(PromptFileError, match="JSON list"):
         read_prompts(path)
+
+
+# ------------------------------------------------------------------------------------------ sizes a preview can take
+
+@pytest.mark.parametrize("line, flag, limit", [
+    ("a cat --w 100000 --h 100000", "--w (width) 100000", "at most 4096 px a side"),
+    ("a cat --w 512 --h 4097", "--h (height) 4097", "at most 4096 px a side"),
+    ("a cat --w 4096 --h 4096", "--w (width) 4096", "4096x4096 is more than the 4 MP a preview may have"),
+    ("a cat --d 18446744073709551616", "--d (seed) 18446744073709551616",
+     "a whole number from -9223372036854775808 to 18446744073709551615"),
+    ("a cat --g " + "9" * 400, "--g (guidance) inf", "expected a finite number"),
+    ("a cat --l " + "9" * 400, "--l (scale) inf", "expected a finite number"),
+])
+def test_preview_sizes_and_numbers_past_the_limits_are_refused_with_the_limit(tmp_path, line, flag, limit):
+    (tmp_path / "p.txt").write_text(f"fine --w 1024 --h 1024\n{line}\n")
+    with pytest.raises(PromptFileError) as raised:
+        read_prompts(tmp_path / "p.txt")
+    assert str(raised.value).startswith(f"sample prompt 2 (p.txt line 2): {flag}: ") and limit in str(raised.value)
+
+
+@pytest.mark.parametrize("line, size", [("a --w 4096 --h 1024", (4096, 1024)), ("a --w 2048 --h 2048", (2048, 2048)),
+                                        ("a --w 100 --h 4096", (100, 4096))])
+def test_preview_sizes_within_the_limits_are_kept(line, size):
+    prompt = parse_prompt_line(line)
+    assert (prompt.width, prompt.height) == size and prompt.warning is None
+    assert parse_prompt_line("a --d 18446744073709551615").seed == 2**64 - 1
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"prompt": "x", "width": 10**12}, "--w (width) 1000000000000: previews are at most 4096 px a side"),
+    ({"prompt": "x", "sample_steps": 10**9}, "--s (steps) 1000000000: at most 1000 steps"),
+    ({"prompt": "x", "seed": -(2**64)}, "--d (seed) -18446744073709551616: expected a whole number"),
+])
+def test_preview_limits_apply_to_json_prompt_files(tmp_path, entry, message):
+    (tmp_path / "p.json").write_text(json.dumps([entry]))
+    with pytest.raises(PromptFileError, match=re.escape(f"sample prompt 1 (p.json prompt 1): {message}")):
+        read_prompts(tmp_path / "p.json")
+
+
+def test_preview_limits_apply_to_toml_infinity(tmp_path):
+    (tmp_path / "p.toml").write_text('[prompt]\n[[prompt.subset]]\nprompt = "x"\nguidance_scale = inf\n')
+    with pytest.raises(PromptFileError, match=r"--g \(guidance\) inf: expected a finite number"):
+        read_prompts(tmp_path / "p.toml")
+
+
+def test_a_prompt_built_in_code_gets_the_same_limits():
+    with pytest.raises(PromptFileError, match=r"^sample prompt 1: --w \(width\) 100000: previews are at most 4096"):
+        SamplePrompt("x", width=100000, height=100000)

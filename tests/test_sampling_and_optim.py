@@ -78,6 +78,63 @@ def test_euler_sampler_integrates_the_velocity(golden):
     assert torch.allclose(ae.seen, noise - model.v, atol=1e-5)
 
 
+def _tiny_models():
+    from trainer.models.autoencoder import AutoEncoder
+    from trainer.models.flux import Flux
+    from trainer.models.tiny import TINY_AE, TINY_FLUX, ae_state_dict, flux_state_dict
+
+    flux, ae = Flux(TINY_FLUX), AutoEncoder(TINY_AE)
+    flux.load_state_dict(flux_state_dict(seed=1), assign=True)
+    ae.load_state_dict(ae_state_dict(seed=2), assign=True)
+    return flux.eval(), ae.eval()
+
+
+@torch.no_grad()
+def _three_forward_cfg_reference(flux, ae, cond, prompt, negative):
+    """The sampler as it was before: the negative velocity computed twice per step (3 forwards), kept here to show
+    the 2-forward sampler renders the same image."""
+    import numpy as np
+
+    from trainer.flow import image_ids, pack_latents, sampling_schedule, text_ids, unpack_latents
+
+    h, w = prompt.height // 8, prompt.width // 8
+    x = pack_latents(torch.randn(1, 16, h, w, generator=torch.Generator().manual_seed(prompt.seed)))
+    ids, guidance = image_ids(1, h, w), torch.full((1,), prompt.guidance)
+    schedule = sampling_schedule(prompt.steps, (h // 2) * (w // 2), shift=flux.params.guidance_embed)
+
+    def velocity(c, t):
+        pooled, txt, mask = c
+        return flux(x, ids, txt, text_ids(1, txt.shape[1]), torch.full((1,), t), pooled, guidance, mask).float()
+
+    for t, t_next in zip(schedule[:-1], schedule[1:]):
+        v = velocity(cond, t)
+        v = velocity(negative, t) + prompt.scale * (v - velocity(negative, t))
+        x = x + (t_next - t) * v
+    pixels = ae.decode(unpack_latents(x, h, w)).float().clamp(-1, 1)
+    return ((pixels[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
+
+
+def test_a_negative_prompt_costs_one_forward_per_step_and_renders_the_same_image():
+    """Classifier-free guidance: 2 transformer forwards per sampling step (prompt, negative prompt), not 3, and the
+    image equals the one the 3-forward sampler rendered."""
+    import numpy as np
+
+    flux, ae = _tiny_models()
+    calls = []
+    flux.register_forward_hook(lambda module, args, output: calls.append(args[2].shape))
+    g = torch.Generator().manual_seed(3)
+    cond = (torch.randn(1, 64, generator=g), torch.randn(1, 5, 32, generator=g), None)
+    negative = (torch.randn(1, 64, generator=g), torch.randn(1, 7, 32, generator=g), None)
+    prompt = SamplePrompt("x", "blurry", width=32, height=48, steps=4, guidance=3.5, scale=4.0, seed=11)
+    image = np.asarray(generate(flux, ae, cond, prompt, negative))
+    assert len(calls) == 2 * prompt.steps
+    assert [shape[1] for shape in calls[:2]] == [5, 7]  # the prompt, then the negative prompt
+    calls.clear()
+    reference = _three_forward_cfg_reference(flux, ae, cond, prompt, negative)
+    assert len(calls) == 3 * prompt.steps
+    assert image.shape == (48, 32, 3) and np.array_equal(image, reference) and image.std() > 0
+
+
 def test_optimizer_args_are_python_literals():
     assert parse_optimizer_args(["relative_step=False", "betas=(0.9, 0.99)", "eps=1e-8", "mode=fast"]) == {
         "relative_step": False, "betas": (0.9, 0.99), "eps": 1e-8, "mode": "fast"}

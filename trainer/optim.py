@@ -19,6 +19,7 @@ import torch
 from .config.optim import (  # noqa: F401 (parse_optimizer_args re-exported)
     adafactor_relative_step,
     canonical_optimizer,
+    is_learning_rate_free,
     is_schedule_free,
     parse_optimizer_args,
     parse_step_rules,
@@ -38,6 +39,13 @@ _BNB_CLASSES = {"AdamW8bit": "AdamW8bit", "PagedAdamW8bit": "PagedAdamW8bit", "P
                 "PagedAdamW32bit": "PagedAdamW32bit", "Lion": "Lion", "Lion8bit": "Lion8bit",
                 "PagedLion8bit": "PagedLion8bit", "SGDNesterov8bit": "SGD8bit"}
 _SCHEDULE_FREE = ("RAdamScheduleFree", "AdamWScheduleFree", "SGDScheduleFree")
+# sd-scripts' name -> (module of the dadaptation package, class); DAdaptation is its name for AdamPreprint
+_DADAPT_CLASSES = {"DAdaptation": ("dadaptation.experimental", "DAdaptAdamPreprint"),
+                   "DAdaptAdamPreprint": ("dadaptation.experimental", "DAdaptAdamPreprint"),
+                   "DAdaptAdaGrad": ("dadaptation", "DAdaptAdaGrad"), "DAdaptAdam": ("dadaptation", "DAdaptAdam"),
+                   "DAdaptAdan": ("dadaptation", "DAdaptAdan"),
+                   "DAdaptAdanIP": ("dadaptation.experimental", "DAdaptAdanIP"),
+                   "DAdaptLion": ("dadaptation", "DAdaptLion"), "DAdaptSGD": ("dadaptation", "DAdaptSGD")}
 
 
 # ---------------------------------------------------------------------------------------------------- the entry point
@@ -53,7 +61,7 @@ def build_optimizer_and_scheduler(config: "TrainConfig", groups: list[dict], tot
     schedule = config.lr_scheduler
     if name == "Adafactor":
         schedule = _adafactor_notes(config, args, emit)
-    elif name == "Prodigy":
+    elif is_learning_rate_free(name):
         _adaptive_notes(name, groups, config.learning_rate, emit)
     elif name == "SGDNesterov8bit":
         emit("SGDNesterov8bit: bitsandbytes' SGD8bit accepts nesterov=True but steps with plain momentum (so does "
@@ -103,7 +111,7 @@ def _adafactor_notes(config: "TrainConfig", args: dict, emit: Emit) -> str:
 
 
 def _adaptive_notes(name: str, groups: list[dict], lr: float, emit: Emit) -> None:
-    """Learning-rate-free optimizers (Prodigy): sd-scripts' advice on the learning rate."""
+    """Learning-rate-free optimizers (D-Adaptation, Prodigy): sd-scripts' advice on the learning rate."""
     first = groups[0].get("lr", lr) if groups else lr
     if first <= 0.1:
         emit(f"{name} adapts the step size itself; learning_rate is a multiplier on it and 1.0 is the usual value "
@@ -155,6 +163,19 @@ def _schedulefree(name: str):
                           "pip install -U schedulefree") from None
 
 
+def _dadaptation(name: str):
+    module_name, class_name = _DADAPT_CLASSES[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"optimizer_type {name} needs dadaptation: pip install dadaptation") from e
+    try:
+        return getattr(module, class_name)
+    except AttributeError:
+        raise ConfigError(f"optimizer_type {name}: the installed dadaptation has no {module_name}.{class_name}; "
+                          "pip install -U dadaptation") from None
+
+
 def _optimizer_class(name: str, groups: list[dict], args: dict):
     """The class for `name`; fills in the defaults sd-scripts gives some of them (in `args`, `groups`)."""
     if name == "AdamW":
@@ -177,6 +198,8 @@ def _optimizer_class(name: str, groups: list[dict], args: dict):
         return Adafactor
     if name in _SCHEDULE_FREE:
         return _schedulefree(name)
+    if name in _DADAPT_CLASSES:
+        return _dadaptation(name)
     if name == "Prodigy":
         try:
             from prodigyopt import Prodigy

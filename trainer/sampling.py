@@ -3,7 +3,7 @@ time shift and guidance embedding, PNGs named as sd-scripts names them."""
 
 from __future__ import annotations
 
-import json
+import math
 import re
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -31,6 +31,9 @@ class SamplePrompt:
     # what was ignored or altered, one entry per flag or key, and where the prompt came from ("p.txt line 4")
     notes: tuple[str, ...] = field(default=(), compare=False)
     where: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        _check_bounds(self)  # also for prompts built in code, not read from a file
 
     @property
     def warning(self) -> str | None:
@@ -68,6 +71,14 @@ _IGNORED = {
                   "option)",
 }
 _INTERNAL = ("enum", "subset")  # sd-scripts sets or drops these itself
+
+# ours: what a preview may ask for, so a prompt line from a shared workflow cannot allocate until the process dies.
+# FLUX.1 renders up to about 2 MP well; 4096 px a side and 4 MP (e.g. 2048x2048, 4096x1024) leave room above that.
+MAX_PREVIEW_SIDE = 4096
+MAX_PREVIEW_PIXELS = 4 * 1024 * 1024
+MAX_SAMPLE_STEPS = 1000  # sd-scripts holds steps to 1-1000
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch's generators take
+_FLAG_OF = {"width": "--w", "height": "--h", "seed": "--d", "steps": "--s", "guidance": "--g", "scale": "--l"}
 
 
 def _note(flag: str, value: str, why: str) -> str:
@@ -128,6 +139,29 @@ def _prompt_from(values: dict, notes: list[str], index: int, where: str) -> Samp
         notes.append("the negative prompt is ignored: the CFG scale (--l, scale) is 1.0, so no negative pass runs "
                      "(as in sd-scripts)")
     return replace(prompt, notes=tuple(notes))
+
+
+def _check_bounds(prompt: SamplePrompt) -> None:
+    """Sizes, seeds and numbers a preview cannot use are refused (PromptFileError naming the prompt, the flag and
+    the limit) before any model loads."""
+    def refuse(field_name: str, why: str):
+        where = f" ({prompt.where})" if prompt.where else ""
+        raise PromptFileError(f"sample prompt {prompt.index + 1}{where}: {_FLAG_OF[field_name]} ({field_name}) "
+                              f"{getattr(prompt, field_name)}: {why}")
+
+    for name in ("width", "height"):
+        if getattr(prompt, name) > MAX_PREVIEW_SIDE:
+            refuse(name, f"previews are at most {MAX_PREVIEW_SIDE} px a side")
+    if prompt.width * prompt.height > MAX_PREVIEW_PIXELS:
+        refuse("width", f"{prompt.width}x{prompt.height} is more than the {MAX_PREVIEW_PIXELS / 2**20:g} MP a preview "
+                        f"may have (e.g. 2048x2048 or 4096x1024)")
+    if prompt.steps > MAX_SAMPLE_STEPS:
+        refuse("steps", f"at most {MAX_SAMPLE_STEPS} steps (sd-scripts' limit)")
+    if prompt.seed is not None and not SEED_RANGE[0] <= prompt.seed <= SEED_RANGE[1]:
+        refuse("seed", f"expected a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]} (a 64-bit seed)")
+    for name in ("guidance", "scale"):
+        if not math.isfinite(getattr(prompt, name)):
+            refuse(name, "expected a finite number")
 
 
 def parse_prompt_line(line: str, index: int = 0, where: str = "") -> SamplePrompt:
@@ -196,8 +230,10 @@ def _entries(path: Path, text: str) -> list:
         # a key in both: the subset's wins (sd-scripts' dict(**shared, **subset) raises a TypeError instead)
         shared = {k: v for k, v in table.items() if k != "subset"}
         return [{**shared, **subset} if isinstance(subset, dict) else subset for subset in table["subset"]]
+    from .tomlio import loads_json
+
     try:
-        entries = json.loads(text)
+        entries = loads_json(text)
     except ValueError as e:
         raise PromptFileError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(entries, list):
@@ -210,13 +246,15 @@ def read_prompts(path: str | Path, warn=None) -> list[SamplePrompt]:
     """The prompts of a .txt (one prompt line each; lines starting with # are comments), .toml ([prompt] with
     [[prompt.subset]]) or .json (a list of prompt lines or objects) file, as sd-scripts' load_prompts reads them.
     `warn(text)`, when given, receives each prompt's one warning (flags or keys ignored, values altered)."""
+    from .tomlio import NotText, read_text
+
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")  # a BOM from a Windows editor is not part of the text
+        text = read_text(path)  # UTF-8, or UTF-16/32 with a byte-order mark (Windows editors' "Unicode")
     except OSError as e:
         raise PromptFileError(f"{path}: cannot be read ({e.strerror or e})") from e
-    except UnicodeDecodeError as e:
-        raise PromptFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except NotText as e:
+        raise PromptFileError(f"{path}: {e}") from None
     suffix = path.suffix.lower()
     prompts = []
     if suffix == ".txt":
@@ -267,7 +305,8 @@ def generate(flux, ae, cond: tuple, prompt: SamplePrompt, negative: tuple | None
         with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
             v = velocity(cond, t)
             if negative is not None and prompt.scale != 1.0:
-                v = velocity(negative, t) + prompt.scale * (v - velocity(negative, t))
+                v_negative = velocity(negative, t)
+                v = v_negative + prompt.scale * (v - v_negative)
         x = (x.float() + (t_next - t) * v).to(dtype)
     pixels = ae.decode(unpack_latents(x.float(), h, w).to(next(ae.parameters()).device)).float().clamp(-1, 1)
     array = ((pixels[0].permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().astype(np.uint8)

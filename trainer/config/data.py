@@ -8,8 +8,8 @@ table, the key and what is accepted.
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,6 +18,7 @@ from typing import Any, Mapping
 from ..errors import DatasetConfigError
 
 log = logging.getLogger(__name__)
+SEED_MAX = 2**63 - 1
 INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
 
 
@@ -138,8 +139,8 @@ def _expect(value: Any, key: str, where: str) -> Any:
         return tuple(value)
     if key == "face_crop_aug_range":
         if not (isinstance(value, (list, tuple)) and len(value) == 2
-                and all(isinstance(v, (int, float)) for v in value)):
-            fail("[min, max] numbers")
+                and all(isinstance(v, (int, float)) and _finite(v) for v in value)):
+            fail("[min, max] finite numbers")
         return tuple(float(v) for v in value)
     if key in ("resize_interpolation",):
         if value not in INTERPOLATIONS:
@@ -155,10 +156,14 @@ def _expect(value: Any, key: str, where: str) -> Any:
         if value < 0 or (key in ("batch_size", "num_repeats", "bucket_reso_steps", "min_bucket_reso", "max_bucket_reso")
                          and value == 0):
             fail("a positive whole number" if value == 0 else "a whole number >= 0")
+        if key == "validation_seed" and value > SEED_MAX:
+            fail(f"a whole number from 0 to {SEED_MAX} (a 64-bit seed)")
         return value
     if kind.startswith("float"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail("a number")
+        if not _finite(value):
+            fail("a finite number (NaN and infinity are refused)")
         if key.endswith("_rate") and not 0 <= value <= 1:
             fail("a number between 0 and 1")
         if key == "validation_split" and not 0 <= value < 1:
@@ -173,6 +178,13 @@ def _expect(value: Any, key: str, where: str) -> Any:
     return value
 
 
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 def _check_keys(table: Mapping, allowed: set[str], where: str) -> None:
     for key in table:
         if key not in allowed:
@@ -184,22 +196,24 @@ def load_dataset_config(path: str | os.PathLike, command_line: Mapping[str, Any]
     """Datasets described by the file at `path`: TOML, or JSON when its name ends in `.json` (sd-scripts' rule; the
     same schema either way). `command_line` holds values given as options (lower precedence than the file), e.g.
     {"resolution": (1024, 1024), "caption_extension": ".txt"}."""
+    from ..tomlio import NotText, TOMLError, loads, loads_json, read_text
+
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")  # a BOM from a Windows editor is not part of the text
+        text = read_text(path)  # UTF-8, or UTF-16/32 with a byte-order mark (Windows editors' "Unicode")
     except OSError as e:
         raise DatasetConfigError(f"{path}: cannot be read ({e.strerror or e})") from e
+    except NotText as e:
+        raise DatasetConfigError(f"{path}: {e}") from None
     if path.suffix.lower() == ".json":
         try:
-            document = json.loads(text)
+            document = loads_json(text)
         except ValueError as e:
             raise DatasetConfigError(f"{path}: not valid JSON ({e})") from e
         if not isinstance(document, dict):
             raise DatasetConfigError(f"{path}: expected a JSON object with \"datasets\" (and optionally "
                                      f"\"general\"), not {type(document).__name__}")
     else:
-        from ..tomlio import TOMLError, loads
-
         try:
             document = loads(text)
         except TOMLError as e:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, fields
 from typing import Callable, Mapping, Sequence
 
 from ..errors import LoRAConfigError
+from .finite import check_dataclass_finite
+from .safe_regex import check_patterns
 
 TYPE_DIM_OPTIONS = ("img_attn_dim", "txt_attn_dim", "img_mlp_dim", "txt_mlp_dim", "img_mod_dim", "txt_mod_dim",
                     "single_dim", "single_mod_dim")
@@ -48,6 +50,7 @@ class LoRAConfig:
     network_reg_lrs: tuple[tuple[str, float], ...] = field(default=())  # (regex, lr), first match wins
 
     def __post_init__(self):
+        check_dataclass_finite(self, LoRAConfigError)
         if self.network_alpha in (None, 0):  # sd-scripts: alpha 0/None means alpha = dim (scale 1)
             object.__setattr__(self, "network_alpha", float(self.network_dim))
         _check(isinstance(self.network_dim, int) and self.network_dim > 0, "network_dim",
@@ -73,11 +76,7 @@ class LoRAConfig:
             value = getattr(self, option)
             _check(value is None or value > 0, option, f"a positive number, not {value!r}")
         for option in ("network_reg_dims", "network_reg_lrs"):
-            for pattern, _ in getattr(self, option):
-                try:
-                    re.compile(pattern)
-                except re.error as e:
-                    raise LoRAConfigError(f"{option}: {pattern!r} is not a valid regular expression ({e})") from e
+            check_patterns(option, [pattern for pattern, _ in getattr(self, option)])
 
     @property
     def type_dims(self) -> tuple[int | None, ...]:
@@ -149,7 +148,9 @@ def _parse_value(key: str, raw: str):
         if key in ("network_reg_dims", "network_reg_lrs"):
             return _parse_pairs(raw, int if key == "network_reg_dims" else float)
     except ValueError:
-        kind = {"in_dims": "five comma-separated whole numbers, e.g. [4,0,0,0,4]"}.get(
+        kind = {"in_dims": "five comma-separated whole numbers, e.g. [4,0,0,0,4]",
+                "network_reg_dims": "comma-separated pattern=value pairs, e.g. single_blocks=8,double_blocks=16",
+                "network_reg_lrs": "comma-separated pattern=value pairs, e.g. single_blocks=1e-4"}.get(
             key, "a whole number" if key in _INT_KEYS else "a number" if key in _FLOAT_KEYS else "True or False")
         raise LoRAConfigError(f"network_args: {key}={raw!r}: expected {kind}") from None
     return raw

@@ -13,7 +13,9 @@ OPTIMIZERS: dict[str, str | None] = {
     "PagedAdamW32bit": "bitsandbytes", "Lion": "bitsandbytes", "Lion8bit": "bitsandbytes",
     "PagedLion8bit": "bitsandbytes", "SGDNesterov": None, "SGDNesterov8bit": "bitsandbytes", "Adafactor": None,
     "Prodigy": "prodigyopt", "RAdamScheduleFree": "schedulefree", "AdamWScheduleFree": "schedulefree",
-    "SGDScheduleFree": "schedulefree",
+    "SGDScheduleFree": "schedulefree", "DAdaptation": "dadaptation", "DAdaptAdamPreprint": "dadaptation",
+    "DAdaptAdaGrad": "dadaptation", "DAdaptAdam": "dadaptation", "DAdaptAdan": "dadaptation",
+    "DAdaptAdanIP": "dadaptation", "DAdaptLion": "dadaptation", "DAdaptSGD": "dadaptation",
 }
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
               "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay", "piecewise_constant", "adafactor")
@@ -28,6 +30,11 @@ SCHEDULER_ARGS: dict[str, tuple[str, ...]] = {
 WSD_SHAPES = ("linear", "cosine", "1-sqrt")
 STEP_RULES_EXAMPLE = "step_rules=1:10,0.1:20,0.01 (x1 before step 10, x0.1 before step 20, then x0.01)"
 
+# torch.optim.lr_scheduler classes that take only numbers (a text option can give nothing else): what
+# --lr_scheduler_type may name where class paths are not taken (the ComfyUI nodes)
+TORCH_SCHEDULER_CLASSES = ("StepLR", "MultiStepLR", "ConstantLR", "LinearLR", "ExponentialLR", "PolynomialLR",
+                           "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "CyclicLR", "OneCycleLR")
+
 _DOTTED = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+")
 
 
@@ -41,6 +48,13 @@ def canonical_optimizer(name: str) -> str:
         return name
     raise ConfigError(f"optimizer_type {name!r} is unknown; expected one of {', '.join(OPTIMIZERS)} or a dotted class "
                       "path such as torch.optim.RAdam")
+
+
+def is_learning_rate_free(optimizer_type: str) -> bool:
+    """D-Adaptation and Prodigy estimate the step size themselves; learning_rate multiplies it (sd-scripts' test: a
+    name starting with DAdapt, or Prodigy)."""
+    name = canonical_optimizer(optimizer_type).lower()
+    return name.startswith("dadapt") or name == "prodigy"
 
 
 def is_schedule_free(optimizer_type: str) -> bool:
@@ -67,6 +81,23 @@ def parse_optimizer_args(args: tuple[str, ...] | list[str], option: str = "optim
         except (ValueError, SyntaxError):
             out[key] = raw
     return out
+
+
+def check_named_only(optimizer_type: str, lr_scheduler_type: str, where: str) -> None:
+    """Where the options come from untrusted text (a shared ComfyUI workflow), only the optimizers of OPTIMIZERS and
+    the schedules by name exist: a class path would be imported, running the module's code, and called with
+    arguments the text chooses. Checked before anything is imported; the CLI keeps class paths."""
+    name = (optimizer_type or "AdamW").strip()
+    if name.lower() not in {known.lower() for known in OPTIMIZERS}:
+        raise ConfigError(f"{where}: optimizer_type {name!r} is not one of the named optimizers "
+                          f"({', '.join(OPTIMIZERS)}); an optimizer class by path (module.Class) is a command-line "
+                          "feature only: it imports and runs that module's code, which a shared workflow must not do")
+    scheduler = (lr_scheduler_type or "").strip()
+    if scheduler and scheduler not in TORCH_SCHEDULER_CLASSES:
+        raise ConfigError(f"{where}: lr_scheduler_type {scheduler!r} is not taken here; use --lr_scheduler with a "
+                          f"named schedule, or one of torch's {', '.join(TORCH_SCHEDULER_CLASSES)}; a scheduler class "
+                          "by path (module.Class) is a command-line feature only: it imports and runs that module's "
+                          "code, which a shared workflow must not do")
 
 
 def check_scheduler_type(path: str) -> None:

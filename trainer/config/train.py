@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, LoRAConfigError
 from .data import DatasetConfig
+from .finite import check_dataclass_finite, check_finite
 from .flow import FlowConfig
 from .lora import LoRAConfig, lr_for_text_encoders
 from .names import check_file_name
@@ -24,6 +25,8 @@ from .optim import (
 )
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+MAX_DDP_TIMEOUT = 1_000_000  # minutes; Python's clock cannot hold much more
 SAVE_PRECISION = ("float", "fp16", "bf16")
 LOG_WITH = ("tensorboard", "wandb", "all")
 RESIZE_INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area")
@@ -191,6 +194,10 @@ class TrainConfig:
     wandb_api_key: str | None = None
 
     def __post_init__(self):
+        _check_seed("seed", self.seed)
+        _check_seed("validation_seed", self.validation_seed)
+        check_dataclass_finite(self)
+        check_dataclass_finite(self.flow)
         _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         if self.save_precision is not None:
             _choice("save_precision", self.save_precision, SAVE_PRECISION)
@@ -234,6 +241,11 @@ class TrainConfig:
             raise ConfigError(f"skip_nonfinite_steps: expected a whole number >= 0, not {self.skip_nonfinite_steps}")
         if self.learning_rate < 0 or self.max_grad_norm < 0 or self.lr_warmup_steps < 0:
             raise ConfigError("learning_rate, max_grad_norm and lr_warmup_steps must not be negative")
+        for name in ("lr_warmup_steps", "lr_decay_steps"):
+            _check_steps_or_ratio(name, getattr(self, name))
+        if self.ddp_timeout is not None and self.ddp_timeout > MAX_DDP_TIMEOUT:
+            raise ConfigError(f"ddp_timeout: at most {MAX_DDP_TIMEOUT} minutes (about two years), not "
+                              f"{self.ddp_timeout}")
         if self.t5xxl_max_token_length is not None and not 1 <= self.t5xxl_max_token_length <= 512:
             raise ConfigError(f"t5xxl_max_token_length: expected 1-512, not {self.t5xxl_max_token_length}")
         if self.blocks_to_swap is not None:
@@ -287,6 +299,8 @@ class TrainConfig:
         object.__setattr__(self, "optimizer_args", tuple(self.optimizer_args))
         optimizer = canonical_optimizer(self.optimizer_type)
         optimizer_args = parse_optimizer_args(self.optimizer_args)
+        check_finite({"optimizer_args": optimizer_args,
+                      "lr_scheduler_args": parse_optimizer_args(self.lr_scheduler_args, "lr_scheduler_args")})
         if self.text_encoder_lr is not None:
             object.__setattr__(self, "text_encoder_lr", tuple(float(v) for v in self.text_encoder_lr))
             try:
@@ -350,6 +364,26 @@ RECOMMENDED: dict = dict(
     network=LoRAConfig(network_dim=16, network_alpha=16, network_train_unet_only=True),
     learning_rate=1e-4, mixed_precision="bf16", gradient_checkpointing=True, save_precision="bf16",
     cache_latents=True, cache_text_encoder_outputs=True, max_train_steps=1000, sample_at_end=True)
+
+
+def _check_seed(option: str, value: int | None) -> None:
+    """Seeds end in torch's 64-bit generators (plus the prompt index for previews): refused outside the signed 64-bit
+    range instead of overflowing there."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not SEED_MIN <= value <= SEED_MAX:
+        raise ConfigError(f"{option}: expected a whole number from {SEED_MIN} to {SEED_MAX} (a 64-bit seed), not "
+                          f"{value!r}")
+
+
+def _check_steps_or_ratio(option: str, value) -> None:
+    """sd-scripts' int_or_float rule: a count of steps is a whole number; a float is a ratio of the run's steps and
+    must be below 1 (`--lr_warmup_steps 50.0`, `1e2` and `1.5` are refused by sd-scripts' parser too)."""
+    if isinstance(value, float) and value >= 1:
+        whole = f"write {int(value)} for {int(value)} steps" if value.is_integer() else "write a whole number of steps"
+        raise ConfigError(f"{option} {value:g}: a number from 1 up is a count of steps and must be a whole number "
+                          f"written without a decimal point or exponent; {whole}, or a ratio of the run below 1 "
+                          "(0.1 or 10%)")
 
 
 def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:
