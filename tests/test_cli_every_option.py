@@ -37,7 +37,11 @@ VALUES = {
 COMPANIONS = {"fp8_base": ["--mixed_precision", "bf16"], "fp8_base_unet": ["--mixed_precision", "bf16"],
               "full_fp16": ["--mixed_precision", "fp16"], "full_bf16": ["--mixed_precision", "bf16"],
               "cpu_offload_checkpointing": ["--gradient_checkpointing"], "base_weights_multiplier":
-              ["--base_weights", "a.safetensors"]}
+              ["--base_weights", "a.safetensors"],
+              # upload settings act in sd-scripts only with a repository to upload to
+              **{name: ["--huggingface_repo_id", "me/lora"] for name in (
+                  "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token",
+                  "huggingface_repo_visibility", "save_state_to_huggingface", "async_upload")}}
 # what an acting command-line option does to the config
 ACTS = {
     "caption_extention": lambda c: c.caption_extension == "v",
@@ -101,7 +105,8 @@ def test_each_option_parses_and_lands(option):
         assert ACTS[name](config), f"--{name} did not act"
         if name == "network_args":  # sd-scripts ignores keys its network does not take; so do we, saying so
             assert any("conv_dim is not supported here (FLUX's blocks have no convolutions)" in w for w in warnings)
-            assert any("ggpo_sigma is not supported here (GGPO" in w for w in warnings)
+            assert config.network.ggpo_sigma == 0.03  # GGPO applies: parsed, not warned about
+            assert not any(w.startswith("network_args: ggpo_sigma") for w in warnings), warnings
             assert any("unknown key 'colour', ignored" in w for w in warnings), warnings
     elif name in field_names():
         landed = where(config, name)

@@ -123,3 +123,32 @@ def test_preview_schedule():
     raw = [1.0, 0.75, 0.5, 0.25]
     assert t[1:4] == pytest.approx([math.exp(0.5) / (math.exp(0.5) + 1 / r - 1) for r in raw[1:]])
     assert flow.sampling_schedule(4, 256, shift=False) == pytest.approx([1, 0.75, 0.5, 0.25, 0])
+
+
+def test_ip_noise_perturbation_is_gamma_times_a_standard_normal_per_sample():
+    assert flow.input_perturbation(FlowConfig(), 1, 2, [0, 1], (4, 8, 8)) is None
+    assert flow.input_perturbation(FlowConfig(ip_noise_gamma=0.0), 1, 2, [0, 1], (4, 8, 8)) is None
+    small = flow.input_perturbation(FlowConfig(ip_noise_gamma=0.1), 1, 2, [0, 1, 2, 3], (4, 16, 16))
+    large = flow.input_perturbation(FlowConfig(ip_noise_gamma=0.3), 1, 2, [0, 1, 2, 3], (4, 16, 16))
+    assert small.shape == (4, 4, 16, 16)
+    assert torch.allclose(large, 3 * small, atol=1e-6)  # the same xi, scaled by gamma
+    assert (small / 0.1).std().item() == pytest.approx(1.0, abs=0.05)
+    assert not torch.allclose(small[0], small[1])  # each sample draws its own xi
+    # a sample's draw depends on its position in the whole batch, not on which process holds it
+    alone = flow.input_perturbation(FlowConfig(ip_noise_gamma=0.1), 1, 2, [2], (4, 16, 16))
+    assert torch.equal(alone[0], small[2])
+    assert not torch.allclose(flow.input_perturbation(FlowConfig(ip_noise_gamma=0.1), 1, 3, [2], (4, 16, 16)), alone)
+
+
+def test_ip_noise_random_strength_draws_one_gamma_per_step_below_the_maximum():
+    plain = FlowConfig(ip_noise_gamma=0.5)
+    random = FlowConfig(ip_noise_gamma=0.5, ip_noise_gamma_random_strength=True)
+    ratios = []
+    for step in range(40):
+        full = flow.input_perturbation(plain, 7, step, [0, 1, 5], (4, 4, 4))
+        drawn = flow.input_perturbation(random, 7, step, [0, 1, 5], (4, 4, 4))
+        ratio = drawn / full  # the same xi; one gamma / 0.5 for the whole batch
+        assert torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio), atol=1e-5)
+        ratios.append(ratio.flatten()[0].item())
+        assert torch.equal(flow.input_perturbation(random, 7, step, [5], (4, 4, 4))[0], drawn[2])
+    assert all(0 <= r < 1 for r in ratios) and max(ratios) - min(ratios) > 0.5

@@ -65,7 +65,11 @@ SD_SCRIPTS_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
                 "discrete_flow_shift", "model_type", "split_mode")),
 )
 
-_SAME_IN_FLUX = "sd-scripts' FLUX trainer does not use it either"
+_PLAIN_NOISE = ("sd-scripts' FLUX trainer draws plain Gaussian noise: its noise offset and multires noise belong to "
+                "its SD trainers")
+_NO_SNR = "sd-scripts' FLUX trainer skips its SNR-based loss weightings (flow matching has no SNR schedule)"
+_NO_BOUNDS = ("sd-scripts' FLUX timestep sampling (--timestep_sampling) has no bounds: it does not read this option, "
+              "in training or in validation")
 _NO_UPLOAD = "this trainer does not upload to or download from the Hugging Face Hub"
 _DEEPSPEED = "DeepSpeed is not used here; several GPUs train with torchrun (DDP)"
 _LOADING = "images and caches are read in the training process; there are no data-loader workers"
@@ -77,7 +81,8 @@ NO_EFFECT: dict[str, tuple[str, str]] = {
     "clip_skip": ("int", "FLUX uses CLIP-L's pooled output only"),
     "max_token_length": ("int", "CLIP-L takes 77 tokens; use --t5xxl_max_token_length for T5-XXL"),
     "vae": ("str", "FLUX's autoencoder is --ae"),
-    "no_half_vae": ("flag", "the autoencoder runs in float32 for caching here"),
+    "no_half_vae": ("flag", "the autoencoder runs in float32 here, except in bfloat16 with --mixed_precision bf16 "
+                            "on a GPU"),
     "mem_eff_attn": ("flag", "attention always uses PyTorch's scaled_dot_product_attention (memory-efficient)"),
     "xformers": ("flag", "attention always uses PyTorch's scaled_dot_product_attention (memory-efficient)"),
     "lowram": ("flag", "models are read with memory-mapped safetensors, straight to their device"),
@@ -88,21 +93,21 @@ NO_EFFECT: dict[str, tuple[str, str]] = {
     "skip_cache_check": ("flag", "cache files are checked by their keys, which costs no image reads"),
     "max_data_loader_n_workers": ("int", _LOADING),
     "persistent_data_loader_workers": ("flag", _LOADING),
-    "noise_offset": ("float", _SAME_IN_FLUX),
-    "noise_offset_random_strength": ("flag", _SAME_IN_FLUX),
-    "multires_noise_iterations": ("int", _SAME_IN_FLUX),
-    "multires_noise_discount": ("float", _SAME_IN_FLUX),
-    "ip_noise_gamma": ("float", _SAME_IN_FLUX),
-    "ip_noise_gamma_random_strength": ("flag", _SAME_IN_FLUX),
-    "adaptive_noise_scale": ("float", _SAME_IN_FLUX),
-    "zero_terminal_snr": ("flag", _SAME_IN_FLUX),
-    "min_timestep": ("int", _SAME_IN_FLUX + " (only its qinglong_flux sampling, which is not offered)"),
-    "max_timestep": ("int", _SAME_IN_FLUX + " (only its qinglong_flux sampling, which is not offered)"),
-    "min_snr_gamma": ("float", _SAME_IN_FLUX),
-    "scale_v_pred_loss_like_noise_pred": ("flag", _SAME_IN_FLUX),
-    "v_pred_like_loss": ("float", _SAME_IN_FLUX),
-    "debiased_estimation_loss": ("flag", _SAME_IN_FLUX),
-    "weighted_captions": ("flag", "FLUX's text encoders take plain captions; (word:1.2) weights are not parsed"),
+    "noise_offset": ("float", _PLAIN_NOISE),
+    "noise_offset_random_strength": ("flag", _PLAIN_NOISE),
+    "multires_noise_iterations": ("int", _PLAIN_NOISE),
+    "multires_noise_discount": ("float", _PLAIN_NOISE),
+    "adaptive_noise_scale": ("float", _PLAIN_NOISE),
+    "zero_terminal_snr": ("flag", "sd-scripts' FLUX trainer uses a flow-matching schedule, which this "
+                                    "option does not change (it rescales the SD trainers' DDPM betas)"),
+    "min_timestep": ("int", _NO_BOUNDS),
+    "max_timestep": ("int", _NO_BOUNDS),
+    "min_snr_gamma": ("float", _NO_SNR),
+    "scale_v_pred_loss_like_noise_pred": ("flag", _NO_SNR),
+    "v_pred_like_loss": ("float", _NO_SNR),
+    "debiased_estimation_loss": ("flag", _NO_SNR),
+    "weighted_captions": ("flag", "FLUX's text encoders take plain captions; (word:1.2) weights are not parsed "
+                                   "(sd-scripts' FLUX tokenizer has no weighted form either)"),
     "conditioning_data_dir": ("str", "conditioning images belong to ControlNet training; masks come from "
                                      "--alpha_mask here"),
     "masked_loss": ("flag", "alpha masks (--alpha_mask) always weight the loss here; the other masks sd-scripts "

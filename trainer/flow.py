@@ -96,6 +96,28 @@ def noisy_latents(latents: Tensor, noise: Tensor, sigmas: Tensor) -> Tensor:
     return (1 - s) * latents + s * noise
 
 
+_IP_NOISE_STREAM, _IP_STRENGTH_STREAM = 1, 2  # generator streams apart from the step's noise and timestep draws
+
+
+def _generator(seed: int, step: int, position: int, stream: int) -> torch.Generator:
+    key = (seed * 1_000_003 + step * 65_537 + position) % 2**61
+    return torch.Generator().manual_seed((key * 8 + stream) % 2**63)
+
+
+def input_perturbation(cfg: FlowConfig, seed: int, step: int, positions: list[int], shape: tuple) -> Tensor | None:
+    """sd-scripts' --ip_noise_gamma: gamma * xi, xi standard normal per sample (from its own generator, like the
+    step's noise), added to the noise that makes the model's input (noisy_latents), not to the target's noise. With
+    --ip_noise_gamma_random_strength gamma is drawn uniformly in [0, ip_noise_gamma) once per step for the whole
+    batch (from a generator every process shares)."""
+    if not cfg.ip_noise_gamma:
+        return None
+    gamma = float(cfg.ip_noise_gamma)
+    if cfg.ip_noise_gamma_random_strength:
+        gamma *= torch.rand((), generator=_generator(seed, step, 0, _IP_STRENGTH_STREAM)).item()
+    xi = [torch.randn(shape, generator=_generator(seed, step, position, _IP_NOISE_STREAM)) for position in positions]
+    return gamma * torch.stack(xi)
+
+
 # ------------------------------------------------------------------------------------------------ prediction and loss
 
 def target(latents: Tensor, noise: Tensor, cfg: FlowConfig) -> Tensor:

@@ -30,6 +30,8 @@ class FlowConfig:
     huber_schedule: str = "snr"
     huber_c: float = 0.1
     huber_scale: float = 1.0
+    ip_noise_gamma: float | None = None
+    ip_noise_gamma_random_strength: bool = False
 
     def __post_init__(self):
         for option, value, choices in (("timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS),

@@ -48,6 +48,8 @@ class LoRAConfig:
     loraplus_text_encoder_lr_ratio: float | None = None
     network_reg_dims: tuple[tuple[str, int], ...] = field(default=())  # (regex, rank), first match wins
     network_reg_lrs: tuple[tuple[str, float], ...] = field(default=())  # (regex, lr), first match wins
+    ggpo_sigma: float | None = None  # GGPO's weight-norm factor; GGPO acts when ggpo_beta is given too
+    ggpo_beta: float | None = None  # GGPO's gradient-norm factor
 
     def __post_init__(self):
         check_dataclass_finite(self, LoRAConfigError)
@@ -115,8 +117,6 @@ class LoRAConfig:
 
 # keys sd-scripts' lora_flux takes that do nothing here, and why
 NOT_SUPPORTED_KEYS = {
-    "ggpo_sigma": "GGPO's weight perturbation is not implemented; the LoRA trains without it",
-    "ggpo_beta": "GGPO's weight perturbation is not implemented; the LoRA trains without it",
     "conv_dim": "FLUX's blocks have no convolutions", "conv_alpha": "FLUX's blocks have no convolutions",
     "verbose": "the network's layers are listed by --check_only",
 }
@@ -129,7 +129,7 @@ def _check(ok: bool, option: str, expected: str) -> None:
 
 _INT_KEYS = set(TYPE_DIM_OPTIONS)
 _FLOAT_KEYS = {"rank_dropout", "module_dropout", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
-               "loraplus_text_encoder_lr_ratio"}
+               "loraplus_text_encoder_lr_ratio", "ggpo_sigma", "ggpo_beta"}
 _BOOL_KEYS = {"split_qkv", "train_t5xxl"}
 
 

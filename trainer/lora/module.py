@@ -19,7 +19,7 @@ from ..errors import LoRAWeightsError
 class LoRAModule(nn.Module):
     def __init__(self, name: str, org: nn.Linear, rank: int, alpha: float, splits: tuple[int, ...] | None = None,
                  dropout: float | None = None, rank_dropout: float | None = None, module_dropout: float | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, ggpo: tuple[float, float] | None = None):
         super().__init__()
         self.lora_name = name
         self.rank = rank
@@ -42,6 +42,10 @@ class LoRAModule(nn.Module):
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout
         self.enabled = True
+        self.ggpo = ggpo  # (sigma, beta) of GGPO, or None
+        self.ggpo_base_norm: Tensor | None = None  # mean row norm of the base weight, read once
+        self.ggpo_weight_norms: Tensor | None = None  # [out, 1], set by update_ggpo_norms
+        self.ggpo_grad_norms: Tensor | None = None  # [out, 1], set by update_ggpo_norms
         self.__dict__["org_module"] = org  # a plain reference: the base weights are not part of this module
         self.__dict__["org_forward"] = None
 
@@ -75,7 +79,9 @@ class LoRAModule(nn.Module):
             return out
         if self.module_dropout and self.training and torch.rand(()) < self.module_dropout:
             return out
-        return out + self.delta(x).to(out.dtype)
+        out = out + self.delta(x).to(out.dtype)
+        perturbation = self.ggpo_perturbation(x)
+        return out if perturbation is None else out + perturbation.to(out.dtype)
 
     def delta(self, x: Tensor) -> Tensor:
         weight = self.lora_down.weight
@@ -95,6 +101,41 @@ class LoRAModule(nn.Module):
             return F.linear(lx, self.lora_up.weight) * scale
         parts = zip(lx.split(self.rank, dim=-1), self.lora_up.weight.split(self.splits, dim=0))
         return torch.cat([F.linear(part, up) for part, up in parts], dim=-1) * scale
+
+    # ------------------------------------------------------------------ GGPO (sd-scripts' lora_flux, training only)
+
+    @torch.no_grad()
+    def ggpo_perturbation(self, x: Tensor) -> Tensor | None:
+        """x · Pᵀ with P a fresh standard-normal [out, in] matrix whose row i is scaled by
+        (sigma · ‖W_i‖ + beta · ‖G_i‖²) / √out, from the norms of the last optimizer step; None when GGPO is off,
+        outside training, before the first optimizer step, and on split layers (sd-scripts perturbs neither)."""
+        if self.ggpo is None or not self.training or self.ggpo_grad_norms is None or self.splits:
+            return None
+        sigma, beta = self.ggpo
+        out_features, in_features = self.org_module.out_features, self.org_module.in_features
+        rows = (sigma * self.ggpo_weight_norms + beta * self.ggpo_grad_norms**2) / math.sqrt(out_features)
+        weight = self.lora_down.weight
+        perturbation = torch.randn(out_features, in_features, dtype=weight.dtype, device=weight.device)
+        perturbation *= rows.to(weight.dtype)
+        if x.dtype != perturbation.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(perturbation.dtype)
+        return F.linear(x, perturbation)
+
+    @torch.no_grad()
+    def update_ggpo_norms(self) -> None:
+        """After the gradients of an optimizer step are final (clipped) and before the step: the row norms GGPO scales
+        its perturbation by. ‖W_i‖ combines the base weight's mean row norm with row i of up·down (unscaled, as
+        sd-scripts computes it); ‖G_i‖ is row i of scale · (up · ∇down + ∇up · down)."""
+        if self.ggpo is None or not self.training:
+            return
+        down, up = self.lora_down.weight, self.lora_up.weight
+        if self.ggpo_base_norm is None:
+            self.ggpo_base_norm = _mean_row_norm(self.org_module.weight).to(down.device)
+        if down.grad is not None and up.grad is not None:
+            grad = self.scale * (up.float() @ down.grad.float() + up.grad.float() @ down.float())
+            self.ggpo_grad_norms = grad.norm(dim=1, keepdim=True)
+        product = up.float() @ down.float()
+        self.ggpo_weight_norms = torch.sqrt(self.ggpo_base_norm**2 + (product**2).sum(dim=1, keepdim=True))
 
     def weight_delta(self) -> Tensor:
         """multiplier · scale · up @ down in float32, the change merging makes to the base weight."""
@@ -152,3 +193,12 @@ class LoRAModule(nn.Module):
             self.lora_up.weight.copy_(up)
             self.alpha.fill_(alpha)
         self.scale = alpha / self.rank
+
+
+def _mean_row_norm(weight: Tensor, rows_at_once: int = 4096) -> Tensor:
+    """The mean L2 norm of the rows of `weight` in float32 (any storage dtype, fp8 included), a block of rows at a
+    time. sd-scripts estimates it from up to 1000 randomly chosen rows; all of them are read here."""
+    total = torch.zeros((), dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], rows_at_once):
+        total += weight[start:start + rows_at_once].float().norm(dim=1).sum()
+    return total / weight.shape[0]

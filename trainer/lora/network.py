@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config.lora import LoRAConfig, lr_for_text_encoders
-from ..errors import LoRAWeightsError
+from ..errors import ConfigError, LoRAWeightsError
 from .module import LoRAModule
 from .targets import CLIP_L, T5, UNET, Target, _splits, linears, plan_flux, plan_text_encoder
 
@@ -27,9 +27,13 @@ class LoRANetwork(nn.Module):
         super().__init__()
         self.config = config or LoRAConfig()
         c = self.config
+        ggpo = ggpo_parameters(c)
+        if ggpo is not None and any(t.splits for t in targets):
+            raise ConfigError("network_args: ggpo_sigma/ggpo_beta cannot be combined with split_qkv (sd-scripts' "
+                              "lora_flux stops with an error on split layers under GGPO); drop one of them")
         self.loras = nn.ModuleList(
             LoRAModule(t.name, t.module, t.rank, t.alpha, t.splits, c.network_dropout, c.rank_dropout,
-                       c.module_dropout, dtype=dtype)
+                       c.module_dropout, dtype=dtype, ggpo=ggpo)
             for t in targets
         )
         self.prefix_of = {t.name: t.prefix for t in targets}
@@ -52,7 +56,8 @@ class LoRANetwork(nn.Module):
                 targets += plan_text_encoder(_text_model(clip_l), CLIP_L, config)
             if config.train_t5xxl:
                 if t5 is None:
-                    raise ValueError("train_t5xxl needs the T5-XXL model")
+                    raise ConfigError("train_t5xxl: the LoRA on T5-XXL needs the T5-XXL model (give it, or a "
+                                      "meta-device copy from text_encoders.t5_encoder_on_meta, to LoRANetwork.create)")
                 targets += plan_text_encoder(_text_model(t5), T5, config)
         return cls(targets, config, dtype)
 
@@ -112,6 +117,12 @@ class LoRANetwork(nn.Module):
     def detach(self) -> None:
         for lora in reversed(self.loras):
             lora.detach()
+
+    def update_ggpo_norms(self) -> None:
+        """GGPO: read this optimizer step's final gradients and the weights before the step (call between clipping and
+        `optimizer.step()`); the next training forwards perturb each layer by them. Nothing without GGPO."""
+        for lora in self.loras:
+            lora.update_ggpo_norms()
 
     def set_multiplier(self, multiplier: float) -> None:
         for lora in self.loras:
@@ -173,6 +184,12 @@ class LoRANetwork(nn.Module):
                                    f"({', '.join(missing[:3])}), {len(extra)} unexpected ({', '.join(extra[:3])})")
         for name, parts in grouped.items():
             self.by_name[name].load_kohya(parts["lora_down.weight"], parts["lora_up.weight"], parts.get("alpha"))
+
+
+def ggpo_parameters(config: LoRAConfig) -> tuple[float, float] | None:
+    """(sigma, beta) when network_args give both ggpo_sigma and ggpo_beta (sd-scripts needs both), else None."""
+    sigma, beta = getattr(config, "ggpo_sigma", None), getattr(config, "ggpo_beta", None)
+    return None if sigma is None or beta is None else (float(sigma), float(beta))
 
 
 def group_kohya(weights: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:

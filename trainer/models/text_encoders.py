@@ -93,6 +93,24 @@ def build_t5_encoder(shapes: Mapping[str, Sequence[int]]) -> nn.Module:
     return T5EncoderModel(t5_config_from_shapes(shapes))
 
 
+def t5_encoder_on_meta(path: str | os.PathLike) -> nn.Module:
+    """The T5-XXL encoder of the file at `path` built on the meta device from its header alone (no tensor is read):
+    its Linear layers' names and shapes, for planning a LoRA on T5 before any model is loaded."""
+    from .loading import MODEL_SLOTS, _open
+
+    expected, kinds, hint = MODEL_SLOTS["t5xxl"]
+    file, component = _open(path, expected, kinds, hint)
+    with file:
+        local = {key[len(component.prefix):]: shape for key, shape in file.shapes.items()
+                 if key.startswith(component.prefix)}
+        local.setdefault("shared.weight", local.get("encoder.embed_tokens.weight"))  # one tied tensor, two names
+        with torch.device("meta"):
+            try:
+                return build_t5_encoder(local)
+            except (KeyError, ValueError, TypeError) as e:
+                raise file.error(f"holds {component.describe()} that cannot be built: {e}") from e
+
+
 def feed_forward_keeps_input_dtype(ff: nn.Module) -> None:
     """Make a T5 feed-forward (gated or not) call `wo` on its activations as they are. transformers casts them to
     `wo`'s weight dtype first (so that `wo` can stay in float32 in a float16 model); with `wo` stored in fp8 that
