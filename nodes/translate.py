@@ -29,6 +29,7 @@ from ..trainer.config import (
     load_dataset_config,
     single_folder_dataset,
 )
+from ..trainer.config.memory_auto import auto_memory
 from ..trainer.config.memory_plan import (  # noqa: F401
     FLUX_DEV,
     GUIDE_ROWS,
@@ -38,6 +39,7 @@ from ..trainer.config.memory_plan import (  # noqa: F401
     plan_memory,
 )
 from ..trainer.config.optim import check_named_only
+from ..trainer.config.resolve import DATASET_LAYER_OPTIONS
 from ..trainer.errors import ConfigError, DatasetConfigError, TrainerError
 from .paths import resolve_input_file, resolve_input_folder
 
@@ -366,11 +368,9 @@ def memory_fields(*, mode: str = "manual", gradient_checkpointing: bool, blocks_
 # TrainConfig fields the nodes own: never taken from the train node's extra options (files and folders stay inside
 # ComfyUI's, datasets and the network come from their nodes)
 NODE_OWNED = ("pretrained_model_name_or_path", "clip_l", "t5xxl", "ae", "clip_l_tokenizer", "t5xxl_tokenizer",
-              "device", "output_dir", "output_name", "logging_dir", "cache_dir", "resume", "dataset_config",
-              "train_data_dir", "datasets", "network", "flow", "network_weights", "dim_from_weights",
-              "sample_prompts", "resolution", "train_batch_size", "caption_extension", "enable_bucket",
-              "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale", "network_dim",
-              "network_alpha", "network_dropout", "network_train_unet_only")
+              "device", "output_dir", "output_name", "logging_dir", "cache_dir", "resume", "network", "flow",
+              "network_weights", "dim_from_weights", "sample_prompts", "network_dim", "network_alpha",
+              "network_dropout", "network_train_unet_only")
 FLOW_WIDGETS = ("timestep_sampling", "discrete_flow_shift", "sigmoid_scale", "model_prediction_type",
                 "guidance_scale", "loss_type")
 
@@ -399,6 +399,9 @@ def parse_extra_options(text: str) -> tuple[dict, dict]:
     train_names = {f.name for f in fields(TrainConfig)}
     flow_names = {f.name for f in fields(FlowConfig)}
     for name in given:
+        if name in DATASET_LAYER_OPTIONS:
+            fail(f"--{name} is a dataset option: set it on the dataset node (a widget, or `{name} = ...` in its "
+                 "extra_options) or in a dataset TOML; here it would reach no dataset")
         if name in NODE_OWNED:
             fail(f"--{name} is set by the nodes (models, dataset, network or the train node's own widgets), not here")
         if name not in train_names and name not in flow_names:
@@ -477,11 +480,12 @@ def train_config(*, models: Mapping, datasets: tuple, network: Mapping | None = 
     if memory["auto"]:
         if free_memory is None:
             raise ConfigError("memory auto: the free memory is unknown")
-        largest = max(datasets, key=lambda d: d.resolution[0] * d.resolution[1] * d.batch_size)
-        plan = plan_memory(free_memory, device_type, resolution=tuple(largest.resolution),
-                           batch_size=largest.batch_size, size=transformer or FLUX_DEV)
-        values.update(plan.fields)
-        notes += plan.lines
+        trained_t5 = network is not None and network["network"].train_t5xxl
+        auto = auto_memory(free_memory, device_type, datasets=datasets, given=extra_train, train_t5xxl=trained_t5,
+                           size=transformer or FLUX_DEV)
+        plan = auto.plan
+        values.update(auto.fields)
+        notes += auto.notes
     else:
         values.update(memory["fields"])
     model_values = dict(models)

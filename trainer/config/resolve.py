@@ -31,6 +31,11 @@ FALLBACK_OPTIONS = (
     "validation_split", "validation_seed",
 )
 
+# every TrainConfig field that feeds the datasets: the fallback layer, and where the images come from. Typed datasets
+# (the nodes') carry their own values for all of them, so a front end building typed datasets must not take these.
+DATASET_LAYER_OPTIONS = (*FALLBACK_OPTIONS, "dataset_repeats", "face_crop_aug_range", "resolution", "train_batch_size",
+                         "train_data_dir", "reg_data_dir", "in_json", "dataset_config", "datasets")
+
 
 def face_crop_range(text: str | None) -> tuple[float, float] | None:
     """`--face_crop_aug_range "MIN,MAX"` as sd-scripts' prepare_dataset_args reads it: two numbers, MIN <= MAX."""

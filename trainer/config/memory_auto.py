@@ -1,0 +1,35 @@
+"""`--memory auto` / the memory node's `auto`, decided once for both front ends: the plan for the datasets' largest
+resolution x batch, minus what the user's own options rule out or already set. Torch-free."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .memory_plan import FLUX_DEV, MemoryPlan, TransformerSize, drop_impossible_caches, plan_memory
+
+
+@dataclass(frozen=True)
+class AutoMemory:
+    plan: MemoryPlan
+    fields: dict  # the TrainConfig fields the plan sets: none of them was given by the user
+    notes: tuple[str, ...]  # the plan's explanation and what was left out, for the user
+
+
+def auto_memory(free_bytes: float, device_type: str, *, datasets: Sequence, given: Mapping[str, Any],
+                train_t5xxl: bool = False, size: TransformerSize = FLUX_DEV) -> AutoMemory:
+    """`given`: the options the user set explicitly (name -> value). fp8 is left out with `base_weights` or
+    `mixed_precision` "no" (fp8 needs a mixed precision, and merged base weights are not fp8); block swap with
+    `cpu_offload_checkpointing` (they are two ways of moving the same blocks). Caches the plan would turn on are
+    turned off where a dataset or a trained T5 changes what would be cached."""
+    largest = max(datasets, key=lambda d: d.resolution[0] * d.resolution[1] * d.batch_size)
+    no_fp8 = bool(given.get("base_weights")) or given.get("mixed_precision") == "no"
+    offload = bool(given.get("cpu_offload_checkpointing"))
+    plan = plan_memory(free_bytes, device_type, resolution=tuple(largest.resolution), batch_size=largest.batch_size,
+                       size=size, allow_fp8=not no_fp8, allow_swap=not offload)
+    fields = {name: value for name, value in plan.fields.items() if name not in given}
+    if offload:
+        fields.pop("blocks_to_swap", None)
+    notes = drop_impossible_caches(fields, datasets, train_t5xxl)
+    return AutoMemory(plan, fields, (*plan.lines, *notes))
