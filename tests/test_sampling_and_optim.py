@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from trainer.config import ConfigError
+from trainer.models.autoencoder import AutoEncoderParams
 from trainer.optim import create_optimizer, lr_lambda, parse_optimizer_args, warmup_steps
 from trainer.sampling import PromptFileError, SamplePrompt, generate, parse_prompt_line, read_prompts, sample_filename
 
@@ -66,6 +67,8 @@ def test_euler_sampler_integrates_the_velocity(golden):
         def __init__(self):
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(1))
+
+        params = AutoEncoderParams()  # FLUX's: 8x down, 16 channels
 
         def decode(self, z):
             self.seen = z
@@ -177,3 +180,24 @@ def test_schedules():
     assert warmup_steps(0.1, 200) == 20 and warmup_steps(7, 200) == 7
     with pytest.raises(ConfigError):
         lr_lambda("nope", 0, 1)
+
+
+def test_previews_take_the_latent_size_from_the_autoencoder():
+    """An autoencoder with 2 downsampling levels (like the reference one in tests/reference/golden/) renders a preview
+    of the asked size: the latent grid is the image size over the autoencoder's own downscale, not over 8."""
+    from trainer.models.autoencoder import AutoEncoder
+    from trainer.models.flux import Flux
+    from trainer.models.tiny import TINY_FLUX, ae_state_dict, flux_state_dict
+    from trainer.sampling import SamplePrompt, generate
+
+    shallow = AutoEncoderParams(ch=32, ch_mult=(1, 2), num_res_blocks=1)
+    assert shallow.downscale == 2
+    flux, ae = Flux(TINY_FLUX), AutoEncoder(shallow)
+    flux.load_state_dict(flux_state_dict(seed=1), assign=True)
+    ae.load_state_dict(ae_state_dict(shallow, seed=2), assign=True)
+    seen = []
+    flux.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
+    cond = (torch.zeros(1, TINY_FLUX.vec_in_dim), torch.zeros(1, 3, TINY_FLUX.context_in_dim), None)
+    image = generate(flux.eval(), ae.eval(), cond, SamplePrompt("x", width=40, height=24, steps=2, seed=3))
+    assert image.size == (40, 24)
+    assert seen[0] == (1, (24 // 4) * (40 // 4), TINY_FLUX.in_channels)  # packed 2x2 latents of a 12x20 grid

@@ -288,10 +288,12 @@ def sample_filename(output_name: str | None, index: int, seed: int | None, epoch
 def generate(flux, ae, cond: tuple, prompt: SamplePrompt, negative: tuple | None = None,
              device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Image.Image:
     """cond / negative: (pooled [1, D], t5 [1, L, C], t5 mask [1, L] or None) of the prompt / negative prompt."""
-    width, height = max(16, prompt.width // 16 * 16), max(16, prompt.height // 16 * 16)
-    h, w = height // 8, width // 8
+    down = ae.params.downscale
+    step = 2 * down  # latents are packed 2x2
+    width, height = max(step, prompt.width // step * step), max(step, prompt.height // step * step)
+    h, w = height // down, width // down
     generator = torch.Generator().manual_seed(prompt.seed if prompt.seed is not None else 0)
-    x = pack_latents(torch.randn(1, 16, h, w, generator=generator)).to(device, dtype)
+    x = pack_latents(torch.randn(1, ae.params.z_channels, h, w, generator=generator)).to(device, dtype)
     ids = image_ids(1, h, w, device=device)
     guidance = torch.full((1,), prompt.guidance, device=device)
     schedule = sampling_schedule(prompt.steps, (h // 2) * (w // 2), shift=flux.params.guidance_embed)

@@ -28,6 +28,11 @@ class AutoEncoderParams:
     scale_factor: float = SCALE_FACTOR
     shift_factor: float = SHIFT_FACTOR
 
+    @property
+    def downscale(self) -> int:
+        """Image pixels per latent pixel: 2 per downsampling level (FLUX's autoencoder has 3 of them, so 8)."""
+        return 2 ** (len(self.ch_mult) - 1)
+
     @classmethod
     def from_shapes(cls, shapes: Mapping[str, Sequence[int]], config: Mapping | None = None) -> "AutoEncoderParams":
         def shape(key: str) -> Sequence[int]:
