@@ -76,3 +76,22 @@ def test_partial_batches_give_the_single_process_gradient(tmp_path, tokenizer_di
     single = load_file(tmp_path / "single" / "ddp.safetensors")
     many = load_file(tmp_path / "many" / "ddp.safetensors")
     assert max((single[k] - many[k]).abs().max().item() for k in single) < 1e-5
+
+
+@pytest.mark.parametrize("requested, local_rank, expected", [
+    ("cuda", "1", "cuda:1"),     # --device cuda under torchrun: this process's own card
+    (None, "2", "cuda:2"),       # no --device on a CUDA machine: the same
+    ("cuda:0", "1", "cuda:0"),   # an explicit index is taken as given
+    ("cpu", "1", "cpu"),
+])
+def test_each_process_picks_its_own_card(monkeypatch, requested, local_rank, expected):
+    import torch
+
+    from trainer.distributed import pick_device
+
+    current = []
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert pick_device(requested) == torch.device(expected)
+    assert current == ([torch.device(expected)] if requested != "cuda:0" and expected != "cpu" else [])

@@ -316,6 +316,31 @@ def test_fp8_matmul_path_computes_the_quantised_product():
     assert out.shape == (3, 5, 32) and torch.allclose(out, expected, atol=1e-5)
 
 
+def test_fp8_matmul_makes_its_constant_once_per_device(monkeypatch):
+    """Every Linear call of the fp8 matmul path needs a float32 1 (the power-of-two scale, the weight scale of an
+    unscaled weight): made once per device, not per call."""
+    made = []
+    real_ones = torch.ones
+
+    def counting_ones(*args, **kwargs):
+        made.append(args)
+        return real_ones(*args, **kwargs)
+
+    def fake_scaled_mm(a, b, scale_a, scale_b, out_dtype):
+        return (a.float() @ b.float() * scale_a * scale_b).to(out_dtype)
+
+    monkeypatch.setattr(fp8, "_ONES", {})
+    monkeypatch.setattr(torch, "ones", counting_ones)
+    monkeypatch.setattr(torch, "_scaled_mm", fake_scaled_mm)
+    g = torch.Generator().manual_seed(0)
+    x, w8 = torch.randn(4, 32, generator=g), (torch.randn(16, 32, generator=g) / 8).to(torch.float8_e4m3fn)
+    outs = [fp8.scaled_mm_linear(x, w8, None, None, torch.float32) for _ in range(3)]
+    assert len(made) == 1 and all(torch.equal(o, outs[0]) for o in outs)
+    x8, scale = fp8.quantize_e4m3(x)
+    assert len(made) == 1 and torch.equal(scale, fp8.quantize_e4m3(x)[1])
+    assert torch.allclose(outs[0], x8.float() @ w8.float().t() * scale)
+
+
 def test_forced_fp8_matmul_model_step(files, monkeypatch, upcasts):
     """With the fp8 matmul forced on (the CPU stands in for an Ada/Hopper card): no weight upcast in forward, one per
     block in backward; the output is the rounded model's within the error of quantising activations to e4m3."""
@@ -427,8 +452,8 @@ def test_the_counts_above_are_the_tiny_models():
 # ------------------------------------------------------------------------------------------------ with the runners
 
 def test_composes_with_block_swap(files, upcasts):
-    """Swapped blocks run as recomputations and their weights move one by one (the packing falls back to a cast
-    per weight): the same step, and still nothing upcast outlives its block."""
+    """Swapped blocks run as recomputations from their slots (where the weights lie back to back, so they upcast in
+    one cast too): the same step, and still nothing upcast outlives its block."""
     path, _ = files[torch.float8_e4m3fn, False]
     loss, grads = training_step(fp8_model(path))
     upcasts["refs"].clear()
@@ -451,3 +476,35 @@ def test_compiled_blocks_trace_without_graph_breaks(files):
     assert not counters["graph_break"]
     assert abs(loss - compiled_loss) < TOL and all(torch.allclose(grads[k], compiled_grads[k], atol=TOL)
                                                    for k in grads)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+def test_fp8_conversion_runs_on_the_device_asked_for():
+    """With block swap the transformer is read into host memory: its bf16 -> fp8 narrowing is computed on the compute
+    device given ('meta' stands in for the GPU here), the rest cast as before."""
+    from torch.overrides import TorchFunctionMode
+
+    from trainer.device_cast import cast_on
+
+    class Casts(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.Tensor.to:
+                self.seen.append((args[0].device.type, args[0].dtype, out.device.type, out.dtype))
+            return out
+
+    value = torch.randn(4, 4, dtype=torch.bfloat16)
+    with Casts() as casts:
+        out = cast_on(value, torch.float8_e4m3fn, "meta", convert_device="meta")
+    assert out.device.type == "meta" and out.dtype == torch.float8_e4m3fn
+    narrowing = [c for c in casts.seen if c[3] == torch.float8_e4m3fn and c[1] != torch.float8_e4m3fn]
+    assert narrowing == [("meta", torch.bfloat16, "meta", torch.float8_e4m3fn)]
+    with Casts() as casts:
+        kept = cast_on(value, torch.float32, "cpu", convert_device="meta")  # not a narrowing to fp8: where it is
+    assert kept.device.type == "cpu" and casts.seen == [("cpu", torch.bfloat16, "cpu", torch.float32)]
+    assert torch.equal(cast_on(value, torch.float8_e4m3fn, "cpu"), value.to(torch.float8_e4m3fn))

@@ -55,10 +55,16 @@ def init_world(device: torch.device, timeout_minutes: int | None = None) -> Worl
 
 
 def pick_device(requested: str | None, world: World | None = None) -> torch.device:
-    if requested:
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
+    """The device this process computes on: `requested` (--device), else CUDA when there is one, else the CPU. Under
+    torchrun every process reads LOCAL_RANK: a CUDA device without an index (`cuda`, or none requested) is this
+    process's own card, cuda:LOCAL_RANK, and becomes the current device; an explicit index is taken as given."""
+    device = torch.device(requested) if requested else None
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda")
+    if device is None:
+        return torch.device("cpu")
+    if device.type == "cuda" and device.index is None:
+        local = world.local_rank if world is not None else int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    return device

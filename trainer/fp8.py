@@ -22,16 +22,17 @@ upcast is saved for it; the first Linear backward of a block upcasts the block's
 last one drops them. Between forward and backward only the fp8 weights stay in memory, with or without
 checkpointing. LoRA adds its own bf16/fp32 branch beside the Linear (trainer/lora/module.py) and is untouched.
 
-Packing makes each Linear's `weight` a view into its block's buffer (the Parameter objects stay the same). A tool
-that moves parameters one by one (`Module.to`, a block swapper assigning `.data`) breaks the packing; the block
-then upcasts weight by weight, still once per pass, with the same result.
+Packing makes each Linear's `weight` a view into its block's buffer (the Parameter objects stay the same). Whether
+a block upcasts in one cast is read from where its weights lie at each pass: a tool that moves parameters one by
+one (`Module.to`) breaks the packing, and the block then upcasts weight by weight, still once per pass, with the
+same result.
 
 With the block runners (trainer/memory.py): the session calls `enable` after installing the runner, once block swap
 has moved the resident blocks to the GPU (moving parameters one by one would undo the packing). Every runner ends in
 `block(*args)` (checkpointing, its recomputation, block swap's recomputation), so the hooks fire whichever runs.
-Swapped blocks hold placeholders when they are packed and slot memory when they run, so they upcast weight by
-weight, still once per pass. Inside `torch.compile` the layers compute the plain per-call upcast and the compiler
-schedules it.
+Swapped blocks hold placeholders when `enable` runs (nothing to pack) and, when they run, views into their block-swap
+slot, where the weights lie back to back as packing would put them: they upcast in one cast too. Inside
+`torch.compile` the layers compute the plain per-call upcast and the compiler schedules it.
 """
 
 from __future__ import annotations
@@ -74,12 +75,24 @@ def scaled_mm_supported(x: Tensor, weight: Tensor) -> bool:
     return tuple(torch.cuda.get_device_capability(x.device)) >= SCALED_MM_MIN_CAPABILITY
 
 
+_ONES: dict[torch.device, Tensor] = {}
+
+
+def _one(device: torch.device) -> Tensor:
+    """A float32 1 on `device`, made once: the fp8 matmul path needs it on every Linear call (a fresh one is an
+    allocation and, on CUDA, a fill kernel each time). Only ever read."""
+    one = _ONES.get(device)
+    if one is None:
+        one = _ONES[device] = torch.ones((), dtype=torch.float32, device=device)
+    return one
+
+
 def quantize_e4m3(x: Tensor) -> tuple[Tensor, Tensor]:
     """x [M, K] -> (x_fp8, scale) with x ≈ x_fp8 · scale; the scale is the power of two that brings amax(|x|) into
     (224, 448], so scaling is exact and nothing overflows."""
     amax = x.abs().amax().float().clamp(min=2.0**-64)
     _, exponent = torch.frexp(E4M3_MAX / amax)  # E4M3_MAX / amax = m · 2**exponent, m in [0.5, 1)
-    one = torch.ones((), dtype=torch.float32, device=x.device)
+    one = _one(x.device)
     inverse = torch.ldexp(one, exponent - 1)  # <= E4M3_MAX / amax
     if x.dtype == torch.float16:
         x = x.float()  # the power of two may exceed float16's range
@@ -93,7 +106,7 @@ def scaled_mm_linear(x: Tensor, weight: Tensor, weight_scale: Tensor | None, bia
     rows = x.reshape(-1, x.shape[-1])
     x8, x_scale = quantize_e4m3(rows)
     if weight_scale is None:
-        w_scale = torch.ones((), dtype=torch.float32, device=x.device)
+        w_scale = _one(x.device)
     else:
         w_scale = weight_scale.float().reshape(())
     out = torch._scaled_mm(x8, weight.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype)
@@ -110,14 +123,18 @@ def upcast_one(weight: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tens
     return out * scale.to(dtype) if scale is not None else out
 
 
-def upcast_layers(layers: list[nn.Module], offsets: list[int] | None, dtype: torch.dtype) -> list[Tensor]:
-    """Every weight of `layers` in `dtype`: one cast of the block's packed buffer when the packing still holds
-    (`offsets`), else one cast per weight. Scaled-fp8 weights are multiplied by their scale in place."""
+def upcast_layers(layers: list[nn.Module], dtype: torch.dtype) -> list[Tensor]:
+    """Every weight of `layers` in `dtype`: one cast when the weights lie back to back in one buffer (packed by
+    `_pack`, or a block-swap slot), else one cast per weight. Scaled-fp8 weights are multiplied by their scale in
+    place."""
     weights = [layer.weight for layer in layers]
-    flat = _packed(weights, offsets)
+    flat = _flat_run(weights)
     if flat is not None:
         wide = flat.to(dtype)
-        out = [wide[o:o + w.numel()].view(w.shape) for o, w in zip(offsets, weights)]
+        out, at = [], 0
+        for w in weights:
+            out.append(wide[at:at + w.numel()].view(w.shape))
+            at += w.numel()
     else:
         out = [w.to(dtype) for w in weights]
     for layer, w in zip(layers, out):
@@ -127,37 +144,38 @@ def upcast_layers(layers: list[nn.Module], offsets: list[int] | None, dtype: tor
     return out
 
 
-def _pack(layers: list[nn.Module]) -> list[int] | None:
-    """Copy the weights of `layers` into one contiguous buffer and make each weight a view of it; their offsets."""
+def _pack(layers: list[nn.Module]) -> bool:
+    """Copy the weights of `layers` into one contiguous buffer and make each weight a view of it. Not for weights
+    that are placeholders (a block swapped out: its slot is such a buffer already) or already lie back to back."""
     weights = [layer.weight for layer in layers]
-    if len({(w.dtype, w.device) for w in weights}) != 1 or weights[0].is_meta:
-        return None
+    if len({(w.dtype, w.device) for w in weights}) != 1 or weights[0].is_meta or any(w.numel() == 0 for w in weights):
+        return False
+    if _flat_run(weights) is not None:
+        return True
     flat = torch.empty(sum(w.numel() for w in weights), dtype=weights[0].dtype, device=weights[0].device)
-    offsets, at = [], 0
+    at = 0
     with torch.no_grad():
         for w in weights:
             view = flat[at:at + w.numel()].view(w.shape)
             view.copy_(w)
             w.data = view
-            offsets.append(at)
             at += w.numel()
-    return offsets
+    return True
 
 
-def _packed(weights: list[Tensor], offsets: list[int] | None) -> Tensor | None:
-    """The block's whole buffer as one flat tensor, if every weight is still where `_pack` put it."""
-    if offsets is None:
-        return None
+def _flat_run(weights: list[Tensor]) -> Tensor | None:
+    """The weights as one flat tensor, if they share one storage, one dtype, and lie back to back in order."""
     first = weights[0]
-    storage = first.untyped_storage()
-    for w, at in zip(weights, offsets):
-        if (w.dtype != first.dtype or w.untyped_storage().data_ptr() != storage.data_ptr()
-                or w.storage_offset() != at or not w.is_contiguous()):
-            return None
-    total = offsets[-1] + weights[-1].numel()
-    if storage.nbytes() != total * first.element_size():
+    if first.is_meta:
         return None
-    return first.detach().as_strided((total,), (1,), 0)
+    storage, start = first.untyped_storage().data_ptr(), first.storage_offset()
+    at = start
+    for w in weights:
+        if (w.dtype != first.dtype or w.numel() == 0 or not w.is_contiguous() or w.storage_offset() != at
+                or w.untyped_storage().data_ptr() != storage):
+            return None
+        at += w.numel()
+    return first.detach().as_strided((at - start,), (1,), start)
 
 
 # ------------------------------------------------------------------------------------------------ per block
@@ -177,7 +195,7 @@ class _Pass:
 
     def forward_weight(self, index: int, dtype: torch.dtype) -> Tensor | None:
         if self.forward is None and self.dtype is None:
-            self.forward = upcast_layers(self.block.layers(), self.block.offsets, dtype)
+            self.forward = upcast_layers(self.block.layers(), dtype)
             self.dtype = dtype
         if self.forward is None or dtype != self.dtype:
             return None  # scope closed, or a second compute dtype inside one block: upcast that layer alone
@@ -185,7 +203,7 @@ class _Pass:
 
     def backward_weight(self, index: int, dtype: torch.dtype) -> Tensor:
         if self.backward is None or self.backward[index].dtype != dtype:
-            self.backward = upcast_layers(self.block.layers(), self.block.offsets, dtype)
+            self.backward = upcast_layers(self.block.layers(), dtype)
         weight = self.backward[index]
         self.pending -= 1
         if self.pending <= 0:
@@ -198,7 +216,8 @@ class _Block:
 
     def __init__(self, layers: list[nn.Module], pack: bool):
         self.refs = [weakref.ref(layer) for layer in layers]
-        self.offsets = _pack(layers) if pack else None
+        if pack:
+            _pack(layers)
         self.depth = 0
         self.current: _Pass | None = None
         self.handles: list = []

@@ -197,10 +197,11 @@ class CompiledRunner:
         if hasattr(self.inner, "bind"):
             self.inner.bind(flux)
 
-    def release(self) -> None:
+    def release(self, device=None) -> torch.device | None:
         self._compiled.clear()
         if hasattr(self.inner, "release"):
-            self.inner.release()
+            return self.inner.release(device) if device is not None else self.inner.release()
+        return None
 
     def describe(self) -> str:
         inner = self.inner.describe() + "; " if hasattr(self.inner, "describe") else ""
@@ -208,6 +209,22 @@ class CompiledRunner:
 
 
 # ------------------------------------------------------------------------------------------------ choosing
+
+def compile_backend_refusal(backend: str | None, blocks_to_swap: int | None,
+                            cpu_offload_checkpointing: bool) -> str | None:
+    """Why `backend` cannot compile the blocks with these options, None if it can. CUDA graphs replay fixed device
+    addresses, but a swapped block's weights are in one of several slots in turn and an offloaded block's inputs come
+    back in fresh memory each step: a replay would read the wrong slot or freed memory."""
+    if backend is None or str(backend).lower() != "cudagraphs":
+        return None
+    if blocks_to_swap:
+        return ("dynamo_backend cudagraphs cannot be used with blocks_to_swap: a swapped block's weights change "
+                "address from step to step (choose inductor, or no block swap)")
+    if cpu_offload_checkpointing:
+        return ("dynamo_backend cudagraphs cannot be used with cpu_offload_checkpointing: the inputs brought back "
+                "for each recomputation change address (choose inductor, or no offloading)")
+    return None
+
 
 def runner_for(gradient_checkpointing: bool, cpu_offload_checkpointing: bool = False,
                blocks_to_swap: int | None = None, *, compute_device=None, host_device=None,
@@ -217,6 +234,9 @@ def runner_for(gradient_checkpointing: bool, cpu_offload_checkpointing: bool = F
         raise ValueError("cpu_offload_checkpointing needs gradient checkpointing")
     if cpu_offload_checkpointing and blocks_to_swap:
         raise ValueError("blocks_to_swap and cpu_offload_checkpointing cannot be used together")
+    refused = compile_backend_refusal(compile_backend, blocks_to_swap, cpu_offload_checkpointing)
+    if refused:
+        raise ValueError(refused)
     if blocks_to_swap:
         runner = BlockSwapRunner(blocks_to_swap, gradient_checkpointing, compute_device=compute_device,
                                  host_device=host)
@@ -265,7 +285,11 @@ def setup_for_training(flux: Flux, config, device: torch.device | str, emit: Cal
     return runner
 
 
-def teardown(flux: Flux) -> None:
-    """Release what the installed runner holds (block-swap slots and host copies: every weight back in an ordinary
-    tensor on its device) and uninstall it."""
-    install(flux, None)
+def teardown(flux: Flux, device: torch.device | str | None = None) -> None:
+    """Release what the installed runner holds and uninstall it: block swap waits for its side stream, gives back
+    its slots and pinned host copies and leaves the whole model on one device (`device`, else the compute device,
+    else the host when that has no room). A training run calls this in its `finally`, after a failed step too."""
+    runner = flux.block_runner
+    flux.block_runner = None
+    if runner is not None and hasattr(runner, "release"):
+        runner.release(device) if device is not None else runner.release()
