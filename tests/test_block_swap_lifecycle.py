@@ -314,3 +314,14 @@ def test_fp8_to_bf16_upcast_of_swapped_fp8_weights_is_exact(wide_state):
         for name, m in zip(weight_names(flux, runner._linears[key]), runner._linears[key]):
             assert m.weight.dtype == torch.float8_e4m3fn
             assert torch.equal(m.weight.view(torch.uint8), before[name].view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("options", [{"blocks_to_swap": 4}, {"cpu_offload_checkpointing": True,
+                                                              "gradient_checkpointing": True}])
+def test_cudagraphs_with_swap_or_offload_is_refused_before_anything_loads(options):
+    from trainer.config import ConfigError, TrainConfig
+
+    files = dict(pretrained_model_name_or_path="f", clip_l="c", t5xxl="t", ae="a", train_data_dir="d")
+    with pytest.raises(ConfigError, match="dynamo_backend cudagraphs cannot be used with blocks_to_swap"):
+        TrainConfig(**files, torch_compile=True, dynamo_backend="cudagraphs", **options)
+    TrainConfig(**files, torch_compile=True, dynamo_backend="inductor", **options)

@@ -508,3 +508,26 @@ def test_fp8_conversion_runs_on_the_device_asked_for():
         kept = cast_on(value, torch.float32, "cpu", convert_device="meta")  # not a narrowing to fp8: where it is
     assert kept.device.type == "cpu" and casts.seen == [("cpu", torch.bfloat16, "cpu", torch.float32)]
     assert torch.equal(cast_on(value, torch.float8_e4m3fn, "cpu"), value.to(torch.float8_e4m3fn))
+
+
+def test_load_flux_narrows_to_fp8_on_the_convert_device(tmp_path, monkeypatch):
+    """With block swap the transformer is read into host memory; its bf16 -> fp8 narrowing is asked of the compute
+    device (convert_device) instead of the CPU, and gives the same bytes."""
+    from trainer.models import loading
+
+    path = write_flux(tmp_path / "flux.safetensors", dtype=torch.bfloat16)
+    asked = []
+    real = loading.cast_on
+
+    def recording(value, dtype, device, convert_device=None):
+        if dtype in FP8_DTYPES:
+            asked.append(convert_device)
+        return real(value, dtype, device, convert_device)
+
+    plain = load_flux(path, fp8=True)
+    monkeypatch.setattr(loading, "cast_on", recording)
+    converted = load_flux(path, fp8=True, convert_device="cpu")
+    assert asked and set(asked) == {"cpu"}
+    for (name, a), b in zip(plain.state_dict().items(), converted.state_dict().values()):
+        assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8) if a.dtype in FP8_DTYPES else a,
+                                                  b.view(torch.uint8) if b.dtype in FP8_DTYPES else b), name

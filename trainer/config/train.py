@@ -229,6 +229,11 @@ class TrainConfig:
         _choice("dynamo_backend", self.dynamo_backend, DYNAMO_BACKENDS)
         if self.torch_compile and self.dynamo_backend == "no":
             raise ConfigError("torch_compile needs a --dynamo_backend (inductor, eager ...), not 'no'")
+        if self.torch_compile and self.dynamo_backend == "cudagraphs" and (
+                self.blocks_to_swap or self.cpu_offload_checkpointing):
+            raise ConfigError("dynamo_backend cudagraphs cannot be used with blocks_to_swap or "
+                              "cpu_offload_checkpointing: swapped weights and offloaded inputs change device address "
+                              "every step, so a CUDA-graph replay would read the wrong memory (use inductor)")
         object.__setattr__(self, "base_weights", tuple(self.base_weights))
         object.__setattr__(self, "base_weights_multiplier", tuple(float(v) for v in self.base_weights_multiplier))
         if self.base_weights and (self.fp8_base or self.fp8_base_unet):

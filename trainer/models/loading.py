@@ -17,6 +17,7 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from ..device_cast import cast_on
 from . import flux_diffusers
 from .autoencoder import AutoEncoder, AutoEncoderParams
 from .chroma import Chroma, ChromaParams
@@ -92,7 +93,7 @@ def _set_tensor(model: nn.Module, name: str, value: Tensor) -> None:
 
 
 def materialize(model: nn.Module, source: TensorSource, dtype_for: Callable[[str, Tensor], torch.dtype],
-                device: DeviceLike, ignore: tuple[str, ...] = ()) -> None:
+                device: DeviceLike, ignore: tuple[str, ...] = (), convert_device: DeviceLike | None = None) -> None:
     """Fill `model` (built on meta) from `source`. Every parameter and persistent buffer must be present with the
     right shape; keys the model lacks are an error unless they end with one of `ignore`. Weights a model ties to
     another (transformers' `_tied_weights_keys`) are tied, not read twice."""
@@ -112,7 +113,7 @@ def materialize(model: nn.Module, source: TensorSource, dtype_for: Callable[[str
         if tuple(source.shapes[name]) != tuple(param.shape):
             raise file.error(f"has '{name}' of shape {list(source.shapes[name])}, the model needs {list(param.shape)}")
         value = source.readers[name]()
-        _set_tensor(model, name, value.to(device=device, dtype=dtype_for(name, value)))
+        _set_tensor(model, name, cast_on(value, dtype_for(name, value), device, convert_device))
     for target, origin in tied.items():
         _set_tensor(model, target, model.get_parameter(origin))
 
@@ -177,19 +178,22 @@ MODEL_TYPES = {FluxParams: "flux", ChromaParams: "chroma"}  # --model_type of ea
 
 
 def load_flux(path: str | os.PathLike, dtype: torch.dtype | None = None, device: DeviceLike = "cpu",
-              fp8: bool | torch.dtype = False) -> Flux:
+              fp8: bool | torch.dtype = False, convert_device: DeviceLike | None = None) -> Flux:
     """The FLUX.1 transformer (dev or schnell, any size) from a BFL, ComfyUI or diffusers file; from a Chroma file
     (BFL keys plus `distilled_guidance_layer.*`, bare or ComfyUI-prefixed), the Chroma transformer (a Flux).
 
     dtype: compute dtype of every tensor (default: the file's own; fp8 files compute in bfloat16).
     fp8: keep the Linear weights inside the blocks in fp8 (the file's fp8 type, else `torch.float8_e4m3fn`, or
     the dtype given), upcast on each call; everything else in `dtype`.
+    convert_device: where a narrowing to fp8 is computed (the compute device when the model is read into host
+    memory for block swap: far faster than the CPU).
     """
     file, component, source, params = _flux_source(path)
     with torch.device("meta"):
         model = build_transformer(params)
     block_linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "_blocks." in n]
-    _fill(model, source, _compute_dtype(file, component.prefix, dtype), _fp8_storage(file, fp8), block_linears, device)
+    _fill(model, source, _compute_dtype(file, component.prefix, dtype), _fp8_storage(file, fp8), block_linears, device,
+          convert_device)
     return _finish(model)
 
 
@@ -235,7 +239,7 @@ def _flux_source(path: str | os.PathLike) -> tuple[SafetensorsFile, Component, T
 
 
 def _fill(model: nn.Module, source: TensorSource, compute: torch.dtype, weight_fp8: torch.dtype | None,
-          fp8_layers: list[str], device: DeviceLike) -> None:
+          fp8_layers: list[str], device: DeviceLike, convert_device: DeviceLike | None = None) -> None:
     """`materialize`, every tensor in `compute` except, with `weight_fp8`, the weights of `fp8_layers`, which stay
     in their stored fp8 type (else `weight_fp8`); a scaled-fp8 weight keeps its scale as the layer's buffer."""
     fp8_weights = {f"{name}.weight" for name in fp8_layers} if weight_fp8 else set()
@@ -248,7 +252,7 @@ def _fill(model: nn.Module, source: TensorSource, compute: torch.dtype, weight_f
     kept_scaled = [t for t in source.scales if t in fp8_weights]
     for target in kept_scaled:
         source.keep_scaled(target)
-    materialize(model, source, dtype_for, device)
+    materialize(model, source, dtype_for, device, convert_device=convert_device)
     for target in kept_scaled:
         layer = model.get_submodule(target.removesuffix(".weight"))
         layer._buffers["weight_scale"] = source.file.tensor(source.scales[target]).float().to(device)
