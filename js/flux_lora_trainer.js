@@ -41,6 +41,7 @@ const STATUS_NODES = {
   FluxLoraTrainerModels: "What the models node found (shown when it runs)",
   FluxLoraTrainerDataset: "Pre-flight report: images, captions, buckets, batches (shown when the node runs)",
   FluxLoraTrainerDatasetToml: "Pre-flight report: images, captions, buckets, batches (shown when the node runs)",
+  FluxLoraTrainerImageDataset: "Images from the graph (sizes, captions, masks, cache folder) and the pre-flight report (shown when the node runs)",
   FluxLoraTrainerNetwork: "The LoRA layout (shown when the node runs)",
   FluxLoraTrainerOptimizer: "The optimizer settings (shown when the node runs)",
   FluxLoraTrainerMemory: "The memory settings; with auto, what was picked (shown when the node and the train node run)",

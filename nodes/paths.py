@@ -17,6 +17,7 @@ from ..trainer.errors import ConfigError
 
 OUR_FOLDER = "flux_lora_trainer"  # under ComfyUI's output directory
 CACHE_FOLDER = "cache"  # under OUR_FOLDER: disk caches of latents and text-encoder outputs
+IMAGE_SETS_FOLDER = "image_sets"  # under CACHE_FOLDER: the image-set node's folders
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".avif", ".jxl"}
 
 
@@ -155,3 +156,9 @@ def folder_signature(folders: list[str | os.PathLike], caption_extensions: tuple
             stat = entry.stat()
             digest.update(f"{entry.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
+
+
+def image_set_root(comfy_output_dir: str | os.PathLike) -> Path:
+    """Where the image-set node writes the graph's images (one folder per content hash), beside the disk caches:
+    never under ComfyUI's input folder, and not under temp, which ComfyUI empties at start-up."""
+    return cache_folder(comfy_output_dir) / IMAGE_SETS_FOLDER

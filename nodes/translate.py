@@ -162,15 +162,37 @@ def dataset_config(image_folder: str, input_dir: str | os.PathLike, resolution: 
     (and height when `height` is 0); `extra_options` holds further dataset/subset keys in TOML syntax
     (`color_aug = true`, `caption_prefix = "photo of "`)."""
     folder = resolve_input_folder(image_folder, input_dir)
+    return _folder_dataset(folder, resolution, height, _toml_options(extra_options), widgets)
+
+
+# set by the image-set node itself: the caption files it writes, and alpha masks exactly when a MASK is connected
+IMAGE_SET_KEYS = ("caption_extension", "alpha_mask")
+IMAGE_SET_CAPTION_EXTENSION = ".txt"
+
+
+def image_set_config(folder: str | os.PathLike, resolution: int, height: int = 0, extra_options: str = "",
+                     alpha_mask: bool = False, **widgets) -> DatasetConfig:
+    """The image-set node: the folder it wrote from the graph's images -> one DatasetConfig, with the folder
+    node's widgets and extra_options (less the keys the node sets itself)."""
+    options = _toml_options(extra_options)
+    for key in IMAGE_SET_KEYS:
+        if key in options:
+            raise DatasetConfigError(f"extra_options: '{key}' is set by the image-set node (its caption files and "
+                                     "its masks input), not here")
+    options.update(caption_extension=IMAGE_SET_CAPTION_EXTENSION, alpha_mask=bool(alpha_mask))
+    return _folder_dataset(Path(folder), resolution, height, options, widgets)
+
+
+def _folder_dataset(folder: Path, resolution: int, height: int, options: dict, widgets: dict) -> DatasetConfig:
     unknown = set(widgets) - set(DATASET_WIDGETS) - set(SUBSET_WIDGETS)
     if unknown:
         raise TypeError(f"unknown dataset widgets: {sorted(unknown)}")
-    options = {k: v for k, v in widgets.items()}
-    if "class_tokens" in options:
-        options["class_tokens"] = (options["class_tokens"] or "").strip() or None
-    options.update(_toml_options(extra_options))
+    values = dict(widgets)
+    if "class_tokens" in values:
+        values["class_tokens"] = (values["class_tokens"] or "").strip() or None
+    values.update(options)
     size = (resolution, height or resolution)
-    return single_folder_dataset(folder, size, **options)
+    return single_folder_dataset(folder, size, **values)
 
 
 def _toml_options(text: str) -> dict:

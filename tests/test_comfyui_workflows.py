@@ -25,9 +25,11 @@ from comfyui_server import TINY_FILES, ComfyUIError, workflow_api
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "example_workflows"
 PACK = "flux_lora_trainer"  # the folder name the server's custom_nodes/ links the checkout as
-WORKFLOWS = ("flux_lora_train_then_test", "flux_lora_multi_resolution", "flux_lora_12gb", "flux_lora_sd_scripts_toml")
+WORKFLOWS = ("flux_lora_train_then_test", "flux_lora_multi_resolution", "flux_lora_12gb", "flux_lora_sd_scripts_toml",
+             "flux_lora_images_train_then_test")
 OUR_NODES = ("FluxLoraTrainerModels", "FluxLoraTrainerDataset", "FluxLoraTrainerDatasetToml", "FluxLoraTrainerNetwork",
-             "FluxLoraTrainerOptimizer", "FluxLoraTrainerMemory", "FluxLoraTrainerTrain", "FluxLoraTrainerApplyLora")
+             "FluxLoraTrainerOptimizer", "FluxLoraTrainerMemory", "FluxLoraTrainerTrain", "FluxLoraTrainerApplyLora",
+             "FluxLoraTrainerImageDataset")
 TRAIN, DATASET, MODELS = "FluxLoraTrainerTrain", "FluxLoraTrainerDataset", "FluxLoraTrainerModels"
 STEP, STATUS = "flux_lora_trainer.step", "flux_lora_trainer.status"
 FRONTEND_ONLY = ("MarkdownNote", "Note")
@@ -203,8 +205,10 @@ def _check_against_definitions(workflow: dict, info: dict) -> None:
         i = 0
         for name, extra, _, _ in saved:
             _check_value(f"{where}.{name}", values[i], sections[name], name in FILE_COMBOS.get(kind, ()))
-            for control in values[i + 1:i + 1 + extra]:
-                assert control in CONTROL_VALUES, (where, name, control)
+            spec = sections[name]
+            upload = len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("image_upload")
+            for control in values[i + 1:i + 1 + extra]:  # an upload combo saves its button's value, not a control
+                assert control in (("image",) if upload else CONTROL_VALUES), (where, name, control)
             i += 1 + extra
     for link_id, origin, origin_slot, target, target_slot, link_type in workflow["links"]:
         source, sink = nodes[origin], nodes[target]
@@ -267,8 +271,17 @@ def _toml(prompt: dict) -> None:
     assert prompt[one(prompt, TRAIN)]["inputs"]["datasets"] == [one(prompt, "FluxLoraTrainerDatasetToml"), 0]
 
 
+def _images_train_then_test(prompt: dict) -> None:
+    dataset = one(prompt, "FluxLoraTrainerImageDataset")
+    inputs = prompt[dataset]["inputs"]
+    assert inputs["captions"] == [one(prompt, "PrimitiveStringMultiline"), 0]
+    assert len(ids_of(prompt, "LoadImage")) == 3 and inputs["images"] == [ids_of(prompt, "ImageBatch")[-1], 0]
+    assert prompt[one(prompt, TRAIN)]["inputs"]["datasets"] == [dataset, 0]
+
+
 CONTENT = {"flux_lora_train_then_test": _train_then_test, "flux_lora_multi_resolution": _multi_resolution,
-           "flux_lora_12gb": _twelve_gb, "flux_lora_sd_scripts_toml": _toml}
+           "flux_lora_12gb": _twelve_gb, "flux_lora_sd_scripts_toml": _toml,
+           "flux_lora_images_train_then_test": _images_train_then_test}
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)

@@ -15,14 +15,15 @@ COMFYUI = Path(os.environ.get("COMFYUI_DIR", REPO / ".comfyui" / "ComfyUI"))
 HAVE_COMFYUI = (COMFYUI / "comfy_api" / "latest" / "__init__.py").is_file()
 pytestmark = pytest.mark.skipif(not HAVE_COMFYUI, reason=f"ComfyUI not found at {COMFYUI} (set COMFYUI_DIR or run "
                                                          "bash ../shared/comfyui/setup.sh .comfyui)")
-NODE_IDS = ["FluxLoraTrainerModels", "FluxLoraTrainerDataset", "FluxLoraTrainerDatasetToml", "FluxLoraTrainerNetwork",
-            "FluxLoraTrainerOptimizer", "FluxLoraTrainerMemory", "FluxLoraTrainerTrain", "FluxLoraTrainerApplyLora"]
+NODE_IDS = ["FluxLoraTrainerModels", "FluxLoraTrainerDataset", "FluxLoraTrainerDatasetToml",
+            "FluxLoraTrainerImageDataset", "FluxLoraTrainerNetwork", "FluxLoraTrainerOptimizer",
+            "FluxLoraTrainerMemory", "FluxLoraTrainerTrain", "FluxLoraTrainerApplyLora"]
 # pack modules that building every schema may load: the nodes and the torch-free option vocabularies
 TORCH_FREE = {"", ".nodes", ".nodes.common", ".nodes.paths", ".nodes.translate", ".trainer", ".trainer.config",
               ".trainer.errors", *(f".nodes.{n}" for n in ("models", "dataset", "network", "optimizer", "memory",
                                                             "train", "apply")),
-              *(f".trainer.config.{n}" for n in ("data", "finite", "flow", "lora", "memory_plan", "model_type",
-                                                  "names", "optim", "resolve", "safe_regex", "train"))}
+              *(f".trainer.config.{n}" for n in ("data", "finite", "flow", "lora", "memory_auto", "memory_plan",
+                                                  "model_type", "names", "optim", "resolve", "safe_regex", "train"))}
 
 MEASURE = """
 import asyncio, importlib.util, json, sys
@@ -88,8 +89,8 @@ def test_schemas_use_our_prefix_types_and_the_cores_defaults(comfy):
         for put in schema.inputs:
             assert put.tooltip, f"{schema.node_id}.{put.id} has no tooltip"
         custom = [p.get_io_type() for p in [*schema.inputs, *schema.outputs]
-                  if p.get_io_type() not in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", "IMAGE", "MODEL", "CLIP",
-                                             "LORA_MODEL")]
+                  if p.get_io_type() not in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", "IMAGE", "MASK", "MODEL",
+                                             "CLIP", "LORA_MODEL")]
         assert all(c.startswith("FLUX_TRAIN_") for c in custom), custom
     train = {p.id: p for p in schemas["FluxLoraTrainerTrain"].inputs}
     assert (train["guidance_scale"].default, train["model_prediction_type"].default,
