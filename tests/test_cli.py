@@ -190,15 +190,15 @@ def test_fp8_base_keeps_block_weights_in_fp8(ws, tokenizer_dirs, tmp_path, monke
         captured["t5"] = t5.model.encoder.block[0].layer[1].DenseReluDense.wi_0.weight.dtype
         return t5
 
-    monkeypatch.setattr(session_module, "prepare", prepare)
     monkeypatch.setattr(session_module, "load_t5xxl", load_t5xxl)
     import trainer.loop as loop_module
 
-    monkeypatch.setattr(loop_module, "prepare", prepare)
+    monkeypatch.setattr(loop_module, "prepare", prepare)  # the loop's own name: the one it calls
     assert main(cli_args(ws, tokenizer_dirs, tmp_path) + ["--max_train_steps", "4", "--fp8_base", "--mixed_precision",
                                                           "bf16", "--network_train_unet_only", "--optimizer_type",
                                                           "Lion", "--lr_scheduler", "linear",
                                                           "--lr_warmup_steps", "2", "--t5xxl_fp8"]) == 0
+    assert set(captured) == {"weight", "optimizer", "scheduler_lrs", "t5"}  # both spies ran
     assert captured["weight"] == torch.float8_e4m3fn and captured["optimizer"] == "Lion"
     assert captured["t5"] == torch.float8_e4m3fn  # --t5xxl_fp8: T5 stays in fp8 while it encodes
     assert captured["scheduler_lrs"] == [0.0, 0.5, 1.0, 0.5]
@@ -226,19 +226,21 @@ def test_learning_rates_and_grad_clipping_reach_the_optimizer(ws, tokenizer_dirs
     import trainer.loop as loop_module
 
     clipped, groups = [], {}
-    original_clip = torch.nn.utils.clip_grad_norm_
     original_prepare = loop_module.prepare
 
-    def clip(params, max_norm, *args, **kwargs):
-        clipped.append(max_norm)
-        return original_clip(params, max_norm, *args, **kwargs)
+    def spy(original):  # the loop clips with the norm it already has, or computes it (either way, one call a step)
+        def clip(params, max_norm, *args, **kwargs):
+            clipped.append(max_norm)
+            return original(params, max_norm, *args, **kwargs)
+        return clip
 
     def prepare(*args, **kwargs):
         s = original_prepare(*args, **kwargs)
         groups.update({g["name"]: g["lr"] for g in s.optimizer.param_groups})
         return s
 
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    for name in ("clip_grad_norm_", "clip_grads_with_norm_"):
+        monkeypatch.setattr(torch.nn.utils, name, spy(getattr(torch.nn.utils, name)))
     monkeypatch.setattr(loop_module, "prepare", prepare)
     assert main(cli_args(ws, tokenizer_dirs, tmp_path) + [
         "--max_train_steps", "2", "--learning_rate", "1e-4", "--unet_lr", "3e-4", "--text_encoder_lr", "2e-5",
@@ -288,3 +290,41 @@ def test_train_data_dir_in_dreambooth_convention(tmp_path, ws, tokenizer_dirs):
     (dataset,) = dataset_configs(c, World(rank=0, size=2))
     assert [(s.num_repeats, s.class_tokens) for s in dataset.subsets] == [(10, "sks dog"), (1, "dog")]
     assert dataset.resolution == (64, 64) and dataset.enable_bucket and dataset.batch_size == 6  # 3 per process x 2
+
+
+def test_ctrl_c_says_what_it_will_do_before_and_after_the_first_step():
+    from trainer.console import ConsoleReporter
+    from trainer.events import StepEnd
+
+    reporter = ConsoleReporter(quiet=True)
+    assert "no step has been trained yet, so no LoRA or training state will be saved" in reporter.stop_text()
+    assert "will be saved" not in reporter.stop_text().replace("will be saved (caches", "")
+    reporter.quiet = False
+    reporter.emit(StepEnd(1, 4, 1, 0.5, 0.5, 1e-3, 1.0))
+    reporter.end_progress()
+    assert reporter.stop_text().startswith("stopping after this step; the LoRA and the training state will be saved")
+
+
+def test_a_run_with_most_steps_skipped_says_so_and_fails(ws, tokenizer_dirs, tmp_path, monkeypatch, capsys):
+    from trainer import flow
+
+    original, calls = flow.batch_loss, []
+
+    def nan_after_first(*args, **kwargs):
+        calls.append(1)
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if len(calls) > 1 else loss
+
+    monkeypatch.setattr(flow, "batch_loss", nan_after_first)
+    argv = cli_args(ws, tokenizer_dirs, tmp_path) + ["--max_train_steps", "4", "--skip_nonfinite_steps", "100",
+                                                    "--network_train_unet_only"]
+    assert main(argv) == 3
+    out = capsys.readouterr().out
+    assert "3 of 4 steps were skipped (non-finite loss or gradients" in out and "learned from 1 step(s)" in out
+    assert "most steps were skipped, so this run counts as failed (exit status 3)" in out
+    calls.clear()
+    monkeypatch.setattr(flow, "batch_loss", lambda *a, **k: (calls.append(1), original(*a, **k))[1] * (
+        float("nan") if len(calls) == 2 else 1.0))
+    assert main(argv + ["--output_name", "few"]) == 0  # one of four skipped: said, and the run succeeds
+    out = capsys.readouterr().out
+    assert "1 of 4 steps were skipped" in out and "counts as failed" not in out

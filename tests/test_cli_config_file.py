@@ -194,3 +194,88 @@ def test_dataset_config_wins_over_folder_options_with_a_warning(ws, tokenizer_di
     assert config.train_data_dir is None and config.reg_data_dir is None and config.dataset_config
     assert warnings == ["--dataset_config is given, so --train_data_dir, --reg_data_dir are ignored (as sd-scripts "
                         "does)"]
+
+
+MODELS = ('pretrained_model_name_or_path = "f.safetensors"\nclip_l = "c.safetensors"\nt5xxl = "t.safetensors"\n'
+          'ae = "a.safetensors"\n')
+
+
+def test_gui_ints_for_ticked_boxes_act_like_booleans(tmp_path):
+    """The kohya_ss GUI writes 1/0 for ticked boxes; sd-scripts sets the value on its namespace as written, so they
+    act as true/false there. A string stays refused: "false" would be true in sd-scripts."""
+    config = tmp_path / "gui.toml"
+    config.write_text(MODELS + "persistent_data_loader_workers = 1\ngradient_checkpointing = 0\n")
+    ns = vars(parse_command_line(["--config_file", str(config)]))
+    assert ns["persistent_data_loader_workers"] is True and "gradient_checkpointing" not in ns
+
+
+def test_a_list_for_a_one_value_key_names_the_key(tmp_path, capsys):
+    config = tmp_path / "listed.toml"
+    config.write_text("network_dim = [4, 8]\n")
+    assert main(["--config_file", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "'network_dim' = [4, 8]" in err and "--network_dim takes one value, not a list" in err
+
+
+@pytest.mark.parametrize("text, warned", [
+    ('huggingface_repo_id = ""\nhuggingface_repo_type = "model"\nmax_timestep = 1000\nmin_timestep = 0\n', []),
+    ('huggingface_repo_id = "me/lora"\nhuggingface_repo_type = "model"\nmax_timestep = 900\n',
+     ["--huggingface_repo_id", "--huggingface_repo_type", "--max_timestep"]),
+])
+def test_gui_defaults_that_would_not_act_in_sd_scripts_do_not_warn(tmp_path, text, warned):
+    from trainer.cli import config_from_args
+
+    config = tmp_path / "gui.toml"
+    config.write_text(MODELS + 'train_data_dir = "images"\n' + text)
+    warnings = []
+    config_from_args(parse_command_line(["--config_file", str(config)], warn=warnings.append),
+                     warn=warnings.append)
+    assert sorted(w.split()[0] for w in warnings) == warned
+
+
+def test_output_config_never_replaces_a_file(ws, tokenizer_dirs, tmp_path, capsys):
+    mine = tmp_path / "mine.toml"
+    mine.write_text("learning_rate = 0.5\n")
+    argv = cli_args(ws, tokenizer_dirs, tmp_path) + ["--config_file", str(mine), "--output_config"]
+    assert main(argv) == 2
+    assert "mine.toml exists; it is not replaced" in capsys.readouterr().err
+    assert mine.read_text() == "learning_rate = 0.5\n" and sorted(p.name for p in tmp_path.iterdir()) == ["mine.toml"]
+
+
+def test_output_config_writes_only_the_options_given(tmp_path):
+    from trainer.tomlio import loads
+
+    written = tmp_path / "given.toml"
+    argv = ["--pretrained_model_name_or_path", "f.safetensors", "--clip_l", "c", "--t5xxl", "t", "--ae", "a",
+            "--network_dim", "8", "--output_dir", "out"]
+    assert main(argv + ["--config_file", str(written), "--output_config"]) == 0
+    assert loads(written.read_text()) == {"pretrained_model_name_or_path": "f.safetensors", "clip_l": "c",
+                                          "t5xxl": "t", "ae": "a", "network_dim": 8, "output_dir": "out"}
+
+
+@pytest.mark.parametrize("content, message", [
+    ((MODELS + "learning_rate = 1e-4\n").encode("utf-16"), None),  # a BOM says what it is: read
+    ("learning_rate = 1e-4\n".encode("utf-16-le"), "holds NUL characters"),
+    (bytes(range(128, 256)), "not UTF-8 text"),
+    (b"a = " + b"[" * 100_000, "nested more than 100 levels deep"),
+])
+def test_config_file_encodings_and_nesting(tmp_path, capsys, content, message):
+    config = tmp_path / "odd.toml"
+    config.write_bytes(content)
+    if message is None:
+        assert vars(parse_command_line(["--config_file", str(config)]))["learning_rate"] == 1e-4
+        return
+    assert main(["--config_file", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "config_file" in err and "odd.toml" in err and message in err
+
+
+def test_output_dir_has_sd_scripts_default_and_a_run_needs_it(ws, tokenizer_dirs, tmp_path, capsys):
+    from trainer.cli import build_parser
+
+    help_text = " ".join(build_parser().format_help().split())
+    assert "--output_dir OUTPUT_DIR (default: None)" in help_text
+    argv = [word for word in cli_args(ws, tokenizer_dirs, tmp_path) if word not in ("--output_dir", str(tmp_path))]
+    assert main(argv + ["--max_train_steps", "1"]) == 2
+    assert "--output_dir is required" in capsys.readouterr().err and not list(tmp_path.iterdir())
+    assert main(argv + ["--check_only"]) == 0  # a check saves nothing

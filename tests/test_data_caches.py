@@ -151,3 +151,58 @@ def test_text_caching_with_train_t5xxl_is_refused():
 
     with pytest.raises(DatasetError, match="train_t5xxl"):
         check_text_caching(None, train_t5xxl=True)
+
+
+def test_images_sharing_a_cache_file_are_refused_naming_both(tmp_path, ae):
+    """x.png and x.jpg of one size in one folder: sd-scripts' name (stem and size) is one file for both."""
+    rgb(tmp_path / "x.png", 64, 64, caption="png", seed=1)
+    rgb(tmp_path / "x.jpg", 64, 64, caption=None, seed=2)
+    rgb(tmp_path / "y.png", 64, 64, caption="other", seed=3)
+    g = group(tmp_path)
+    with pytest.raises(DatasetError, match=r"x\.(png|jpg) and .*x\.(png|jpg) would share the latent cache file "
+                                           r"x_0064x0064_flux\.npz"):
+        cache_latents(g, ae, to_disk=True)
+    assert not list(tmp_path.glob("*.npz"))  # refused before anything was encoded
+    assert cache_latents(g, ae, to_disk=False)["encoded"] == 3  # in memory each image has its own entry
+
+
+def test_different_sizes_of_one_stem_keep_sd_scripts_names(tmp_path, ae):
+    rgb(tmp_path / "x.png", 64, 64, caption="png", seed=1)
+    rgb(tmp_path / "x.jpg", 80, 64, caption=None, seed=2)
+    cache_latents(group(tmp_path), ae, to_disk=True)
+    assert sorted(p.name for p in tmp_path.glob("*.npz")) == ["x_0064x0064_flux.npz", "x_0080x0064_flux.npz"]
+
+
+def test_an_autoencoder_with_other_downsampling_caches_and_trains(tmp_path, tokenizer_dirs, golden):
+    """The reference tiny autoencoder halves the size once (FLUX's thrice): the posterior noise and the reuse check
+    follow the model's own downscale."""
+    from trainer.events import SilentReporter
+    from trainer.loop import train
+
+    from trainspace import config as train_config
+    from trainspace import make_workspace
+
+    reference = load_autoencoder(golden / "ae_tiny_weights.safetensors", dtype=torch.float32)
+    g = group(folder_of(tmp_path / "images", count=2))
+    assert cache_latents(g, reference, to_disk=True)["encoded"] == 2
+    item = g.datasets[0].items[0]
+    assert np.load(item.latent_npz)["latents_8x8"].shape == (16, 32, 32)  # bucket 64x64, keys in FLUX's 8
+    assert cache_latents(g, reference, to_disk=True) == {"encoded": 0, "reused": 2}
+    ws = make_workspace(tmp_path / "ws")
+    train(train_config(ws, tokenizer_dirs, tmp_path / "out", ae=str(golden / "ae_tiny_weights.safetensors"),
+                       max_train_steps=2, cache_latents_to_disk=True), SilentReporter())
+    assert (tmp_path / "out" / "test_lora.safetensors").is_file()
+
+
+def test_an_autoencoder_with_other_downsampling_trains_without_caches(tmp_path, tokenizer_dirs, golden):
+    """Latents encoded each step (no cache) take the posterior noise's shape from the model too (step.py)."""
+    from trainer.events import SilentReporter
+    from trainer.loop import train
+
+    from trainspace import config as train_config
+    from trainspace import make_workspace
+
+    ws = make_workspace(tmp_path / "ws")
+    train(train_config(ws, tokenizer_dirs, tmp_path / "out", ae=str(golden / "ae_tiny_weights.safetensors"),
+                       max_train_steps=2, cache_latents=False), SilentReporter())
+    assert (tmp_path / "out" / "test_lora.safetensors").is_file()

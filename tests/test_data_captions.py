@@ -117,3 +117,18 @@ def test_a_utf8_bom_in_a_metadata_file_is_accepted(tmp_path):
     config = DatasetConfig(resolution=(64, 64), subsets=(SubsetConfig(metadata_file=str(tmp_path / "meta.json"),
                                                                       image_dir=str(tmp_path / "img")),))
     assert [i.caption for i in FluxDataset(config).items] == ["a photo"]
+
+
+def test_utf16_captions_are_read_with_a_bom_and_refused_without(tmp_path):
+    image = tmp_path / "img.png"
+    (tmp_path / "img.bom").write_bytes("a red fox".encode("utf-16"))
+    assert read_caption(image, ".bom") == "a red fox"
+    (tmp_path / "img.nobom").write_bytes("a red fox".encode("utf-16-le"))  # would train as "a\0 \0r\0e\0d ..."
+    with pytest.raises(CaptionError, match=r"img\.nobom: holds NUL characters.*UTF-16 text without a byte-order"):
+        read_caption(image, ".nobom")
+
+
+@pytest.mark.parametrize("extension", ["/etc/passwd", ".txt/../../secret", "\\\\server\\share.txt", ".."])
+def test_a_caption_extension_holding_a_path_is_refused(tmp_path, extension):
+    with pytest.raises(CaptionError, match="caption_extension .*not a path"):
+        read_caption(tmp_path / "img.png", extension)

@@ -145,3 +145,63 @@ def test_keys_read_but_not_applied_are_said(tmp_path, caplog):
     message = " ".join(r.getMessage() for r in caplog.records)
     assert "face_crop_aug_range (subset 1)" in message
     assert "validation_split" not in message  # applied: held-out images for the validation loss
+
+
+def test_repeats_times_images_are_bounded_before_images_are_read(tmp_path, monkeypatch):
+    from trainer.data import DatasetError, FluxDataset, single_folder_dataset
+    from trainer.data import dataset as dataset_module
+
+    from datagen import rgb
+
+    for i in range(2):
+        rgb(tmp_path / f"img{i}.png", 64, 64)
+    read = []
+    monkeypatch.setattr(dataset_module, "probe_all", lambda paths: read.append(paths) or ({}, {}))
+    with pytest.raises(DatasetError, match=rf"subset {tmp_path}: 2 image\(s\) x 600,000 repeat\(s\) = 1,200,000 "
+                                           r"samples per epoch, over the limit of 1,000,000; lower num_repeats"):
+        FluxDataset(single_folder_dataset(tmp_path, 64, num_repeats=600_000))
+    assert read == []  # refused from the file count alone
+
+
+def test_subsets_together_are_bounded(tmp_path):
+    from trainer.config.data import DatasetConfig, SubsetConfig
+    from trainer.data import DatasetError, FluxDataset
+
+    from datagen import rgb
+
+    rgb(tmp_path / "img.png", 64, 64)
+    subsets = tuple(SubsetConfig(image_dir=str(tmp_path), num_repeats=600_000) for _ in range(2))
+    with pytest.raises(DatasetError, match=r"dataset: its subsets' images x repeats = 1,200,000 samples per epoch"):
+        FluxDataset(DatasetConfig(subsets=subsets, resolution=(64, 64)))
+
+
+# deep.json needs config/data.py to read JSON with tomlio.loads_json; utf16/binary need it to use tomlio.read_text
+@pytest.mark.parametrize("name, content, message", [
+    ("deep.toml", b"a = " + b"[" * 100_000, "not valid TOML (nested more than 100 levels deep"),
+    ("deep.json", b"[" * 100_000, "not valid JSON (nested more than 100 levels deep"),
+    ("utf16.toml", "[general]\n".encode("utf-16-le"), "holds NUL characters"),
+    ("binary.toml", bytes(range(128, 256)), "not UTF-8 text"),
+])
+def test_settings_files_that_would_end_in_a_traceback_are_named(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DatasetConfigError, match=r".*".join(map(__import__("re").escape, (str(path), message)))):
+        load_dataset_config(path)
+
+
+def test_a_utf16_dataset_toml_with_a_bom_is_read(tmp_path):
+    path = tmp_path / "windows.toml"  # needs config/data.py's read_text
+    path.write_bytes(f'[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "{tmp_path.as_posix()}"\n'
+                     .encode("utf-16"))
+    assert load_dataset_config(path)[0].resolution == (64, 64)
+
+
+def test_a_deeply_nested_metadata_file_is_named(tmp_path):
+    from trainer.config.data import DatasetConfig, SubsetConfig
+    from trainer.data import DatasetError, FluxDataset
+
+    metadata = tmp_path / "meta.json"
+    metadata.write_text("{" + '"a": {' * 100_000)
+    subset = SubsetConfig(metadata_file=str(metadata), image_dir=str(tmp_path))
+    with pytest.raises(DatasetError, match=r"metadata_file .*meta\.json: cannot be read as JSON \(nested more than"):
+        FluxDataset(DatasetConfig(subsets=(subset,), resolution=(64, 64)))

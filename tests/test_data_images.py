@@ -142,3 +142,38 @@ def test_missing_captions_use_class_tokens(folder):
     dataset = FluxDataset(single_folder_dataset(root, 64, caption_extension=".txt", class_tokens="sks style"))
     by_name = {i.path.name: i.caption for i in dataset.items}
     assert by_name["uncaptioned.png"] == "sks style" and by_name["rgb.png"] == "red, green, blue"
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def odd_pngs(folder):
+    """Files whose reading ends in other Pillow error classes than OSError (ValueError, SyntaxError)."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "a" * (2 << 20), zip=True)  # 2 KB on disk, inflates past Pillow's text limit
+    Image.new("RGB", (8, 8)).save(folder / "text_bomb.png", pnginfo=info)
+    signature = b"\x89PNG\r\n\x1a\n"
+    (folder / "short_header.png").write_bytes(signature + _png_chunk(b"IHDR", b"\0\0\0\x10"))
+    rgb(folder / "bad_chunk.png", 16, 16, caption=None)
+    good = (folder / "bad_chunk.png").read_bytes()
+    at = good.index(b"IDAT")  # an IDAT length that stops mid-data: the next "chunk" is image bytes
+    length = struct.unpack(">I", good[at - 4:at])[0]
+    (folder / "bad_chunk.png").write_bytes(good[:at - 4] + struct.pack(">I", length - 23) + good[at:])
+    return {"text_bomb.png": "Decompressed data too large", "short_header.png": "ValueError",
+            "bad_chunk.png": "SyntaxError"}
+
+
+def test_every_pillow_error_class_is_a_skipped_file(tmp_path):
+    expected = odd_pngs(tmp_path)
+    rgb(tmp_path / "ok.png", 64, 64)
+    dataset = FluxDataset(single_folder_dataset(tmp_path, 64, caption_extension=".txt"))
+    reasons = {p.name: why for p, why in dataset.skipped.problems.items()}
+    assert set(reasons) == set(expected)
+    for name, text in expected.items():
+        assert text in reasons[name], reasons[name]
+        with pytest.raises(images_module.ImageProblem):
+            load_rgb(tmp_path / name)
+    assert [i.path.name for i in dataset.items] == ["ok.png"]

@@ -109,3 +109,35 @@ def test_pictures_fall_back_to_the_bitmap_font(tmp_path, monkeypatch):
 def test_demo_prefers_real_tokenizers(tokenizer_dirs, tmp_path):
     found, note = demo.find_tokenizers(str(Path(tokenizer_dirs["clip_l"]).parent), tmp_path)
     assert found["clip_l"] == tokenizer_dirs["clip_l"] and "real tokenizers" in note
+
+
+def test_demo_compares_the_preview_before_training_with_the_one_after(demo_run):
+    """The claim "before and after differ: the LoRA changes the output" is about two different previews: step 0's
+    and the end-of-run one, which the demo's config asks for (sd-scripts' cadence alone makes none at the end)."""
+    base, _, out = demo_run
+    folder = base / "here" / "out"
+    previews = sorted((folder / "sample").glob("*.png"))
+    steps = sorted(int(p.name.split("_")[2]) for p in previews)  # demo_lora_<step>_<index>_<stamp>_<seed>.png
+    assert steps == [0, 40]
+    first, last = (next(p for p in previews if int(p.name.split("_")[2]) == s) for s in steps)
+    difference = demo.mean_difference(first, last)
+    assert difference > 0
+    assert f"Step 0 (before) and step 40 (after) differ by {difference:.1f}/255 per pixel on average: the LoRA " \
+           "changes the output." in out
+    assert re.search(r'^  before_after\.png +".*" sampled at step 0 \(before\) and step 40 \(after\)$', out, re.M)
+    pair = Image.open(folder / "before_after.png").convert("RGB")
+    panel = 64 * 4
+    enlarged = [Image.open(p).convert("RGB").resize((panel, panel), Image.Resampling.NEAREST).tobytes()
+                for p in (first, last)]
+    rows = [y for y in range(pair.height - panel) if pair.crop((14, y, 14 + panel, y + panel)).tobytes() == enlarged[0]]
+    assert len(rows) == 1  # the left panel is step 0's preview ...
+    x = 14 + panel + 16
+    assert pair.crop((x, rows[0], x + panel, rows[0] + panel)).tobytes() == enlarged[1]  # ... the right one step 40's
+
+
+def test_demo_refuses_to_compare_a_preview_with_itself():
+    samples = [(0, Path("a.png"))]
+    with pytest.raises(RuntimeError, match="expected previews at step 0 and at the last step 40; made: step 0"):
+        demo.before_and_after(samples, 40)
+    assert demo.before_and_after([(0, Path("a.png")), (20, Path("b.png")), (40, Path("c.png"))], 40) == (
+        (0, Path("a.png")), (40, Path("c.png")))

@@ -211,3 +211,63 @@ def test_config_hparams_only_with_log_config():
     values = config_hparams(config(log_config=True, text_encoder_lr=(1e-5, 2e-5)))
     assert values["text_encoder_lr"] == "[1e-05, 2e-05]" and values["timestep_sampling"] == "sigma"
     assert all(v is None or isinstance(v, (bool, int, float, str)) for v in values.values())
+
+
+def test_validation_loss_is_in_the_jsonl_and_on_the_console(tmp_path, capsys):
+    from trainer.console import ConsoleReporter
+
+    log = MetricsLog(tmp_path, "run")
+    log.emit(StepEnd(2, 4, 1, 0.5, 0.25, 1e-3, 1.0))
+    validation = ValidationEnd(2, 1, 0.375)
+    log.emit(validation)
+    log.emit(ValidationEnd(4, 1, 0.5, per_epoch=True, divergence=0.125))
+    log.close()
+    lines = [json.loads(line) for line in (tmp_path / "run_metrics.jsonl").read_text().splitlines()]
+    assert lines[1:] == [
+        {"step": 2, "epoch": 1, "validation_loss": 0.375, "validation_divergence": 0.125, "validation_at": "step"},
+        {"step": 4, "epoch": 1, "validation_loss": 0.5, "validation_divergence": 0.125, "validation_at": "epoch"}]
+    ConsoleReporter().emit(validation)
+    assert "validation loss at step 2: 0.3750" in capsys.readouterr().out
+
+
+def test_a_run_that_writes_no_step_leaves_the_previous_log_as_it_was(tmp_path):
+    previous = '{"step": 1, "epoch": 1, "loss": 0.5, "average_loss": 0.5, "lr": 0.001}\n'
+    (tmp_path / "run_metrics.jsonl").write_text(previous)
+    failed = MetricsLog(tmp_path, "run")
+    assert failed.truncate_after(0) == 1  # a new run: the old lines go, but only once it logs a step
+    failed.close()
+    assert (tmp_path / "run_metrics.jsonl").read_text() == previous
+    new = MetricsLog(tmp_path, "run")
+    new.truncate_after(0)
+    new.emit(StepEnd(1, 4, 1, 0.25, 0.25, 1e-3, 1.0))
+    new.close()
+    assert [json.loads(line)["loss"] for line in (tmp_path / "run_metrics.jsonl").read_text().splitlines()] == [0.25]
+
+
+def test_a_failed_run_keeps_the_previous_runs_metrics(tmp_path, tokenizer_dirs, monkeypatch):
+    from trainer import flow
+    from trainer.errors import NonFiniteError
+    from trainer.events import SilentReporter
+    from trainer.loop import train
+
+    from trainspace import config as train_config
+    from trainspace import make_workspace
+
+    ws = make_workspace(tmp_path / "ws")
+    out = tmp_path / "out"
+    train(train_config(ws, tokenizer_dirs, out, max_train_steps=2), SilentReporter())
+    before = (out / "test_lora_metrics.jsonl").read_bytes()
+    assert before.count(b"\n") == 2
+    original = flow.batch_loss
+    monkeypatch.setattr(flow, "batch_loss", lambda *a, **k: original(*a, **k) * float("nan"))
+    with pytest.raises(NonFiniteError):  # fails in its first step, having logged nothing
+        train(train_config(ws, tokenizer_dirs, out, max_train_steps=3), SilentReporter())
+    assert (out / "test_lora_metrics.jsonl").read_bytes() == before
+
+
+@pytest.mark.parametrize("content, message", [(b"[wandb]\n".decode().encode("utf-16-le"), "holds NUL characters"),
+                                              (b"a = " + b"[" * 100_000, "nested more than 100 levels deep")])
+def test_tracker_config_files_that_would_end_in_a_traceback_are_named(tmp_path, content, message):
+    (tmp_path / "odd.toml").write_bytes(content)
+    with pytest.raises(ConfigError, match=rf"log_tracker_config: .*odd\.toml.*{message}"):
+        check_trackers(config(log_tracker_config=str(tmp_path / "odd.toml")))

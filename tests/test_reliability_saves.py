@@ -247,3 +247,78 @@ def test_the_metrics_log_is_cut_back_to_the_resumed_step(tmp_path):
     again = MetricsLog(tmp_path, "run", None, warn=print)
     assert again.truncate_after(7) == 0
     again.close()
+
+
+def _writer(tmp_path, **options):
+    settings = dict(output_dir=str(tmp_path), name="lora", save_last_n_steps=None, save_last_n_steps_state=None,
+                    save_every_n_epochs=None, save_n_epoch_ratio=None, save_last_n_epochs=None,
+                    save_last_n_epochs_state=None)
+    session = SimpleNamespace(config=SimpleNamespace(**{**settings, **options}), world=SimpleNamespace(is_main=True),
+                              epochs=8)
+    writer = LoRAWriter(session)
+    writer._save = lambda path, step, epoch, reporter: path.write_bytes(b"lora")
+    return writer
+
+
+def test_rotation_deletes_only_what_this_training_wrote(tmp_path):
+    """An earlier run's step and epoch files and states in the same folder are not this run's to delete."""
+    earlier = [tmp_path / "lora-step00000001.safetensors", tmp_path / "lora-step00000003-state",
+               tmp_path / "lora-000001.safetensors", tmp_path / "lora-000001-state"]
+    for path in earlier:
+        path.write_bytes(b"earlier run") if path.suffix else path.mkdir()
+    writer = _writer(tmp_path, save_last_n_steps=1, save_every_n_epochs=1, save_last_n_epochs=1)
+    for step in (2, 4, 6):
+        writer.save_step(step, 1, SilentReporter())
+        writer.state_folder_for_step(step).mkdir()
+        writer.rotate_states_for_step(step)
+    for epoch in (2, 3):
+        writer.save_epoch(epoch, 6, SilentReporter())
+        writer.state_folder_for_epoch(epoch).mkdir()
+        writer.rotate_states_for_epoch(epoch)
+    assert all(path.exists() for path in earlier)
+    assert sorted(p.name for p in tmp_path.iterdir() if p not in earlier) == [
+        "lora-000003-state", "lora-000003.safetensors", "lora-step00000006-state", "lora-step00000006.safetensors"]
+    assert writer.written == ["lora-step00000006.safetensors", "lora-step00000006-state", "lora-000003.safetensors",
+                              "lora-000003-state"]
+
+
+def test_a_resumed_training_rotates_what_its_state_lists(tmp_path):
+    first = _writer(tmp_path, save_last_n_steps=2)
+    for step in (2, 4):
+        first.save_step(step, 1, SilentReporter())
+    (tmp_path / "lora-step00000003.safetensors").write_bytes(b"another run")
+    resumed = _writer(tmp_path, save_last_n_steps=2)
+    resumed.adopt(first.written + ["../outside.safetensors", 7])  # what the state lists (only plain names count)
+    for step in (6, 8):
+        resumed.save_step(step, 1, SilentReporter())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "lora-step00000003.safetensors", "lora-step00000006.safetensors", "lora-step00000008.safetensors"]
+
+
+class _StopAt(SilentReporter):
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.step = step
+
+    def emit(self, event) -> None:
+        super().emit(event)
+        if isinstance(event, StepEnd) and event.step == self.step:
+            self.stop_requested = True
+
+
+def test_rotation_across_a_resume_spares_another_runs_files(tokenizer_dirs, tmp_path):
+    """Steps 1 and 3 were left by another run; this training saves every 2 steps, keeps 2, is stopped at step 4 and
+    resumed: its own step 2 is rotated out after the resume (its state lists it), the other run's files never."""
+    ws = make_workspace(tmp_path / "ws")
+    out = tmp_path / "out"
+    out.mkdir()
+    foreign = [out / "r-step00000001.safetensors", out / "r-step00000003.safetensors"]
+    for path in foreign:
+        path.write_bytes(b"another run")
+    common = dict(output_name="r", max_train_steps=6, save_every_n_steps=2, save_last_n_steps=2)
+    train(config(ws, tokenizer_dirs, out, **common), _StopAt(4))
+    assert (out / "r-step00000002.safetensors").is_file() and (out / "r-state").is_dir()
+    train(config(ws, tokenizer_dirs, out, resume=str(out / "r-state"), **common), SilentReporter())
+    assert all(path.read_bytes() == b"another run" for path in foreign)
+    steps = sorted(p.name for p in out.glob("r-step*.safetensors") if p not in foreign)
+    assert steps == ["r-step00000006.safetensors"]  # 2 rotated out after the resume (the stop at 4 saved r.safetensors)

@@ -155,8 +155,8 @@ class ValidatingLoop(Loop):
     """The loop with a validation after every optimizer step (as the lead wires it, at its cadence)."""
     losses_seen: list = []
 
-    def __init__(self, session, reporter):
-        super().__init__(with_validation(session), reporter)
+    def __init__(self, session, reporter, *rest):
+        super().__init__(with_validation(session), reporter, *rest)
         self.validator = Validator.from_session(session, self.step_module.context)
 
     def _step_cadence(self, epoch):

@@ -25,7 +25,8 @@ import torch
 
 from .errors import SaveError
 
-__all__ = ["SaveError", "atomic_path", "failure_reason", "save_error", "save_safetensors", "write_bytes"]
+__all__ = ["SaveError", "atomic_path", "create_new_file", "failure_reason", "save_error", "save_safetensors",
+           "write_bytes"]
 
 _TOKEN_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"  # mkstemp's alphabet: older temporaries match as well
 _TEMPORARY = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp")
@@ -143,6 +144,37 @@ def write_bytes(path: Path, data: bytes | memoryview) -> None:
             view = view[os.write(fd, view[:_CHUNK]):]
     finally:
         os.close(fd)
+
+
+def create_new_file(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path`, which must not exist: FileExistsError (nothing written) when it does. The file appears
+    complete or not at all (written beside it, then hard-linked into place: a link never replaces a file)."""
+    final = Path(path)
+    if final.exists():
+        raise FileExistsError(errno.EEXIST, "the file exists", str(final))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        folder = _create_temporary(final)
+    except OSError as e:
+        raise save_error(final, e) from e
+    try:
+        tmp = folder / final.name
+        write_bytes(tmp, data)
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: the check above is the guard
+            if final.exists():
+                raise FileExistsError(errno.EEXIST, "the file exists", str(final)) from None
+            os.replace(tmp, final)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        raise save_error(final, e) from e
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return final
 
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,

@@ -19,7 +19,7 @@ from .cli_config_file import read_config_file, write_config_file
 from .cli_options import CHOICES, NO_EFFECT, NO_EFFECT_DEFAULTS, OURS_TITLE, REFUSED, SD_SCRIPTS_GROUPS
 from .config import FlowConfig, LoRAConfig, TrainConfig
 from .config.train import DYNAMO_BACKENDS, RESIZE_INTERPOLATIONS
-from .console import ConsoleReporter, configure_logging
+from .console import MOSTLY_SKIPPED_EXIT, ConsoleReporter, configure_logging, mostly_skipped
 from .errors import ConfigError, Stopped, TrainerError
 from .events import Message
 
@@ -60,6 +60,9 @@ HELP = {
     "t5xxl_tokenizer": "folder or Hugging Face id", "device": "cuda, cuda:1, cpu ... (default: cuda if available)",
     "cache_dir": "write disk caches here instead of beside the images",
 }
+# sd-scripts' parser default where the config field's differs: without --output_dir sd-scripts trains and then fails
+# at its first save, so the command line asks for it (the library and the nodes keep "output")
+SD_SCRIPTS_DEFAULTS = {"output_dir": None}
 _KINDS = {"flag": dict(action="store_true"), "str": dict(type=str), "int": dict(type=int),
           "float": dict(type=float), "str*": dict(nargs="*"), "float*": dict(type=float, nargs="*")}
 
@@ -114,7 +117,7 @@ def _add(group, name: str, fields: dict[str, dataclasses.Field]) -> None:
     if name in fields:
         field = fields[name]
         required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
-        default = "" if required else f" (default: {field.default})"
+        default = "" if required else f" (default: {SD_SCRIPTS_DEFAULTS.get(name, field.default)})"
         group.add_argument(f"--{name}", required=required, help=HELP.get(name, "") + default, **_flag_for(field))
     elif name in ACTING:
         group.add_argument(f"--{name}", **ACTING[name])
@@ -165,10 +168,21 @@ def _requested(name: str, value) -> bool:
     return value not in (None, False, 0, "", []) and value != NO_EFFECT_DEFAULTS.get(name)
 
 
+def _acts_in_sd_scripts(name: str, given: dict) -> bool:
+    """Whether a value the kohya_ss GUI writes by default would have done anything in sd-scripts (no warning for
+    those that would not): upload settings without a repository to upload to, the whole 0-1000 timestep range."""
+    if name in ("huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token",
+                "huggingface_repo_visibility", "save_state_to_huggingface", "async_upload"):
+        return bool(given.get("huggingface_repo_id"))
+    if name in ("min_timestep", "max_timestep"):
+        return given[name] != {"min_timestep": 0, "max_timestep": 1000}[name]
+    return True
+
+
 def config_from_args(ns: argparse.Namespace, warn=print) -> TrainConfig:
     given = dict(vars(ns))
     for name, (_, why) in NO_EFFECT.items():
-        if _requested(name, given.get(name)):
+        if _requested(name, given.get(name)) and _acts_in_sd_scripts(name, given):
             warn(f"--{name} has no effect here: {why}")
     for name, (_, why) in REFUSED.items():
         if _requested(name, given.get(name)):
@@ -252,6 +266,14 @@ def config_with_memory_plan(ns: argparse.Namespace, warn=print) -> TrainConfig:
     return config_from_args(ns, warn=warn)
 
 
+def _require_output_dir(ns: argparse.Namespace) -> None:
+    """sd-scripts' --output_dir has no default: a run without one fails when it first saves. Refused before
+    training (a check that saves nothing does not need it)."""
+    if "output_dir" not in vars(ns):
+        raise ConfigError("--output_dir is required: the folder the LoRA is saved to (sd-scripts has no default "
+                          "either, and its run fails at the first save without one)")
+
+
 def _old_optimizer_flags(given: dict) -> None:
     """--use_8bit_adam / --use_lion_optimizer: sd-scripts' older spellings, used when --optimizer_type is not set."""
     old = [name for name in ("use_8bit_adam", "use_lion_optimizer") if given.get(name)]
@@ -292,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(ns, "output_config", False):
             if not getattr(ns, "config_file", None):
                 raise ConfigError("--output_config writes the options to --config_file: give its path")
-            print(f"options written to {write_config_file(ns.config_file, ns)}")
+            print(f"options written to {write_config_file(ns.config_file, ns, build_parser())}")
             return 0
         if getattr(ns, "memory", None) == "auto":
             config = config_with_memory_plan(ns, lambda text: reporter.emit(Message(text)))
@@ -305,13 +327,14 @@ def main(argv: list[str] | None = None) -> int:
             print(preflight_report(config).text())
             print("check only: every input is usable; no model was loaded")
             return 0
+        _require_output_dir(ns)
         reporter.install_signals()
         from .loop import train
 
         started = time.perf_counter()
-        train(config, reporter)
+        finished = train(config, reporter)
         reporter.emit(Message(f"total time {time.perf_counter() - started:.1f} s"))
-        return 0
+        return MOSTLY_SKIPPED_EXIT if mostly_skipped(finished) else 0
     except Stopped as e:
         reporter.end_progress()
         print(f"stopped: {e}", file=sys.stderr)

@@ -7,7 +7,33 @@ import argparse
 import logging
 import signal
 
-from .events import Finished, Message, Phase, Samples, Saved, StepEnd
+from .events import Finished, Message, Phase, Samples, Saved, StepEnd, ValidationEnd
+
+# the CLI's exit status for a run that finished with most of its steps skipped (--skip_nonfinite_steps): a LoRA was
+# saved, but it learned from few steps; 2 is bad input, 130 a stop before training
+MOSTLY_SKIPPED_EXIT = 3
+
+
+def skipped_steps(finished: Finished) -> int:
+    """Optimizer steps of the training (resumed ones included) skipped for a non-finite loss or gradients: every
+    step that was applied has its loss in `losses`."""
+    return max(0, finished.steps - len(finished.losses))
+
+
+def mostly_skipped(finished: Finished) -> bool:
+    return skipped_steps(finished) * 2 > finished.steps
+
+
+def finished_text(finished: Finished) -> str:
+    state = "stopped early" if finished.stopped_early else "finished"
+    text = f"training {state} after {finished.steps} steps; LoRA: {finished.lora}"
+    skipped = skipped_steps(finished)
+    if skipped:
+        text += (f"\n{skipped} of {finished.steps} steps were skipped (non-finite loss or gradients, "
+                 f"--skip_nonfinite_steps): the LoRA learned from {finished.steps - skipped} step(s)")
+        if mostly_skipped(finished):
+            text += "; most steps were skipped, so this run counts as failed (exit status 3)"
+    return text
 
 
 class ConsoleReporter:
@@ -18,6 +44,7 @@ class ConsoleReporter:
         self.bar = None
         self.quiet = quiet
         self.interrupts = 0
+        self.training = False  # a step has ended: a stop from now on saves the LoRA and a state
 
     def install_signals(self) -> None:
         def handler(signum, frame):
@@ -25,11 +52,18 @@ class ConsoleReporter:
             if self.interrupts > 1:
                 raise KeyboardInterrupt
             self.stop = True
-            self._write("stopping after this step; the LoRA and the training state will be saved "
-                        "(press Ctrl-C again to abort without saving)")
+            self._write(self.stop_text())
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
+
+    def stop_text(self) -> str:
+        """What the first Ctrl-C will do: before the first step nothing is trained, so nothing is saved."""
+        if not self.training:
+            return ("stopping: no step has been trained yet, so no LoRA or training state will be saved (caches "
+                    "written so far are kept for the next run)")
+        return ("stopping after this step; the LoRA and the training state will be saved (press Ctrl-C again to "
+                "abort without saving)")
 
     def should_stop(self) -> bool:
         return self.stop
@@ -54,6 +88,7 @@ class ConsoleReporter:
         elif isinstance(event, Phase) and not event.total:
             self._write(f"{event.name} ...")
         elif isinstance(event, StepEnd):
+            self.training = True
             if self.bar is None:
                 try:
                     from tqdm import tqdm
@@ -68,6 +103,8 @@ class ConsoleReporter:
                                      **norms)
             elif event.step % 10 == 0:
                 print(f"step {event.step}/{event.total_steps} loss {event.average_loss:.4f}", flush=True)
+        elif isinstance(event, ValidationEnd):
+            self._write(validation_text(event))
         elif isinstance(event, Saved):
             self._write(f"saved {event.kind}: {event.path}")
         elif isinstance(event, Samples):
@@ -75,8 +112,14 @@ class ConsoleReporter:
         elif isinstance(event, Finished):
             if self.bar:
                 self.bar.close()
-            state = "stopped early" if event.stopped_early else "finished"
-            self._write(f"training {state} after {event.steps} steps; LoRA: {event.lora}")
+            self.bar = None
+            self._write(finished_text(event))
+
+
+def validation_text(event: ValidationEnd) -> str:
+    where = f"epoch {event.epoch}" if event.per_epoch else f"step {event.step}"
+    divergence = "" if event.divergence is None else f" (validation - training: {event.divergence:+.4f})"
+    return f"validation loss at {where}: {event.average_loss:.4f}{divergence}"
 
 
 def configure_logging(ns: argparse.Namespace) -> None:

@@ -229,6 +229,17 @@ def mean_difference(before: Path, after: Path) -> float:
     return sum(ImageStat.Stat(ImageChops.difference(a, b)).mean) / 3
 
 
+def before_and_after(samples: list[tuple[int, Path]], last_step: int) -> tuple[tuple[int, Path], tuple[int, Path]]:
+    """The preview of step 0 (before training) and the one of the last step (the end-of-run preview). A run that
+    made no such pair has nothing to compare: said, never papered over with one preview shown twice."""
+    before = next(((step, path) for step, path in samples if step == 0), None)
+    after = next(((step, path) for step, path in reversed(samples) if step == last_step), None)
+    if before is None or after is None or last_step == 0:
+        made = ", ".join(f"step {step}" for step, _ in samples) or "none"
+        raise RuntimeError(f"demo: expected previews at step 0 and at the last step {last_step}; made: {made}")
+    return before, after
+
+
 def plan(steps: int) -> str:
     """The arithmetic from the dataset to the step count, in words (one bucket: every demo image is 64x64)."""
     images = len(COLOURS) * len(SHAPES)
@@ -262,7 +273,7 @@ def demo_config(out: Path, files: dict[str, Path], tokenizers: dict[str, Path], 
         flow=FlowConfig(guidance_scale=1.0, model_prediction_type="raw", timestep_sampling="flux_shift"),
         learning_rate=2e-3, lr_scheduler="cosine", lr_warmup_steps=5, max_train_steps=steps, seed=42,
         cache_latents=True, cache_text_encoder_outputs=True, output_dir=str(out), output_name="demo_lora",
-        save_precision="bf16", sample_prompts=str(prompts), sample_at_first=True)
+        save_precision="bf16", sample_prompts=str(prompts), sample_at_first=True, sample_at_end=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     finished = reporter.finished
     losses = list(finished.losses)
     n, first, last = loss_summary(losses)
-    (before_step, before), (after_step, after) = reporter.samples[0], reporter.samples[-1]
+    (before_step, before), (after_step, after) = before_and_after(reporter.samples, finished.steps)
     fell = last < first
     verdict = (f"the loss fell from {first:.3f} to {last:.3f}" if fell else
                f"the loss did not fall ({first:.3f} -> {last:.3f}): training did not make progress")
@@ -338,8 +349,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(losses)}): {judged}")
     print("  previews:  the tiny models have random weights, so the previews are noise, not a red circle: they show")
     print("             the pipeline working (prompt -> text encoders -> transformer + LoRA -> autoencoder -> image).")
-    print(f"             Before and after differ by {difference:.1f}/255 per pixel on average: the LoRA changes "
-          "the output.")
+    print(f"             Step {before_step} (before) and step {after_step} (after) differ by {difference:.1f}/255 "
+          "per pixel on average: " + ("the LoRA changes the output." if difference > 0 else
+                                      "the LoRA did not change the output."))
     print(f"files, in {out}{os.sep}")
     for name, what in rows:
         print(f"  {name:<{width}}  {what}")

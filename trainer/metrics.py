@@ -55,13 +55,15 @@ def read_tracker_config(path: str | None) -> dict:
     """--log_tracker_config: a TOML file of keyword arguments per tracker (`[wandb]`, `[tensorboard]`)."""
     if path is None:
         return {}
-    from .tomlio import TOMLError, loads
+    from .tomlio import NotText, TOMLError, loads, read_text
 
     try:
-        data = loads(Path(path).read_text(encoding="utf-8"))
+        data = loads(read_text(path))
     except OSError as e:
         raise ConfigError(f"log_tracker_config: {path} cannot be read ({e.strerror or e})") from e
-    except (TOMLError, UnicodeDecodeError) as e:
+    except NotText as e:
+        raise ConfigError(f"log_tracker_config: {path} {e}") from e
+    except TOMLError as e:
         raise ConfigError(f"log_tracker_config: {path} is not valid TOML ({e})") from e
     for name in ("tensorboard", "wandb"):
         if name in data and not isinstance(data[name], dict):
@@ -183,7 +185,10 @@ class MetricsLog:
         self._wandb_module = None
         self.last_average: float | None = None
         remove_stale_temporaries(self.path)  # left by a process killed while it rewrote the log
-        self.file = open(self.path, "a", encoding="utf-8")
+        # opened at the first line this run writes: a run that fails before its first step leaves the log of the
+        # run before it as it was
+        self.file = None
+        self._kept_lines: list[str] | None = None  # truncate_after's lines, written when the first new line comes
         try:
             self._open_trackers()
         except BaseException:
@@ -240,6 +245,8 @@ class MetricsLog:
             if divergence is None and self.last_average is not None:
                 divergence = event.average_loss - self.last_average
             kind = "epoch" if event.per_epoch else "step"
+            self._append({"step": event.step, "epoch": event.epoch, "validation_loss": event.average_loss,
+                          "validation_divergence": divergence, "validation_at": kind}, event.step)
             logs = {f"loss/validation/{kind}_average": event.average_loss}
             if divergence is not None:
                 logs[f"loss/validation/{kind}_divergence"] = divergence
@@ -250,14 +257,17 @@ class MetricsLog:
             self.close()
 
     def _write_line(self, event: StepEnd) -> None:
-        values = {"step": event.step, "epoch": event.epoch, "loss": event.loss, "average_loss": event.average_loss,
-                  "lr": event.lr}
+        self._append({"step": event.step, "epoch": event.epoch, "loss": event.loss,
+                      "average_loss": event.average_loss, "lr": event.lr}, event.step)
+
+    def _append(self, values: dict, step: int) -> None:
+        self._open()
         whole = os.fstat(self.file.fileno()).st_size  # the log ends with a whole line here
         try:
             self.file.write(json.dumps(values) + "\n")
             self.file.flush()
         except OSError as e:
-            raise self._write_failed(e, event.step, whole) from e
+            raise self._write_failed(e, step, whole) from e
 
     def _log(self, logs: dict, axis: int, global_step: int, epoch: int) -> None:
         """accelerator_logging: TensorBoard at `axis` (the global step, or the epoch for epoch tags); wandb with
@@ -292,29 +302,43 @@ class MetricsLog:
         return save_error(self.path, error, text=f"{self.path}: the metrics line of step {step} could not be written "
                                                  f"({failure_reason(error)}); the lines before it are intact")
 
+    def _open(self) -> None:
+        """Open the log for appending at the run's first line, first cutting it as truncate_after said."""
+        if self.file is not None:
+            return
+        if self._kept_lines is not None:
+            with atomic_path(self.path) as tmp:
+                write_bytes(tmp, "".join(self._kept_lines).encode("utf-8"))
+            self._kept_lines = None
+        self.file = open(self.path, "a", encoding="utf-8")
+
     def truncate_after(self, step: int) -> int:
         """Drop the lines of steps after `step` (a resumed run trains them again) and any damaged line (a kill
-        while writing); returns how many lines were dropped. The file is replaced in one rename."""
-        self.file.flush()
+        while writing); returns how many lines are dropped. The file is replaced in one rename when this run writes
+        its first line (at once if it has written some): until then the log is as the run before left it."""
+        if self.file is not None:
+            self.file.flush()
         kept, dropped = [], 0
-        with open(self.path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                try:
-                    values = json.loads(line)
-                    keep = line.endswith("\n") and isinstance(values, dict) and int(values["step"]) <= step
-                except (ValueError, KeyError, TypeError):
-                    keep = False
-                if keep:
-                    kept.append(line)
-                else:
-                    dropped += 1
+        try:
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    try:
+                        values = json.loads(line)
+                        keep = line.endswith("\n") and isinstance(values, dict) and int(values["step"]) <= step
+                    except (ValueError, KeyError, TypeError):
+                        keep = False
+                    if keep:
+                        kept.append(line)
+                    else:
+                        dropped += 1
+        except FileNotFoundError:
+            return 0
         if dropped:
-            self.file.close()
-            try:
-                with atomic_path(self.path) as tmp:
-                    write_bytes(tmp, "".join(kept).encode("utf-8"))
-            finally:
-                self.file = open(self.path, "a", encoding="utf-8")
+            self._kept_lines = kept
+            if self.file is not None:
+                self.file.close()
+                self.file = None
+                self._open()
         return dropped
 
     def should_stop(self) -> bool:
@@ -322,7 +346,7 @@ class MetricsLog:
 
     def close(self) -> None:
         """Idempotent: the run's end closes it, and `train` again on every way out."""
-        if not self.file.closed:
+        if self.file is not None and not self.file.closed:
             self.file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()

@@ -21,8 +21,9 @@ from .models import check_model_file, read_flux_params
 from .sampling import read_prompts
 
 
-def check(config: TrainConfig) -> None:
-    """Raise a TrainerError naming the first input that cannot work; reads file headers only."""
+def check(config: TrainConfig, warn=None) -> None:
+    """Raise a TrainerError naming the first input that cannot work; reads file headers only. `warn(text)`, when
+    given, receives what is usable but not as written (a preview prompt's ignored flag)."""
     network = _meta_network(config)  # the transformer's LoRA as this config builds it, without memory
     for slot in ("ae", "clip_l", "t5xxl"):
         check_model_file(getattr(config, slot), slot)
@@ -37,7 +38,7 @@ def check(config: TrainConfig) -> None:
     _check_optimizer_args(config, optimizer)
     _check_device(config.device)
     if config.sample_prompts:
-        read_prompts(config.sample_prompts)
+        read_prompts(config.sample_prompts, warn=warn)
     if config.network_weights:
         weights, _ = read_lora(config.network_weights)
         if not config.dim_from_weights:
@@ -155,8 +156,18 @@ def _check_writable(config: TrainConfig, network) -> None:
             existing = existing.parent
         free = shutil.disk_usage(existing).free
         if needed > free:
-            raise ConfigError(f"{option} {folder}: {free / 2**20:.0f} MiB free, but {what} need about "
-                              f"{needed / 2**20:.0f} MiB")
+            raise ConfigError(f"{option} {folder}: {size_text(free)} free, but {what} need about "
+                              f"{size_text(needed)}")
+
+
+def size_text(size: float) -> str:
+    """Bytes in the largest unit that keeps at least 1 of it: '0 bytes', '812 bytes', '3.5 KiB', '120 MiB'."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            value = size / scale
+            shown = f"{value:.1f}".removesuffix(".0") if value < 10 else f"{value:.0f}"
+            return f"{shown} {unit}"
+    return f"{size:.0f} byte{'' if size == 1 else 's'}"
 
 
 def _cache_bytes(config: TrainConfig) -> dict[Path, int]:
@@ -304,4 +315,8 @@ def preflight_report(config: TrainConfig, processes: int = 1) -> PreflightReport
     configs = [replace(c, batch_size=c.batch_size * processes) for c in resolve_datasets(config)]
     reports, batches = dataset_report(configs, config.seed if config.seed is not None else 0)
     steps_per_epoch, total, epochs = plan_steps(batches, config)
-    return PreflightReport(tuple(reports), batches, steps_per_epoch, total, epochs, tuple(config.advice()))
+    prompt_notes: list[str] = []
+    if config.sample_prompts:
+        read_prompts(config.sample_prompts, warn=prompt_notes.append)
+    return PreflightReport(tuple(reports), batches, steps_per_epoch, total, epochs,
+                           (*config.advice(), *prompt_notes))

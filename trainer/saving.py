@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -27,6 +26,16 @@ class LoRAWriter:
         self.name = self.config.name
         self.started = time.time()
         self.last_metadata: dict[str, str] | None = None
+        # names of the step/epoch files and state folders this training wrote (a resumed one: its states list what
+        # the runs before wrote): rotation deletes only these, never a file an earlier, other run left here
+        self.written: list[str] = []
+
+    def adopt(self, names) -> None:
+        """The names a resumed state lists as written by the training it continues (rotated like this run's)."""
+        self._mark(*[str(name) for name in names if isinstance(name, str) and "/" not in name and "\\" not in name])
+
+    def _mark(self, *names: str) -> None:
+        self.written += [name for name in names if name not in self.written]
 
     # ------------------------------------------------------------------------------------------ names
 
@@ -63,19 +72,31 @@ class LoRAWriter:
 
     def save_epoch(self, epoch: int, step: int, reporter: Reporter) -> None:
         self._save(self.epoch_path(epoch), step, epoch, reporter)
+        if self.session.world.is_main:
+            self._mark(self.epoch_path(epoch).name)
         old = self._expired_epoch(epoch)
         if old:
-            self.epoch_path(old).unlink(missing_ok=True)
+            self._remove(self.epoch_path(old), lambda p: p.unlink(missing_ok=True))
 
     def save_step(self, step: int, epoch: int, reporter: Reporter) -> None:
         self._save(self.step_path(step), step, epoch, reporter)
+        if self.session.world.is_main:
+            self._mark(self.step_path(step).name)
         self._drop_old_steps(step, ".safetensors", lambda p: p.unlink(missing_ok=True))
 
     def rotate_states_for_epoch(self, epoch: int) -> None:
         """--save_last_n_epochs_state (else --save_last_n_epochs) N: the state folders of the last N saves."""
+        if self.session.world.is_main:
+            self._mark(self.state_folder_for_epoch(epoch).name)  # the loop saved it just before
         old = self._expired_epoch(epoch, self.config.save_last_n_epochs_state or self.config.save_last_n_epochs)
         if old:
-            shutil.rmtree(self.state_folder_for_epoch(old), ignore_errors=True)
+            self._remove(self.state_folder_for_epoch(old), lambda p: shutil.rmtree(p, ignore_errors=True))
+
+    def _remove(self, path: Path, remove) -> None:
+        """Remove a file or folder of this training's (never one another run left under the same name)."""
+        if path.name in self.written:
+            remove(path)
+            self.written.remove(path.name)
 
     def _expired_epoch(self, epoch: int, keep: int | None = None) -> int | None:
         """--save_last_n_epochs N: the epoch whose save falls out of the last N when `epoch` is saved."""
@@ -87,26 +108,24 @@ class LoRAWriter:
         return old if old > 0 else None
 
     def rotate_states_for_step(self, step: int) -> None:
+        if self.session.world.is_main:
+            self._mark(self.state_folder_for_step(step).name)  # the loop saved it just before
         self._drop_old_steps(step, "-state", lambda p: shutil.rmtree(p, ignore_errors=True),
                              self.config.save_last_n_steps_state or self.config.save_last_n_steps)
 
     def _drop_old_steps(self, step: int, suffix: str, remove, keep: int | None = None) -> None:
         """--save_last_n_steps N: keep what was saved in the last N steps, the save N steps ago included (as
-        sd-scripts). Names are matched literally (`[`, `*` and `?` are ordinary characters in an output name), as
-        `<name>-stepNNNNNNNN<suffix>` exactly."""
+        sd-scripts). Only this training's saves are candidates (`written`), as `<name>-stepNNNNNNNN<suffix>`
+        exactly."""
         keep = self.config.save_last_n_steps if keep is None else keep
         if not keep or not self.session.world.is_main:
             return
         prefix = f"{self.name}-step"
-        try:
-            names = os.listdir(self.folder)
-        except OSError:
-            return
-        for name in names:
+        for name in list(self.written):
             digits = name[len(prefix):-len(suffix)]
             if (name.startswith(prefix) and name.endswith(suffix) and len(digits) == 8 and digits.isascii()
                     and digits.isdigit() and int(digits) < step - keep):
-                remove(self.folder / name)
+                self._remove(self.folder / name, remove)
 
     # ------------------------------------------------------------------------------------------ metadata
 

@@ -42,6 +42,25 @@ def latent_npz_path(image: Path, size: Size, cache_dir: str | os.PathLike | None
     return cache_folder(image, cache_dir) / f"{image.stem}_{size[0]:04d}x{size[1]:04d}_flux.npz"
 
 
+def latent_stride(ae) -> int:
+    """Image pixels per latent pixel of an autoencoder (FLUX's: 8)."""
+    return ae.params.downscale
+
+
+def shared_cache_files(images: list[tuple[Path, Size]], cache_dir: str | os.PathLike | None = None
+                       ) -> list[tuple[Path, Path, Path]]:
+    """(image, other image, cache file) for each pair of different images whose latent caches would be one file:
+    sd-scripts' name keeps only the stem and the size, so x.png and x.jpg of one size in one folder share it."""
+    owner: dict[Path, Path] = {}
+    clashes = []
+    for image, size in images:
+        path = latent_npz_path(image, size, cache_dir)
+        first = owner.setdefault(path, image)
+        if first != image:
+            clashes.append((first, image, path))
+    return clashes
+
+
 def bucket_suffix(bucket: Size) -> str:
     """The key suffix of one bucket's entries: `_<h>x<w>` in latent pixels."""
     return f"_{bucket[1] // LATENT_STRIDE}x{bucket[0] // LATENT_STRIDE}"

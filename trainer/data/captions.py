@@ -16,13 +16,20 @@ from ..errors import CaptionError
 
 def read_caption(image: Path, extension: str, wildcards: bool = False) -> str | None:
     """First line of `<stem><extension>` (all non-empty lines, newline-joined, with wildcards); None if absent."""
-    path = image.with_suffix(extension) if extension.startswith(".") else image.with_name(image.stem + extension)
+    from ..tomlio import NotText, read_text
+
+    if "/" in extension or "\\" in extension or extension in (".", ".."):
+        raise CaptionError(f"caption_extension {extension!r}: expected the ending of a caption file's name (.txt, "
+                           ".caption), not a path")
+    path = image.with_name(image.stem + extension)
     if not path.is_file():
         return None
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a leading BOM is not caption text
-    except UnicodeDecodeError as e:
-        raise CaptionError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        lines = read_text(path).splitlines()  # UTF-8 (a BOM dropped), or UTF-16/32 with their BOM
+    except NotText as e:
+        raise CaptionError(f"caption {path}: {e}") from None
+    except OSError as e:
+        raise CaptionError(f"caption {path}: cannot be read ({e.strerror or e})") from None
     lines = [line.strip() for line in lines]
     if wildcards:
         return "\n".join(line for line in lines if line)

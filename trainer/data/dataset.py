@@ -11,7 +11,6 @@ once, no regularisation images, fixed order and augmentation draws).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -31,6 +30,17 @@ from .captions import CaptionError, process_caption, read_caption
 from .images import SkippedReport, color_aug, list_images, load_rgb, probe_all, resize_and_crop, to_tensor
 
 log = logging.getLogger(__name__)
+# Images x repeats one epoch of one dataset may hold: each is an entry in the epoch's order (sd-scripts lists them
+# the same way), so num_repeats = 1e9 would fill memory before the first step. Far above any real LoRA dataset
+# (10,000 images x 100 repeats).
+MAX_SAMPLES_PER_EPOCH = 1_000_000
+
+
+def check_samples_per_epoch(where: str, samples: int, how: str) -> None:
+    """Refuse an epoch of more than MAX_SAMPLES_PER_EPOCH samples, naming `where` and how they add up."""
+    if samples > MAX_SAMPLES_PER_EPOCH:
+        raise DatasetError(f"{where}: {how} = {samples:,} samples per epoch, over the limit of "
+                           f"{MAX_SAMPLES_PER_EPOCH:,}; lower num_repeats (more epochs give the same training)")
 
 
 @dataclass
@@ -67,9 +77,11 @@ class Batch:
 
 def _metadata_captions(subset: SubsetConfig) -> dict[Path, str]:
     """Fine-tune style captions: {"image key": {"caption": ..., "tags": ...}} with keys as paths or stems."""
+    from ..tomlio import loads_json, read_text
+
     path = Path(subset.metadata_file)
     try:
-        entries = json.loads(path.read_text(encoding="utf-8-sig"))
+        entries = loads_json(read_text(path))  # NotText and JSON's errors are ValueErrors
     except (OSError, ValueError) as e:
         raise DatasetError(f"metadata_file {path}: cannot be read as JSON ({e})") from e
     base = Path(subset.image_dir) if subset.image_dir else path.parent
@@ -113,6 +125,9 @@ def _subset_items(subset: SubsetConfig, validation: bool = False, split: float =
             raise DatasetError(f"image_dir {folder}: not a folder")
         paths = list_images(folder)
         captions = {}
+    if not validation:  # before any image is read: the count of files is enough
+        check_samples_per_epoch(f"subset {subset.image_dir or subset.metadata_file}", len(paths) * subset.num_repeats,
+                                f"{len(paths):,} image(s) x {subset.num_repeats:,} repeat(s)")
     held_out: list[Path] = []
     if split > 0:
         if subset.is_reg:  # sd-scripts: regularisation images are never split; all of them train
@@ -158,6 +173,7 @@ class FluxDataset:
             items, subset_problems, missing, held_out = _subset_items(subset, validation, config.validation_split,
                                                                       self.validation_seed)
             self.items += items
+            check_samples_per_epoch(name, sum(i.repeats for i in self.items), "its subsets' images x repeats")
             self.held_out += held_out
             problems.update(subset_problems)
             self.uncaptioned += missing

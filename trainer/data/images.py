@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import random
+import struct
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,14 @@ _INTERPOLATION = {
     "area": Image.Resampling.BOX, "box": Image.Resampling.BOX,  # BOX is area averaging, like cv2's INTER_AREA
 }
 _ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+# What Pillow's decoders raise for a file that is damaged, truncated or odd (besides UnidentifiedImageError and the
+# decompression-bomb guards, handled on their own): OSError ("image file is truncated", "broken data stream"),
+# SyntaxError (a bad signature or header field), ValueError ("Decompressed data too large" from a PNG text chunk,
+# an unknown mode), EOFError, struct.error and IndexError/KeyError/TypeError from short or inconsistent headers,
+# zlib.error, ZeroDivisionError/OverflowError from zero or huge header fields, MemoryError from a header that claims
+# a huge buffer. All mean "this file cannot be used": the image is skipped and listed.
+PILLOW_READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, TypeError,
+                      zlib.error, ZeroDivisionError, OverflowError, MemoryError)
 
 
 class ImageProblem(Exception):
@@ -79,13 +89,19 @@ def _open(path: Path) -> Image.Image:
     except Image.DecompressionBombWarning:
         raise _too_large(path, f"Pillow's {Image.MAX_IMAGE_PIXELS or 0:,}-pixel warning limit, and warnings are "
                                "errors in this process") from None
-    except OSError as e:
-        raise ImageProblem(f"cannot be read ({e})") from None
+    except PILLOW_READ_ERRORS as e:
+        raise ImageProblem(f"cannot be read ({_reason(e)})") from None
     if image.width * image.height > MAX_PIXELS:
         image.close()
         raise ImageProblem(f"{image.width}x{image.height} ({image.width * image.height:,} pixels) is over the "
                            f"{MAX_PIXELS:,}-pixel limit (decompression-bomb guard)")
     return image
+
+
+def _reason(error: BaseException) -> str:
+    """Pillow's message, with the error's class where the message alone would not say what happened."""
+    text = str(error)
+    return text if isinstance(error, OSError) and text else f"{type(error).__name__}: {text}"
 
 
 def _orientation(image: Image.Image) -> int:
@@ -105,8 +121,8 @@ def probe(path: Path) -> tuple[int, int]:
             image.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # a plugin checking in load()
             raise ImageProblem(f"{e} (decompression-bomb guard)") from None
-        except (OSError, SyntaxError, ValueError) as e:
-            raise ImageProblem(f"damaged or truncated ({e})") from None
+        except PILLOW_READ_ERRORS as e:
+            raise ImageProblem(f"damaged or truncated ({_reason(e)})") from None
         if _orientation(image) in _ROTATED:
             width, height = height, width
     return width, height
@@ -153,8 +169,10 @@ def load_rgb(path: Path, with_alpha: bool = False) -> np.ndarray:
                 image = image.convert("RGBA" if "transparency" in image.info else "RGB")
             image = image.convert("RGBA" if with_alpha else "RGB")  # CMYK, L, LA, 1, RGBA ...
             return np.asarray(image, dtype=np.uint8).copy()
-        except (OSError, SyntaxError, ValueError) as e:
-            raise ImageProblem(f"damaged or truncated ({e})") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageProblem(f"{e} (decompression-bomb guard)") from None
+        except PILLOW_READ_ERRORS as e:
+            raise ImageProblem(f"damaged or truncated ({_reason(e)})") from None
 
 
 def resize_and_crop(image: np.ndarray, resized: tuple[int, int], bucket: tuple[int, int],

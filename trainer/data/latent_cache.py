@@ -15,7 +15,7 @@ import torch
 
 from ..atomic import remove_stale_temporaries
 from .buckets import crop_ltrb
-from .cache_files import LATENT_STRIDE, bucket_suffix, latent_npz_path, read_entry
+from .cache_files import LATENT_STRIDE, bucket_suffix, latent_npz_path, latent_stride, read_entry, shared_cache_files
 from .dataset import DatasetError, DatasetGroup, FluxDataset, ImageItem
 from .npz import file_sha256, file_stat, read_npz, write_npz
 
@@ -31,7 +31,7 @@ def _source_matches(data: dict, image: Path) -> bool:
     return "source_sha256" in data and str(data["source_sha256"]) == file_sha256(image)
 
 
-def is_cached(path: Path, item: ImageItem) -> bool:
+def is_cached(path: Path, item: ImageItem, stride: int = LATENT_STRIDE) -> bool:
     data = read_npz(path)
     if data is None:
         return False
@@ -40,7 +40,7 @@ def is_cached(path: Path, item: ImageItem) -> bool:
         ["alpha_mask" + s] if item.subset.alpha_mask else [])
     if not all(k in data for k in needed):
         return False
-    expected = (16, item.bucket[1] // LATENT_STRIDE, item.bucket[0] // LATENT_STRIDE)
+    expected = (16, item.bucket[1] // stride, item.bucket[0] // stride)
     return tuple(data["latents" + s].shape[-3:]) == expected and _source_matches(data, item.path)
 
 
@@ -55,6 +55,20 @@ def check_latent_caching(group: DatasetGroup) -> None:
                                    f"or {changing[0]}")
 
 
+def check_cache_names(group: DatasetGroup, cache_dir: str | Path | None = None) -> None:
+    """Two images whose disk caches would be one file (x.png and x.jpg of one size in one folder) would train on
+    each other's latents: refused, naming both. sd-scripts' file names are kept rather than made unique, so its
+    caches and ours stay interchangeable; renaming one image is the fix."""
+    images = [(item.path, item.size) for dataset in group.datasets for item in dataset.items if item.repeats]
+    clashes = shared_cache_files(list(dict.fromkeys(images)), cache_dir)
+    if clashes:
+        first, second, path = clashes[0]
+        more = f" (and {len(clashes) - 1} more pair(s))" if len(clashes) > 1 else ""
+        raise DatasetError(f"{first} and {second} would share the latent cache file {path.name} (sd-scripts names "
+                           f"it by stem and size only){more}: rename one of them, or cache latents in memory "
+                           "(without --cache_latents_to_disk)")
+
+
 def cache_latents(group: DatasetGroup, ae, to_disk: bool, batch_size: int = 1, seed: int = 0,
                   progress: Progress | None = None, cache_dir: str | Path | None = None) -> dict[str, int]:
     """Encode every image of every dataset once (flipped too with flip_aug); reuse valid disk caches. Disk caches
@@ -64,6 +78,9 @@ def cache_latents(group: DatasetGroup, ae, to_disk: bool, batch_size: int = 1, s
     it raises stops caching there: every file written so far is complete, and each item holds a valid entry (its
     latents in memory, or latent_npz naming a file with its entry) or none (latent_npz is None)."""
     check_latent_caching(group)
+    if to_disk:
+        check_cache_names(group, cache_dir)
+    stride = latent_stride(ae)
     todo: list[tuple[FluxDataset, ImageItem]] = []
     reused = 0
     for dataset in group.datasets:
@@ -72,7 +89,8 @@ def cache_latents(group: DatasetGroup, ae, to_disk: bool, batch_size: int = 1, s
                 continue
             if to_disk:
                 path = latent_npz_path(item.path, item.size, cache_dir)
-                item.latent_npz = path if is_cached(path, item) else None  # set again once the file holds its entry
+                # set again once the file holds its entry
+                item.latent_npz = path if is_cached(path, item, stride) else None
                 if item.latent_npz is not None:
                     remove_stale_temporaries(path)  # a process killed after the rename, before its clean-up
                     reused += 1
@@ -113,8 +131,9 @@ def _encode_chunk(chunk, ae, device, to_disk: bool, seed: int, cache_dir: str | 
         pixels.append(torch.from_numpy(image.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0))
         masks.append(mask)
     batch = torch.stack(pixels).to(device)
-    noise, flipped_noise = _posterior_noise(chunk, ae.params.z_channels, batch.shape[2] // 8, batch.shape[3] // 8,
-                                            seed)
+    stride = latent_stride(ae)
+    noise, flipped_noise = _posterior_noise(chunk, ae.params.z_channels, batch.shape[2] // stride,
+                                            batch.shape[3] // stride, seed)
     with torch.no_grad():
         latents = ae.encode(batch, noise=noise.to(device)).float().cpu().numpy()
         flipped = None
@@ -147,5 +166,5 @@ def _write(path: Path, item: ImageItem, entry: dict) -> None:
     write_npz(path, arrays)
 
 
-__all__ = ["LATENT_STRIDE", "Progress", "cache_latents", "check_latent_caching", "is_cached", "latent_npz_path",
-           "read_entry"]
+__all__ = ["LATENT_STRIDE", "Progress", "cache_latents", "check_cache_names", "check_latent_caching", "is_cached",
+           "latent_npz_path", "read_entry"]
