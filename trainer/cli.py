@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .cli_config_file import read_config_file, write_config_file
+from .cli_help import describe_options
 from .cli_options import CHOICES, NO_EFFECT, NO_EFFECT_DEFAULTS, OURS_TITLE, REFUSED, SD_SCRIPTS_GROUPS
 from .config import FlowConfig, LoRAConfig, TrainConfig
 from .config.train import DYNAMO_BACKENDS, RESIZE_INTERPOLATIONS
@@ -148,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name not in placed:
             _add(ours, name, fields)
             placed.add(name)
-    return p
+    return describe_options(p)
 
 
 def parse_command_line(argv: list[str] | None, warn=print) -> argparse.Namespace:
@@ -239,29 +240,23 @@ def config_with_memory_plan(ns: argparse.Namespace, warn=print) -> TrainConfig:
     """--memory auto: the plan's fields for every option the command line leaves unset; the plan's explanation goes
     to `warn` (as information)."""
     from .config import resolve_datasets
-    from .config.memory_plan import TransformerSize, drop_impossible_caches, plan_memory
+    from .config.memory_auto import auto_memory
+    from .config.memory_plan import TransformerSize
     from .models import read_flux_params
 
     if getattr(ns, "split_mode", False) and not hasattr(ns, "blocks_to_swap"):
         ns.blocks_to_swap = 18  # the deprecated flag's count is the user's, not the plan's
         del ns.split_mode
         warn("--split_mode is deprecated: using --blocks_to_swap 18")
-    given = set(vars(ns))
     draft = config_from_args(ns, warn=lambda text: None)
-    datasets = resolve_datasets(draft)
-    largest = max(datasets, key=lambda d: d.resolution[0] * d.resolution[1] * d.batch_size)
+    given = {name: getattr(draft, name) for name in vars(ns) if hasattr(draft, name)}
     device_type, free = free_device_memory(draft.device)
-    no_fp8 = bool(draft.base_weights) or ("mixed_precision" in given and draft.mixed_precision == "no")
-    plan = plan_memory(free, device_type, resolution=tuple(largest.resolution), batch_size=largest.batch_size,
-                       size=TransformerSize.of(read_flux_params(draft.pretrained_model_name_or_path)),
-                       allow_fp8=not no_fp8, allow_swap=not draft.cpu_offload_checkpointing)
-    fields = {name: value for name, value in plan.fields.items() if name not in given}
-    if draft.cpu_offload_checkpointing:
-        fields.pop("blocks_to_swap", None)
-    notes = drop_impossible_caches(fields, datasets, draft.network.train_t5xxl)
-    for line in [*plan.lines, *notes]:
+    auto = auto_memory(free, device_type, datasets=resolve_datasets(draft), given=given,
+                       train_t5xxl=draft.network.train_t5xxl,
+                       size=TransformerSize.of(read_flux_params(draft.pretrained_model_name_or_path)))
+    for line in auto.notes:
         warn(line)
-    for name, value in fields.items():
+    for name, value in auto.fields.items():
         setattr(ns, name, value)
     return config_from_args(ns, warn=warn)
 

@@ -59,14 +59,18 @@ def check(config: TrainConfig, warn=None) -> None:
 
 
 def _meta_network(config: TrainConfig):
-    """The LoRA network `config` builds on the transformer, on the meta device (the file's header gives the sizes)."""
+    """The LoRA network `config` builds on the transformer (and on T5-XXL with train_t5xxl), on the meta device (the
+    files' headers give the sizes)."""
     import torch
 
     from .lora import LoRANetwork
     from .models.flux import Flux
+    from .models.text_encoders import t5_encoder_on_meta
 
+    t5 = t5_encoder_on_meta(config.t5xxl) if config.network.train_t5xxl else None
     with torch.device("meta"):
-        return LoRANetwork.create(config.network, Flux(read_flux_params(config.pretrained_model_name_or_path)))
+        return LoRANetwork.create(config.network, Flux(read_flux_params(config.pretrained_model_name_or_path)),
+                                  t5=t5)
 
 
 def _check_optimizer_args(config: TrainConfig, optimizer: str) -> None:
@@ -216,7 +220,8 @@ def _check_resume_state(config: TrainConfig, optimizer: str, network) -> None:
     config builds (the transformer's layers; with --dim_from_weights the loop checks them)."""
     from .checkpoint import network_shapes
 
-    expected = None if (config.network_weights and config.dim_from_weights) else network_shapes(network)
+    expected = None if (config.network_weights and config.dim_from_weights) else {
+        name: shape for name, shape in network_shapes(network).items() if name.startswith("lora_unet_")}
     check_state_folder(Path(config.resume), expected, optimizer=optimizer, scope="lora_unet_")
 
 
