@@ -1,11 +1,13 @@
 """Memory node: gradient checkpointing, block swap, CPU-offloaded checkpointing, fp8 base, and where latents and
 text-encoder outputs are cached; or `auto`, which the train node plans from the free VRAM after it has unloaded
-ComfyUI's models (the guide's 24/16/12/10/8 GB table, explained on the node)."""
+ComfyUI's models (the guide's 24/16/12/10/8 GB table and the host memory block swap pins, explained on the node);
+with `auto` a run that runs out of memory goes on from its last good step one setting leaner."""
 
 from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..trainer.config.memory_plan import available_host_bytes
 from .common import CATEGORY, PREFIX, Memory, node_errors
 from .paths import CACHE_FOLDER, OUR_FOLDER
 from .translate import CACHE_MODES, MEMORY_MODES, cache_mode, memory_fields, plan_memory, recommended
@@ -22,7 +24,9 @@ class FluxLoraTrainerMemory(io.ComfyNode):
             inputs=[
                 io.Combo.Input("mode", options=list(MEMORY_MODES), default="manual",
                                tooltip="auto: the train node measures the free VRAM after unloading ComfyUI's "
-                                       "models and picks the settings below itself (shown on the train node)."),
+                                       "models and picks the settings below itself (shown on the train node); if "
+                                       "training still runs out of memory it goes on from the last good step with "
+                                       "more blocks swapped, then fp8, and says so."),
                 io.Boolean.Input("gradient_checkpointing", default=rec.gradient_checkpointing,
                                  tooltip="Recompute activations in the backward pass: far less memory, ~25% slower."),
                 io.Int.Input("blocks_to_swap", default=rec.blocks_to_swap or 0, min=0, max=35,
@@ -73,7 +77,9 @@ def _auto_preview() -> str:
         import comfy.model_management as mm
 
         device = mm.get_torch_device()
-        plan = plan_memory(mm.get_free_memory(device), getattr(device, "type", str(device)))
+        device_type = getattr(device, "type", str(device))
+        plan = plan_memory(mm.get_free_memory(device), device_type,
+                           host_free_bytes=available_host_bytes() if device_type == "cuda" else None)
     except Exception as e:  # a preview only: the train node's plan is the one that counts
         return f"auto: planned by the train node ({e})"
     return plan.text() + "\n(measured now; the train node measures again after unloading ComfyUI's models)"

@@ -5,6 +5,9 @@ and outputs the LoRA as ComfyUI's LORA_MODEL, its file name, a loss curve and th
 Files: the run writes into `<ComfyUI output>/flux_lora_trainer/<output_name>/` (LoRA, states, previews, metrics),
 disk caches into `<ComfyUI output>/flux_lora_trainer/cache/`; output names that could leave those folders are
 refused. Re-queuing the same graph does not train again: ComfyUI reuses the cached outputs while no input changes.
+Out of memory ends the prompt with the core's one message (where, what was resident, what to change), the LoRA and
+a resumable state of the last good step saved and the GPU memory given back; with the memory node's `auto` the run
+goes on one setting leaner instead.
 """
 
 from __future__ import annotations
@@ -146,7 +149,7 @@ class FluxLoraTrainerTrain(io.ComfyNode):
         for note in plan.notes:
             reporter.emit(Message(note))
         try:
-            result = train(plan.config, reporter)
+            result = train(plan.config, reporter, step_down=auto)  # auto: out of memory steps down
         except Stopped as e:
             if reporter.cancelled:
                 mm.interrupt_current_processing(True)

@@ -99,3 +99,86 @@ def test_estimate_follows_the_slots_cap_of_block_swap():
         plan = swap_plan(n, 19, 38, SWAP_SLOTS)
         resident_slots = (min(SWAP_SLOTS, plan.double), min(SWAP_SLOTS, plan.single))
         assert swapped_blocks(n, FLUX_DEV) == (plan.double - resident_slots[0], plan.single - resident_slots[1]), n
+
+
+# ------------------------------------------------------------------------------------------ host RAM, out of memory
+
+def test_block_swap_pins_what_the_issue_measures_and_the_plan_says_so():
+    from trainer.config.memory_plan import GIB, pinned_host_bytes, plan_memory
+
+    assert pinned_host_bytes(35) / 1e9 == pytest.approx(22.7, abs=0.05)
+    assert pinned_host_bytes(35, fp8=True) / 1e9 == pytest.approx(11.4, abs=0.05)
+    assert pinned_host_bytes(0) == pinned_host_bytes(None) == 0
+    plan = plan_memory(8 * GIB, "cuda", host_free_bytes=64 * GIB)
+    swap = plan.fields["blocks_to_swap"]
+    assert swap and f"block swap pins {pinned_host_bytes(swap, True) / GIB:.1f} GiB of host memory (64.0 GiB " \
+                   "available)" in plan.text()
+
+
+def test_the_plan_never_pins_more_host_memory_than_is_free():
+    from trainer.config.memory_plan import GIB, pinned_host_bytes, plan_memory
+
+    unlimited = plan_memory(8 * GIB, "cuda")
+    host = pinned_host_bytes(unlimited.fields["blocks_to_swap"], True) - 1  # one byte short of that plan's swap
+    plan = plan_memory(8 * GIB, "cuda", host_free_bytes=host)
+    assert plan.fields["blocks_to_swap"] < unlimited.fields["blocks_to_swap"]
+    assert pinned_host_bytes(plan.fields["blocks_to_swap"], plan.fields["fp8_base"]) <= host
+
+
+def test_available_host_bytes_reads_memavailable(tmp_path):
+    from trainer.config.memory_plan import available_host_bytes
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       32000000 kB\nMemFree:         1000000 kB\nMemAvailable:   12345678 kB\n")
+    assert available_host_bytes(str(meminfo)) == 12345678 * 1024
+    assert available_host_bytes(str(tmp_path / "absent")) is None
+
+
+def test_a_swap_count_whose_pinned_memory_does_not_fit_is_refused_naming_the_numbers():
+    from trainer.config.memory_plan import GIB, check_pinned_host_memory, pinned_host_bytes
+    from trainer.errors import ConfigError
+
+    available = 16 * GIB
+    with pytest.raises(ConfigError, match=r"blocks_to_swap 35: block swap pins 21\.2 GiB of host memory .* and "
+                                          r"16\.0 GiB is available \(MemAvailable\): --blocks_to_swap (\d+) fits, "
+                                          r"--fp8_base halves it"):
+        check_pinned_host_memory(35, False, FLUX_DEV, "cuda", available)
+    check_pinned_host_memory(35, True, FLUX_DEV, "cuda", available)  # 10.6 GiB in fp8: fits
+    check_pinned_host_memory(35, False, FLUX_DEV, "cpu", 1)  # nothing is pinned on the CPU
+    try:
+        check_pinned_host_memory(35, False, FLUX_DEV, "cuda", available)
+    except ConfigError as e:
+        fitting = int(str(e).split("--blocks_to_swap ")[1].split()[0])
+    assert pinned_host_bytes(fitting) <= available < pinned_host_bytes(fitting + 1)
+
+
+def test_step_down_swaps_more_blocks_then_turns_on_fp8():
+    from trainer.config.memory_plan import GIB, pinned_host_bytes, step_down
+
+    ladder, swap, fp8 = [], None, False
+    while (change := step_down(swap, fp8)) is not None:
+        fields, text = change
+        ladder.append(text)
+        swap, fp8 = fields.get("blocks_to_swap", swap), fields.get("fp8_base", fp8)
+    assert ladder == ["--blocks_to_swap 8 (was 0)", "--blocks_to_swap 16 (was 8)", "--blocks_to_swap 22 (was 16)",
+                      "--blocks_to_swap 28 (was 22)", "--blocks_to_swap 35 (was 28)",
+                      "--fp8_base (the transformer's weights in fp8)"]
+    assert step_down(None, False, allow_swap=False)[0] == {"fp8_base": True}
+    assert step_down(8, True, allow_fp8=False)[0] == {"blocks_to_swap": 16}
+    assert step_down(35, False, allow_fp8=False) is None
+    room = pinned_host_bytes(16) + GIB // 2  # 22 blocks would not fit the host
+    assert step_down(16, False, host_free_bytes=room)[0] == {"fp8_base": True}
+
+
+def test_after_out_of_memory_the_plan_names_the_next_settings():
+    from trainer.config.memory_plan import GIB, estimate_peak_gib, leaner_options
+
+    text = leaner_options(15.6 * GIB, 0, False)
+    swap = int(text.split("--blocks_to_swap ")[1].split(",")[0])
+    assert text == f"at 1024² on 15.6 GiB free: --blocks_to_swap {swap}, or --fp8_base"
+    assert estimate_peak_gib(FLUX_DEV, False, swap) <= 15.6 - 0.8 < estimate_peak_gib(FLUX_DEV, False, swap - 1)
+    assert leaner_options(None, 0, False) == "at 1024²: --blocks_to_swap 8, or --fp8_base"
+    assert leaner_options(None, 8, True, resolution=(768, 512), batch_size=2) == \
+        "at 768x512, batch 2: --blocks_to_swap 16"
+    assert "--fp8_base with --blocks_to_swap" in leaner_options(9 * GIB, 0, False)
+    assert "a lower resolution or batch size" in leaner_options(4 * GIB, 35, True)

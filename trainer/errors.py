@@ -57,3 +57,13 @@ class NonFiniteError(TrainerError):
 class SaveError(TrainerError, OSError):
     """A file could not be written; the previous file of that name is intact. Also an OSError, so code that guards
     a write with `except OSError` still catches it."""
+
+
+class OutOfMemoryError(TrainerError):
+    """The device ran out of memory. The message says in which phase and step, what was resident, peak and free
+    memory, and the setting to change; the LoRA and a resumable state of the last good step are on disk (`lora`,
+    `state`) when a step was trained, and the device memory was given back."""
+
+    def __init__(self, message: str, *, phase: str = "", step: int = 0, lora=None, state=None, seed: int | None = None):
+        super().__init__(message)
+        self.phase, self.step, self.lora, self.state, self.seed = phase, step, lora, state, seed

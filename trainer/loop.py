@@ -2,8 +2,10 @@
 
 `train` owns what a host process shares with it: it runs with inference mode off and gradients on, leaves the
 global random states as it found them, never picks a CUDA device itself when one is given, and on every way out
-(finished, stopped, failed) detaches the LoRA, drops every model and frees the memory. `Loop` is the run itself:
-epochs -> batches -> step -> optimizer -> the cadence of saves and previews.
+(finished, stopped, failed) detaches the LoRA, releases the block runner, drops every model and frees the memory.
+Out of memory in any phase is an `OutOfMemoryError` that says what to change, with the last good step saved
+(`oom.py`); with `step_down` (`--memory auto`) the run goes on one setting leaner instead. `Loop` is the run
+itself: epochs -> batches -> step -> optimizer -> the cadence of saves and previews.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from . import memory, oom
 from .checkpoint import (
     Position,
     capture_rng,
@@ -30,9 +33,9 @@ from .checkpoint import (
 )
 from .config import TrainConfig, canonical_optimizer
 from .distributed import init_world, pick_device
-from .errors import ConfigError, NonFiniteError, Stopped
+from .errors import ConfigError, NonFiniteError, OutOfMemoryError, Stopped
 from .events import EpochEnd, Finished, GroupLR, Message, Reporter, Samples, Saved, StepEnd, ValidationEnd
-from .lora.max_norm import MaxNormResult, scale_weight_norms
+from .lora.max_norm import CappedNorms, MaxNormResult, cap_weight_norms
 from .metrics import Fanout, MetricsLog, check_trackers
 from .optim import optimizer_eval_mode, optimizer_train_mode
 from .preflight import check
@@ -40,33 +43,56 @@ from .sampling import generate, sample_filename, with_seed
 from .saving import SAVE_DTYPES, LoRAWriter
 from .session import Session, prepare
 from .step import StepContext, TrainStep
+from .step_checks import all_finite, gradient_norm, read_back
 from .validation import Validator
 
 
-def train(config: TrainConfig, reporter: Reporter) -> Finished:
+def train(config: TrainConfig, reporter: Reporter, *, step_down: bool = False) -> Finished:
     """Train the LoRA `config` describes; events go to `reporter`, which is asked `should_stop()` wherever time is
-    spent. Returns the result (also emitted as the last event). A stop before the first step raises `Stopped`."""
+    spent. Returns the result (also emitted as the last event). A stop before the first step raises `Stopped`; out
+    of memory raises `OutOfMemoryError`, or with `step_down` continues from the last good step one setting leaner
+    (more blocks swapped, then the fp8 base), saying what it changed, until nothing leaner is left."""
     for note in config.advice():
         reporter.emit(Message(note, "warning"))
     check(config)  # cheap file reads: bad input fails here, before any model loads
     check_trackers(config)
+    while True:
+        try:
+            return _train_once(config, reporter)
+        except OutOfMemoryError as e:
+            leaner = oom.leaner_config(config, e) if step_down else None
+            if leaner is None:
+                raise
+            config, change = leaner
+            reporter.emit(Message(change, "warning"))
+
+
+def _train_once(config: TrainConfig, reporter: Reporter) -> Finished:
     device = pick_device(config.device)
     python_rng = random.getstate()
     cuda_devices = [device.index or 0] if device.type == "cuda" else []
     session = loop = metrics = None
+    where = oom.Where()
+    failed = False
     try:
         with torch.random.fork_rng(devices=cuda_devices), torch.inference_mode(False), torch.enable_grad():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)  # an out-of-memory message reports this run's peak
             world = init_world(device, config.ddp_timeout)
             if world.is_main:
                 metrics = MetricsLog.from_config(config, reporter.emit)
             events = Fanout(reporter, metrics)
-            session = prepare(config, events, world, device)
-            loop = Loop(session, events)
-            loop.start()
-            if metrics is not None:  # the steps from here on are trained (and logged) again; a new run logs them all
-                metrics.truncate_after(loop.position.global_step)
-            return loop.run()
+            try:
+                session = prepare(config, events, world, device, where)
+                loop = Loop(session, events, where)
+                loop.start()
+                if metrics is not None:  # the steps from here on are trained (and logged) again; a new run logs all
+                    metrics.truncate_after(loop.position.global_step)
+                return loop.run()
+            except torch.OutOfMemoryError as e:
+                raise oom.handled(e, where, config, device, session, loop) from None
     except BaseException as e:
+        failed = True
         traceback.clear_frames(e.__traceback__)  # the traceback stays readable but no longer holds the models
         raise
     finally:
@@ -75,13 +101,26 @@ def train(config: TrainConfig, reporter: Reporter) -> Finished:
             metrics.close()
         if session is not None:
             session.network.detach()
-            session.flux.block_runner = None  # the runner's slots and host copies go with the model, not back into it
+            _release_block_runner(session.flux, failed)
         session = loop = None
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
             if hasattr(torch, "accelerator") and hasattr(torch.accelerator, "empty_host_cache"):
                 torch.accelerator.empty_host_cache()  # block swap's pinned host copies
+
+
+def _release_block_runner(flux: torch.nn.Module, failed: bool) -> None:
+    """Release the runner instead of dropping it: block swap waits for copies in flight on its side stream before
+    its slots and pinned host copies are freed, also after a failed step. A failure to release while the run is
+    already failing must not hide why it failed."""
+    try:
+        memory.teardown(flux)
+    except Exception:
+        if not failed:
+            raise
+    finally:
+        flux.block_runner = None
 
 
 def previews_due(config: TrainConfig, step: int | None = None, epoch: int | None = None) -> bool:
@@ -103,9 +142,10 @@ class Fp16GradScaler(torch.amp.GradScaler):
 
 
 class Loop:
-    def __init__(self, session: Session, reporter: Reporter):
+    def __init__(self, session: Session, reporter: Reporter, where: oom.Where | None = None):
         self.session = session
         self.reporter = reporter
+        self.where = where or oom.Where()
         self.config = session.config
         self.step_module = TrainStep(StepContext(
             flux=session.flux, network=session.network, flow=self.config.flow, seed=session.seed,
@@ -130,6 +170,7 @@ class Loop:
         self.last_sampled: int | None = None
         self.nonfinite_steps = 0
         self.max_norm: MaxNormResult | None = None
+        self._gradient_norm: torch.Tensor | None = None
         self._started = False
 
     # ------------------------------------------------------------------------------------------ state
@@ -229,6 +270,7 @@ class Loop:
         s.flux.train()
         s.network.train()
         optimizer_train_mode(s.optimizer)
+        self.where.enter("step", "training")
         stopped = False
         for epoch in range(self.position.epoch, s.epochs):
             s.datasets.set_epoch(epoch)
@@ -247,7 +289,7 @@ class Loop:
     def _train_epoch(self, epoch: int) -> bool:
         """Train from `position.next_batch` to the end of the epoch (or the last step); True if asked to stop."""
         s, accumulation = self.session, self.config.gradient_accumulation_steps
-        micro, micro_losses, paths = 0, 0.0, []
+        micro, micro_losses, paths = 0, [], []
         for index in range(self.position.next_batch, len(s.datasets)):
             sync = (micro + 1) % accumulation == 0 or index == len(s.datasets) - 1
             step = self.position.global_step
@@ -255,24 +297,24 @@ class Loop:
             no_sync = self.ddp_step.no_sync() if (s.world.enabled and not sync) else contextlib.nullcontext()
             with no_sync:
                 loss = self.ddp_step(batch, step)
+                oom.inject("step", step + 1)
                 scaled = loss / accumulation
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            micro_losses += loss.detach().item()
+            micro_losses.append(loss.detach())
             paths += batch.paths
             micro += 1
             if not sync:
                 continue
-            finite = self._gradients_finite(micro_losses)
+            total, finite = self._read_step(micro_losses)
             if finite:
-                self._optimizer_step()
-                self._check_weights_finite(micro_losses / micro)
+                self._check_weights_finite(total / micro, self._optimizer_step())
             self.position.global_step += 1
             self.position.next_batch = index + 1
             if not finite:
-                self._skip_nonfinite(micro_losses / micro, paths)
+                self._skip_nonfinite(total / micro, paths)
             else:
-                self._report_step(micro_losses / micro, epoch)
-            micro, micro_losses, paths = 0, 0.0, []
+                self._report_step(total / micro, epoch)
+            micro, micro_losses, paths = 0, [], []
             if self.reporter.should_stop():
                 return True  # saving is left to `_finish`, and no previews are rendered
             self._step_cadence(epoch)
@@ -280,18 +322,23 @@ class Loop:
                 return False
         return False
 
-    def _gradients_finite(self, loss: float) -> bool:
-        """The step's loss and gradients are finite on every process (with fp16 loss scaling an overflow is the
-        scaler's to handle: it skips that step and lowers the scale)."""
-        finite = math.isfinite(loss)
-        if finite and self.scaler is None:
-            grads = [p.grad for g in self.session.optimizer.param_groups for p in g["params"] if p.grad is not None]
-            finite = not grads or bool(torch.isfinite(torch.stack([g.float().abs().sum() for g in grads]).sum()))
-        return not self.session.world.any(not finite, self.session.device)
+    def _read_step(self, losses: list[torch.Tensor]) -> tuple[float, bool]:
+        """The step's one read from the device: the sum of its micro-batch losses, and whether they and the
+        gradients are finite on every process (with fp16 loss scaling an overflow is the scaler's to handle: it
+        skips that step and lowers the scale). The gradients' norm is kept for clipping."""
+        self._gradient_norm = gradient_norm(self.session.optimizer) if self.scaler is None else None
+        *values, norm = read_back([*losses, self._gradient_norm])
+        total = sum(values)
+        finite = math.isfinite(total) and (norm is None or math.isfinite(norm))
+        return total, not self.session.world.any(not finite, self.session.device)
 
-    def _check_weights_finite(self, loss: float) -> None:
-        weights = [p.detach().float().abs().sum() for p in self.session.network.parameters()]
-        if weights and not torch.isfinite(torch.stack(weights).sum()):
+    def _check_weights_finite(self, loss: float, capped: CappedNorms | None) -> None:
+        """The optimizer step's one read: whether the LoRA weights are finite, and the max-norm figures."""
+        flag = all_finite(list(self.session.network.parameters()))
+        finite, figures = read_back([flag, capped.values() if capped is not None else None])
+        if figures is not None:
+            self.max_norm = MaxNormResult.from_values(figures)
+        if finite is not None and not finite:
             lr = self.config.learning_rate
             raise NonFiniteError(f"step {self.position.global_step + 1}: the LoRA weights became NaN or infinite in "
                                  f"the optimizer step (loss {loss:.4g}); the learning rate ({lr:g}) is likely far too "
@@ -318,12 +365,16 @@ class Loop:
                              "saved, and the files saved before this step are kept. --skip_nonfinite_steps N skips "
                              "up to N such steps.")
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self) -> CappedNorms | None:
+        """Clip, step, schedule; the max-norm cap's figures stay on the device for `_check_weights_finite`."""
         cfg, s = self.config, self.session
+        self.where.optimizer_step = True  # from here until the step's end the weights and optimizer state change
         params = [p for group in s.optimizer.param_groups for p in group["params"]]
         if self.scaler is not None:
             self.scaler.unscale_(s.optimizer)
-        if cfg.max_grad_norm > 0:
+        if cfg.max_grad_norm > 0 and self._gradient_norm is not None:  # the norm `_read_step` computed
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, self._gradient_norm)
+        elif cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         if self.scaler is not None:
             self.scaler.step(s.optimizer)
@@ -332,8 +383,10 @@ class Loop:
             s.optimizer.step()
         s.scheduler.step()
         s.optimizer.zero_grad(set_to_none=True)
-        if cfg.scale_weight_norms:
-            self.max_norm = scale_weight_norms(s.network, cfg.scale_weight_norms)
+        self._gradient_norm = None
+        capped = cap_weight_norms(s.network, cfg.scale_weight_norms) if cfg.scale_weight_norms else None
+        self.where.optimizer_step = False
+        return capped
 
     def _average_loss(self) -> float:
         """sd-scripts' average: over the steps of the last epoch's length (all steps so far in the first epoch)."""
@@ -371,17 +424,21 @@ class Loop:
 
     def _validate(self, epoch_number: int, per_epoch: bool) -> None:
         """The held-out loss at fixed timesteps and noise, on every process (each computes its share)."""
-        loss = self.validator.loss()
+        with self.where.doing("validation", "computing the validation loss"):
+            oom.inject("validation", self.position.global_step)
+            loss = self.validator.loss()
         self.reporter.emit(ValidationEnd(self.position.global_step, epoch_number, loss, per_epoch=per_epoch))
 
     def _step_saves_and_previews(self, epoch: int) -> None:
         """Saves and previews every N steps."""
         cfg, step = self.config, self.position.global_step
         if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0:  # the last step too, as sd-scripts
-            self.writer.save_step(step, epoch + 1, self.reporter)
-            if cfg.save_state:
-                self.save_state(self.writer.state_folder_for_step(step))
-                self.writer.rotate_states_for_step(step)
+            with self.where.doing("saving", "saving the LoRA"):
+                oom.inject("saving", step)
+                self.writer.save_step(step, epoch + 1, self.reporter)
+                if cfg.save_state:
+                    self.save_state(self.writer.state_folder_for_step(step))
+                    self.writer.rotate_states_for_step(step)
         if previews_due(cfg, step=step):
             self._sample(step=step)
 
@@ -400,10 +457,11 @@ class Loop:
 
     def _epoch_saves_and_previews(self, number: int, final: bool, cfg: TrainConfig, every: int | None) -> None:
         if every and number % every == 0 and not final:
-            self.writer.save_epoch(number, self.position.global_step, self.reporter)
-            if cfg.save_state:
-                self.save_state(self.writer.state_folder_for_epoch(number))
-                self.writer.rotate_states_for_epoch(number)
+            with self.where.doing("saving", "saving the LoRA"):
+                self.writer.save_epoch(number, self.position.global_step, self.reporter)
+                if cfg.save_state:
+                    self.save_state(self.writer.state_folder_for_epoch(number))
+                    self.writer.rotate_states_for_epoch(number)
         if previews_due(cfg, epoch=number):
             self._sample(epoch=number)
 
@@ -414,11 +472,7 @@ class Loop:
     def _finish(self, stopped: bool) -> Finished:
         """Save first (the LoRA is safe before any slow preview), then the previews of the finished LoRA."""
         s, step = self.session, self.position.global_step
-        optimizer_eval_mode(s.optimizer)  # the LoRA saved from here on is the schedule-free evaluation point
-        epochs_seen = self.position.epoch + (1 if self.position.next_batch else 0)
-        path = self.writer.save_final(step, epochs_seen, self.reporter)
-        if self._saves_final_state(stopped):
-            self.save_state(self.writer.final_state_folder())
+        path = self._save_final_files(stopped)
         state_dict = None
         if s.world.is_main:
             dtype = SAVE_DTYPES[self.config.save_precision]
@@ -431,6 +485,32 @@ class Loop:
                             self.writer.last_metadata if s.world.is_main else None)
         self.reporter.emit(finished)
         return finished
+
+    def _save_final_files(self, stopped: bool) -> Path | None:
+        """The LoRA of the last step, and the resumable state a stopped run (or --save_state) keeps."""
+        optimizer_eval_mode(self.session.optimizer)  # the LoRA saved from here on is the schedule-free evaluation point
+        epochs_seen = self.position.epoch + (1 if self.position.next_batch else 0)
+        with self.where.doing("saving", "saving the LoRA"):
+            path = self.writer.save_final(self.position.global_step, epochs_seen, self.reporter)
+            if self._saves_final_state(stopped):
+                self.save_state(self.writer.final_state_folder())
+        return path
+
+    def save_after_out_of_memory(self, where: oom.Where) -> tuple[Path | None, Path | None, str]:
+        """After out of memory, what a stop saves: the LoRA and a resumable state of the last good step. Returns
+        (LoRA, state folder, why nothing was saved)."""
+        step = self.position.global_step
+        if where.optimizer_step:
+            return None, None, (f"the optimizer step after step {step} was cut short, so the weights are half "
+                                "updated; the files saved before are kept")
+        if step == 0:
+            return None, None, "no step was trained yet"
+        self.session.optimizer.zero_grad(set_to_none=True)  # the failed step's partial gradients
+        try:
+            lora = self._save_final_files(stopped=True)
+        except torch.OutOfMemoryError:
+            return None, None, "saving ran out of memory too; the files saved before are kept"
+        return lora, self.writer.final_state_folder() if self.session.world.is_main else None, ""
 
     # ------------------------------------------------------------------------------------------ previews
 
@@ -452,7 +532,9 @@ class Loop:
                 if self.reporter.should_stop():
                     break
                 prompt = with_seed(prompt, s.seed + prompt.index)
-                image = generate(s.flux, s.ae, cond, prompt, negative, s.device, s.weight_dtype)
+                with self.where.doing("previews", "rendering previews"):
+                    oom.inject("previews", self.position.global_step)
+                    image = generate(s.flux, s.ae, cond, prompt, negative, s.device, s.weight_dtype)
                 path = folder / sample_filename(self.config.output_name, prompt.index, prompt.seed, epoch=epoch,
                                                 step=step if epoch is None else None)
                 image.save(path)

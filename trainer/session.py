@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from . import data, fp8, memory
+from . import data, fp8, memory, oom
 from .config import TrainConfig, resolve_datasets
 from .distributed import World
 from .errors import ConfigError, Stopped
@@ -69,12 +69,16 @@ def dataset_configs(config: TrainConfig, world: World) -> list[data.DatasetConfi
 
 class _StopCheck:
     """Raises `Stopped` when the front end asks to stop before training began (caches written so far are complete
-    files and are reused next time)."""
+    files and are reused next time); keeps `where` (what an out-of-memory message reports) up to date."""
 
-    def __init__(self, reporter: Reporter):
+    def __init__(self, reporter: Reporter, where: oom.Where | None = None):
         self.reporter = reporter
+        self.where = where or oom.Where()
 
     def __call__(self, phase: str) -> None:
+        self.where.enter("caching" if phase.startswith("caching") else "loading", phase)
+        if phase.startswith(("loading", "caching")):
+            oom.inject(self.where.kind, 0)
         if self.reporter.should_stop():
             raise Stopped(f"stopped while {phase}: nothing was trained or saved; caches written so far are kept and "
                           "reused by the next run")
@@ -84,7 +88,8 @@ class _StopCheck:
         self(phase)
 
 
-def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch.device) -> Session:
+def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch.device,
+            where: oom.Where | None = None) -> Session:
     seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
     if config.seed is None:
         reporter.emit(Message(f"no --seed given: using {seed}"))
@@ -99,7 +104,7 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
         raise ConfigError("module_dropout with several processes needs DDP to find unused LoRA layers, which the "
                           "per-block backward of block swap and CPU-offloaded checkpointing does not allow: drop "
                           "module_dropout, or train on one process")
-    stop = _StopCheck(reporter)
+    stop = _StopCheck(reporter, where)
     stop("reading the datasets")
     reporter.emit(Phase("reading the datasets"))
     configs = dataset_configs(config, world)

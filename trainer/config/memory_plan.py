@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import ConfigError
+
 GIB = 2**30
 # what training adds at batch 1 with gradient checkpointing, in GiB: FIXED + PER_MEGAPIXEL_SQUARE · (w·h / 1024²)
 FIXED_GIB = 1.43
@@ -65,13 +67,55 @@ def swapped_blocks(blocks_to_swap: int, size: TransformerSize, slots: int = SWAP
     N // 2 double and (N - N // 2) · 2 single blocks; trainer/block_swap.py streams `slots` more of each kind through
     that many device slots (at most all blocks but one of a kind), so the device holds what it holds in sd-scripts
     except where that cap bites (the top counts)."""
-    freed = []
+    return tuple(max(streamed - min(slots, streamed), 0) for streamed in streamed_blocks(blocks_to_swap, size, slots))
+
+
+def streamed_blocks(blocks_to_swap: int, size: TransformerSize, slots: int = SWAP_SLOTS) -> tuple[int, int]:
+    """The blocks block swap streams through its slots, per kind: each has its weights in host memory."""
+    streamed = []
     for wanted, most, count in ((blocks_to_swap // 2, 17, size.double_count),
                                 ((blocks_to_swap - blocks_to_swap // 2) * 2, 36, size.single_count)):
         wanted = min(wanted, most)
-        streamed = min(wanted + slots, count - 1) if wanted else 0
-        freed.append(max(streamed - min(slots, streamed), 0))
-    return freed[0], freed[1]
+        streamed.append(min(wanted + slots, count - 1) if wanted else 0)
+    return streamed[0], streamed[1]
+
+
+def pinned_host_bytes(blocks_to_swap: int | None, fp8: bool = False, size: TransformerSize = FLUX_DEV) -> int:
+    """The host memory block swap pins: the weights of every block it streams, at 2 bytes a weight (1 in fp8).
+    FLUX.1-dev with 35 blocks swapped: 22.7 GB in bf16, 11.4 GB in fp8."""
+    double, single = streamed_blocks(blocks_to_swap or 0, size)
+    return (double * size.double_block + single * size.single_block) * (1 if fp8 else 2)
+
+
+def available_host_bytes(meminfo: str = "/proc/meminfo") -> int | None:
+    """The host memory a new allocation can get without swapping (the kernel's MemAvailable); None where the
+    kernel does not say (not Linux)."""
+    try:
+        with open(meminfo, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_pinned_host_memory(blocks_to_swap: int | None, fp8: bool, size: TransformerSize,
+                             device_type: str = "cuda", available: int | None = None) -> None:
+    """Refuse --blocks_to_swap N before anything loads when the host memory it pins is not free (`available`:
+    MemAvailable unless given). On the CPU nothing is pinned."""
+    if not blocks_to_swap or device_type != "cuda":
+        return
+    available = available_host_bytes() if available is None else available
+    pinned = pinned_host_bytes(blocks_to_swap, fp8, size)
+    if available is None or pinned <= available:
+        return
+    fitting = max((n for n in range(1, blocks_to_swap) if pinned_host_bytes(n, fp8, size) <= available), default=0)
+    raise ConfigError(f"blocks_to_swap {blocks_to_swap}: block swap pins {pinned / GIB:.1f} GiB of host memory for "
+                      f"the swapped blocks' {'fp8' if fp8 else 'bf16'} weights, and {available / GIB:.1f} GiB is "
+                      "available (MemAvailable): "
+                      + (f"--blocks_to_swap {fitting} fits, " if fitting else "")
+                      + ("" if fp8 else "--fp8_base halves it, ") + "or free host memory")
 
 
 def estimate_peak_gib(size: TransformerSize = FLUX_DEV, fp8: bool = False, blocks_to_swap: int = 0,
@@ -113,10 +157,11 @@ MAX_SWAP = 35
 
 def plan_memory(free_bytes: float, device_type: str = "cuda", *, resolution: tuple[int, int] = (1024, 1024),
                 batch_size: int = 1, size: TransformerSize = FLUX_DEV, allow_fp8: bool = True,
-                allow_swap: bool = True) -> MemoryPlan:
+                allow_swap: bool = True, host_free_bytes: float | None = None) -> MemoryPlan:
     """The fastest settings whose estimated peak fits the free memory, and why. `allow_fp8` / `allow_swap` False
     leave out what the user's other options rule out (base_weights or no mixed precision; CPU-offloaded
-    checkpointing)."""
+    checkpointing). With `host_free_bytes` (available_host_bytes(): what the host, or ComfyUI's process, leaves) no
+    block-swap count whose pinned host memory exceeds it is picked."""
     gib = free_bytes / 2**30
     base = {"gradient_checkpointing": True, "cpu_offload_checkpointing": False, "blocks_to_swap": None,
             "cache_latents": True, "cache_latents_to_disk": False, "cache_text_encoder_outputs": True,
@@ -131,6 +176,8 @@ def plan_memory(free_bytes: float, device_type: str = "cuda", *, resolution: tup
     candidates = [(fp8, 0) for fp8 in fp8_choices]
     if allow_swap:
         candidates += [(fp8_choices[-1], n) for n in range(1, MAX_SWAP + 1)]
+    candidates = [(fp8, n) for fp8, n in candidates
+                  if host_free_bytes is None or pinned_host_bytes(n, fp8, size) <= host_free_bytes]
     chosen = next(((fp8, n) for fp8, n in candidates
                    if estimate_peak_gib(size, fp8, n, resolution, batch_size) <= budget), None)
     fits = chosen is not None
@@ -147,6 +194,9 @@ def plan_memory(free_bytes: float, device_type: str = "cuda", *, resolution: tup
              f"outputs cached in memory; estimated peak {estimate:.1f} GiB"
              + ("" if fits else ", MORE than is free: lower the resolution or batch size, or expect an out-of-memory "
                                 "error")]
+    if swap:
+        lines.append(f"block swap pins {pinned_host_bytes(swap, fp8, size) / GIB:.1f} GiB of host memory"
+                     + (f" ({host_free_bytes / GIB:.1f} GiB available)" if host_free_bytes is not None else ""))
     if row is not None:
         why = next(y for r, _, y in GUIDE_ROWS if r == row)
         lines.append(f"the guide's {row} GB row uses {why}"
@@ -173,3 +223,61 @@ def drop_impossible_caches(fields: dict, datasets, train_t5xxl: bool) -> list[st
             "T5-XXL is trained (its outputs change every step)" if train_t5xxl else
             "a dataset changes its captions every step (shuffle, dropout, warmup or wildcards)"))
     return notes
+
+
+# ------------------------------------------------------------------------------------------ after out of memory
+
+SWAP_LADDER = (8, 16, 22, 28, MAX_SWAP)  # the guide's counts (16, 12, 10, 8 GB rows), then all that can move
+
+
+def step_down(blocks_to_swap: int | None, fp8: bool, *, allow_swap: bool = True, allow_fp8: bool = True,
+              size: TransformerSize = FLUX_DEV, host_free_bytes: float | None = None) -> tuple[dict, str] | None:
+    """The next leaner setting after an out-of-memory error (`--memory auto` steps down by itself): more blocks
+    swapped (the guide's next count whose pinned host memory fits), then the fp8 base; None when nothing is left.
+    Returns (the fields to change, what changed in words)."""
+    current = blocks_to_swap or 0
+    if allow_swap:
+        more = [n for n in SWAP_LADDER if n > current
+                and (host_free_bytes is None or pinned_host_bytes(n, fp8, size) <= host_free_bytes)]
+        if more:
+            return {"blocks_to_swap": more[0]}, f"--blocks_to_swap {more[0]} (was {current})"
+    if allow_fp8 and not fp8:
+        return {"fp8_base": True}, "--fp8_base (the transformer's weights in fp8)"
+    return None
+
+
+def leaner_options(free_bytes: float | None, blocks_to_swap: int | None, fp8: bool, *,
+                   resolution: tuple[int, int] = (1024, 1024), batch_size: int = 1, size: TransformerSize = FLUX_DEV,
+                   allow_swap: bool = True, allow_fp8: bool = True, host_free_bytes: float | None = None) -> str:
+    """What to change after an out-of-memory error, as options to type: "at 1024² on 15.6 GiB free:
+    --blocks_to_swap 12, or --fp8_base". With the free memory known, the fewest swapped blocks whose estimated
+    peak fits it; else the next count of the guide's."""
+    current = blocks_to_swap or 0
+    budget = None if free_bytes is None else free_bytes / GIB - HEADROOM_GIB
+
+    def fits(fp8_: bool, n: int) -> bool:
+        return host_free_bytes is None or pinned_host_bytes(n, fp8_, size) <= host_free_bytes
+
+    def fewest(fp8_: bool, above: int) -> int | None:
+        counts = [n for n in range(above + 1, MAX_SWAP + 1) if fits(fp8_, n)]
+        if budget is not None:
+            return next((n for n in counts if estimate_peak_gib(size, fp8_, n, resolution, batch_size) <= budget),
+                        None)
+        return next((n for n in SWAP_LADDER if n in counts), None)
+
+    options = []
+    swap = fewest(fp8, current) if allow_swap else None
+    if swap is not None:
+        options.append(f"--blocks_to_swap {swap}")
+    if allow_fp8 and not fp8:
+        if budget is None or estimate_peak_gib(size, True, current, resolution, batch_size) <= budget:
+            options.append("--fp8_base")
+        elif allow_swap and (n := fewest(True, current)) is not None:
+            options.append(f"--fp8_base with --blocks_to_swap {n}")
+    if not options:
+        options.append("a lower resolution or batch size (nothing more can be swapped or stored in fp8)")
+    w, h = resolution
+    shape = f"{w}²" if w == h else f"{w}x{h}"
+    shape += f", batch {batch_size}" if batch_size > 1 else ""
+    where = f"at {shape}" + (f" on {free_bytes / GIB:.1f} GiB free" if free_bytes is not None else "")
+    return f"{where}: {', or '.join(options)}"
