@@ -122,7 +122,7 @@ class FluxLoraTrainerTrain(io.ComfyNode):
         import folder_paths
 
         from ..trainer.errors import Stopped, TrainerError
-        from ..trainer.events import Message
+        from ..trainer.events import MemoryPlanned, Message
         from ..trainer.loop import train
         from .reporter import ComfyReporter
 
@@ -148,6 +148,8 @@ class FluxLoraTrainerTrain(io.ComfyNode):
         reporter = ComfyReporter.for_node(cls.hidden.unique_id if cls.hidden else None)
         for note in plan.notes:
             reporter.emit(Message(note))
+        if plan.memory is not None:
+            reporter.emit(MemoryPlanned.of(plan.memory))
         try:
             result = train(plan.config, reporter, step_down=auto)  # auto: out of memory steps down
         except Stopped as e:

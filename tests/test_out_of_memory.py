@@ -65,9 +65,9 @@ def test_out_of_memory_in_a_step_saves_the_last_good_step_and_frees_everything(w
                                                                                 flux_refs, straight, monkeypatch):
     released, teardown = [], memory.teardown
 
-    def spy(flux):
-        released.append(flux.block_runner is not None)
-        teardown(flux)
+    def spy(flux, device=None):
+        released.append((flux.block_runner is not None, device))
+        teardown(flux, device)
 
     monkeypatch.setattr(memory, "teardown", spy)
     fault("step@3")
@@ -86,7 +86,7 @@ def test_out_of_memory_in_a_step_saves_the_last_good_step_and_frees_everything(w
     assert (error.step, error.state, error.seed) == (2, state, 3)
     gc.collect()
     assert flux_refs and all(ref() is None for ref in flux_refs), "the transformer outlived the error"
-    assert released == [True], "the block runner was dropped, not released"
+    assert released == [(True, "cpu")], "the block runner was dropped, not released (to the host: the run failed)"
 
     reporter = SilentReporter()  # the state is the last good step's: going on from it is the uninterrupted run
     result = train(config(ws, tokenizer_dirs, tmp_path / "a", max_train_steps=STEPS, resume=str(state)), reporter)

@@ -37,6 +37,8 @@ from .errors import ConfigError, NonFiniteError, OutOfMemoryError, Stopped
 from .events import EpochEnd, Finished, GroupLR, Message, Reporter, Samples, Saved, StepEnd, ValidationEnd
 from .lora.max_norm import CappedNorms, MaxNormResult, cap_weight_norms
 from .metrics import Fanout, MetricsLog, check_trackers
+from .nonfinite_diagnosis import NonFiniteFacts
+from .nonfinite_diagnosis import describe as describe_nonfinite
 from .optim import optimizer_eval_mode, optimizer_train_mode
 from .preflight import check
 from .sampling import generate, sample_filename, with_seed
@@ -54,7 +56,8 @@ def train(config: TrainConfig, reporter: Reporter, *, step_down: bool = False) -
     (more blocks swapped, then the fp8 base), saying what it changed, until nothing leaner is left."""
     for note in config.advice():
         reporter.emit(Message(note, "warning"))
-    check(config)  # cheap file reads: bad input fails here, before any model loads
+    # cheap file reads: bad input fails here, before any model loads; a prompt's ignored flag is said here too
+    check(config, warn=lambda text: reporter.emit(Message(text, "warning")))
     check_trackers(config)
     while True:
         try:
@@ -115,7 +118,7 @@ def _release_block_runner(flux: torch.nn.Module, failed: bool) -> None:
     its slots and pinned host copies are freed, also after a failed step. A failure to release while the run is
     already failing must not hide why it failed."""
     try:
-        memory.teardown(flux)
+        memory.teardown(flux, device="cpu" if failed else None)  # a failed run's model is dropped: no copy back
     except Exception:
         if not failed:
             raise
@@ -178,7 +181,7 @@ class Loop:
     def _parts(self) -> dict:
         s = self.session
         parts = {"optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(), **capture_rng(),
-                 "losses": self.losses, "seed": s.seed}
+                 "losses": self.losses, "seed": s.seed, "written": list(self.writer.written)}
         if self.scaler is not None:
             parts["scaler"] = self.scaler.state_dict()
         return parts
@@ -209,6 +212,7 @@ class Loop:
             self.reporter.emit(Message(f"resume: the state was trained with seed {parts.get('seed')}, this run uses "
                                        f"{s.seed}; the continuation will differ from an uninterrupted run", "warning"))
         self.losses = list(parts["losses"])
+        self.writer.adopt(parts.get("written", []))  # rotated like this run's own saves
         self.position = position
         self.reporter.emit(Message(f"resumed from {folder} at step {position.global_step} "
                                    f"(epoch {position.epoch + 1})"))
@@ -339,10 +343,10 @@ class Loop:
         if figures is not None:
             self.max_norm = MaxNormResult.from_values(figures)
         if finite is not None and not finite:
-            lr = self.config.learning_rate
+            causes = describe_nonfinite(self.config, NonFiniteFacts("weights", loss))
             raise NonFiniteError(f"step {self.position.global_step + 1}: the LoRA weights became NaN or infinite in "
-                                 f"the optimizer step (loss {loss:.4g}); the learning rate ({lr:g}) is likely far too "
-                                 "high. Training stopped; the files saved before are kept.")
+                                 f"the optimizer step (loss {loss:.4g}). {causes} Training stopped; the files saved "
+                                 "before are kept.")
 
     def _skip_nonfinite(self, loss: float, paths: list) -> None:
         """Skip a step whose loss or gradients are not finite while the --skip_nonfinite_steps budget lasts, else
@@ -357,11 +361,8 @@ class Loop:
             self.reporter.emit(Message(f"{what}; step skipped ({self.nonfinite_steps} of --skip_nonfinite_steps "
                                        f"{cfg.skip_nonfinite_steps}); batch: {files}", "warning"))
             return
-        causes = [f"a learning rate too high ({cfg.learning_rate:g})"]
-        if cfg.mixed_precision == "fp16" or cfg.full_fp16:
-            causes.append("fp16 overflow (bf16 has the range fp16 lacks)")
-        causes.append(f"a broken image or cached latent in this batch ({files})")
-        raise NonFiniteError(f"{what}. Likely causes: {'; '.join(causes)}. Training stopped; nothing non-finite was "
+        facts = NonFiniteFacts("gradients" if math.isfinite(loss) else "loss", loss, tuple(str(p) for p in paths))
+        raise NonFiniteError(f"{what}. {describe_nonfinite(cfg, facts)} Training stopped; nothing non-finite was "
                              "saved, and the files saved before this step are kept. --skip_nonfinite_steps N skips "
                              "up to N such steps.")
 
@@ -376,6 +377,7 @@ class Loop:
             torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, self._gradient_norm)
         elif cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        s.network.update_ggpo_norms()  # GGPO reads the final gradients and the weights before the step
         if self.scaler is not None:
             self.scaler.step(s.optimizer)
             self.scaler.update()

@@ -150,8 +150,7 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
                           f"text input of {params.context_in_dim}")
     merge_base_weights(config, clip_l, reporter)
     merge_base_weights(config, t5, reporter)
-    prompts = read_prompts(config.sample_prompts, warn=lambda text: reporter.emit(Message(text, "warning"))) \
-        if config.sample_prompts else []
+    prompts = read_prompts(config.sample_prompts) if config.sample_prompts else []  # the pre-flight said its notes
     conds = [_encode_prompt(clip_l, t5, p, config.apply_t5_attn_mask) for p in prompts]
     if config.cache_text_encoder_outputs:
         stop("caching text-encoder outputs")
@@ -174,7 +173,7 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
     # with block swap on a GPU the transformer is read into host memory: only what stays resident moves to the GPU
     swap_from_host = bool(config.blocks_to_swap) and device.type == "cuda"
     flux = load_flux(config.pretrained_model_name_or_path, dtype=dtype, device="cpu" if swap_from_host else device,
-                     fp8=config.fp8_base or config.fp8_base_unet)
+                     fp8=config.fp8_base or config.fp8_base_unet, convert_device=device if swap_from_host else None)
     merge_base_weights(config, flux, reporter)
     memory.setup_for_training(flux, config, device, lambda text: reporter.emit(Message(text)))
     if config.fp8_base or config.fp8_base_unet:

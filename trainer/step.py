@@ -85,7 +85,8 @@ def loss(ctx: StepContext, batch, step: int, sigma: float | None = None) -> Tens
     encode_now = batch.latents is None
     if encode_now:
         _, _, height, width = batch.images.shape
-        shape = (ctx.ae.params.z_channels, height // 8, width // 8)
+        down = ctx.ae.params.downscale  # image pixels per latent pixel (FLUX's autoencoder: 8)
+        shape = (ctx.ae.params.z_channels, height // down, width // down)
     else:
         shape = tuple(batch.latents.shape[1:])
     noise, normal, uniform, posterior = sample_noise(ctx.seed, step, batch.positions, shape, posterior=encode_now)
@@ -100,7 +101,8 @@ def loss(ctx: StepContext, batch, step: int, sigma: float | None = None) -> Tens
         sigmas = flow.sample_sigmas(cfg, normal, uniform, h, w).to(device)
     else:
         sigmas = torch.full((b,), float(sigma), device=device)
-    noisy = flow.noisy_latents(latents, noise, sigmas)
+    perturbation = flow.input_perturbation(cfg, ctx.seed, step, batch.positions, shape)  # --ip_noise_gamma
+    noisy = flow.noisy_latents(latents, noise if perturbation is None else noise + perturbation.to(device), sigmas)
     pooled, hidden, mask = text_conditioning(ctx, batch)
     ctx.network.set_multiplier(batch.network_multiplier)
     dtype = ctx.weight_dtype
