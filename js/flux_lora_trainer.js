@@ -46,6 +46,7 @@ const STATUS_NODES = {
   FluxLoraTrainerOptimizer: "The optimizer settings (shown when the node runs)",
   FluxLoraTrainerMemory: "The memory settings; with auto, what was picked (shown when the node and the train node run)",
   FluxLoraTrainerTrain: "The LoRA file, the run folder and the log (shown when training ends)",
+  FluxLoraTrainerCheckpoints: "The checkpoints and strengths, one label per image (shown when the node runs)",
 };
 
 function widget(node, name) {

@@ -5,6 +5,7 @@ ComfyUI (the unit tests use them)."""
 
 def node_list() -> list:
     from .apply import NODES as apply
+    from .checkpoints import NODES as checkpoints
     from .dataset import NODES as dataset
     from .memory import NODES as memory
     from .models import NODES as models
@@ -12,4 +13,4 @@ def node_list() -> list:
     from .optimizer import NODES as optimizer
     from .train import NODES as train
 
-    return [*models, *dataset, *network, *optimizer, *memory, *train, *apply]
+    return [*models, *dataset, *network, *optimizer, *memory, *train, *apply, *checkpoints]

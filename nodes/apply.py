@@ -29,12 +29,17 @@ class FluxLoraTrainerApplyLora(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, lora, strength_model, strength_clip) -> io.NodeOutput:
-        import comfy.sd
+        return io.NodeOutput(*apply_lora(model, clip, lora, strength_model, strength_clip))
 
-        if strength_model == 0 and strength_clip == 0:
-            return io.NodeOutput(model, clip)
-        new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, lora, strength_model, strength_clip)
-        return io.NodeOutput(new_model, new_clip)
+
+def apply_lora(model, clip, lora: dict, strength_model: float, strength_clip: float) -> tuple:
+    """(MODEL, CLIP) with the LoRA state dict `lora` patched in by ComfyUI's own loader (clones; the inputs stay as
+    they are). `clip` may be None (then None comes back)."""
+    import comfy.sd
+
+    if strength_model == 0 and strength_clip == 0:
+        return model, clip
+    return comfy.sd.load_lora_for_models(model, clip, lora, strength_model, strength_clip)
 
 
 NODES = [FluxLoraTrainerApplyLora]

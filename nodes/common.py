@@ -21,6 +21,7 @@ Datasets = io.Custom("FLUX_TRAIN_DATASETS")  # tuple of trainer.config.DatasetCo
 Network = io.Custom("FLUX_TRAIN_NETWORK")  # {"network": LoRAConfig, "network_weights", ...}
 Optimizer = io.Custom("FLUX_TRAIN_OPTIMIZER")  # dict of TrainConfig fields
 Memory = io.Custom("FLUX_TRAIN_MEMORY")  # {"auto", "fields", "cache_beside_images", "chosen_by_user"}
+Checkpoints = io.Custom("FLUX_TRAIN_CHECKPOINTS")  # tuple of nodes.checkpoint_list.Checkpoint, oldest first
 
 
 @contextlib.contextmanager

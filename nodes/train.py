@@ -17,7 +17,19 @@ from pathlib import Path
 from comfy_api.latest import io
 
 from ..trainer.config import LOSS_TYPES, PREDICTION_TYPES, TIMESTEP_SAMPLINGS
-from .common import CATEGORY, PREFIX, Datasets, Memory, Models, Network, Optimizer, node_errors, output_dir
+from .checkpoint_list import list_checkpoints, resumed_step_in
+from .common import (
+    CATEGORY,
+    PREFIX,
+    Checkpoints,
+    Datasets,
+    Memory,
+    Models,
+    Network,
+    Optimizer,
+    node_errors,
+    output_dir,
+)
 from .paths import cache_folder, copy_without_overwrite, resolve_state_folder, run_folder, state_folders
 from .translate import FLOW_WIDGETS, NONE, recommended, train_config
 
@@ -112,6 +124,10 @@ class FluxLoraTrainerTrain(io.ComfyNode):
                                 tooltip="Loss per step and its moving average."),
                 io.Image.Output("previews", display_name="previews",
                                 tooltip="The newest preview images (a blank 64x64 if none)."),
+                Checkpoints.Output("checkpoints", display_name="checkpoints",
+                                   tooltip="Every LoRA the run saved (save_every_n_steps / epochs, and the final one) "
+                                           "with its step, a resumed run's earlier saves included: for 'LoRA "
+                                           "Checkpoints'."),
             ],
         )
 
@@ -130,6 +146,7 @@ class FluxLoraTrainerTrain(io.ComfyNode):
         with node_errors():
             run_dir = run_folder(comfy_output, output_name)
             resume_dir = None if resume in (None, "", NONE) else resolve_state_folder(resume, comfy_output)
+            resumed_step = resumed_step_in(run_dir, resume_dir)  # before the run saves over the state
         device = mm.get_torch_device()
         mm.unload_all_models()
         mm.soft_empty_cache()
@@ -164,10 +181,11 @@ class FluxLoraTrainerTrain(io.ComfyNode):
         if result.stopped_early:  # LoRA and state are saved in the run folder; end the prompt as interrupted
             mm.interrupt_current_processing(True)
             mm.throw_exception_if_processing_interrupted()
-        return cls._outputs(plan, result, reporter, output_name, run_dir)
+        checkpoints = list_checkpoints(run_dir, output_name, result.lora, result.steps, resumed_step)
+        return cls._outputs(plan, result, reporter, output_name, run_dir, checkpoints)
 
     @classmethod
-    def _outputs(cls, plan, result, reporter, output_name: str, run_dir: Path) -> io.NodeOutput:
+    def _outputs(cls, plan, result, reporter, output_name: str, run_dir: Path, checkpoints: tuple) -> io.NodeOutput:
         import folder_paths
 
         from .images import loss_curve
@@ -182,7 +200,7 @@ class FluxLoraTrainerTrain(io.ComfyNode):
         lines += reporter.log[-MAX_LOG_LINES:]
         loss_image = _batch([loss_curve(result.losses)])  # the losses of every step, a resumed run's included
         previews = _batch(reporter.previews) if reporter.previews else _blank()
-        return io.NodeOutput(result.state_dict, target.name, loss_image, previews,
+        return io.NodeOutput(result.state_dict, target.name, loss_image, previews, checkpoints,
                              ui={"text": ["\n".join(lines)], "loss": [float(v) for v in result.losses]})
 
 

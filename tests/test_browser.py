@@ -47,7 +47,7 @@ EXTENSION_URL = f"/extensions/{PACK_NAME}"  # where ComfyUI serves the pack's js
 TRAIN, NETWORK, MEMORY, DATASET = ("FluxLoraTrainerTrain", "FluxLoraTrainerNetwork", "FluxLoraTrainerMemory",
                                    "FluxLoraTrainerDataset")
 OUR_STATUS_NODES = ("FluxLoraTrainerModels", DATASET, "FluxLoraTrainerDatasetToml", "FluxLoraTrainerImageDataset",
-                    NETWORK, "FluxLoraTrainerOptimizer", MEMORY, TRAIN)
+                    NETWORK, "FluxLoraTrainerOptimizer", MEMORY, TRAIN, "FluxLoraTrainerCheckpoints")
 STEPS = 20  # training steps of the browser run (0.05-1 s each on the tiny models, by CPU load), previews every 5
 
 # Requests a fresh ComfyUI user directory answers with 404 and the browser logs as "Failed to load resource": the

@@ -26,10 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "example_workflows"
 PACK = "flux_lora_trainer"  # the folder name the server's custom_nodes/ links the checkout as
 WORKFLOWS = ("flux_lora_train_then_test", "flux_lora_multi_resolution", "flux_lora_12gb", "flux_lora_sd_scripts_toml",
-             "flux_lora_images_train_then_test")
+             "flux_lora_images_train_then_test", "flux_lora_checkpoint_grid")
 OUR_NODES = ("FluxLoraTrainerModels", "FluxLoraTrainerDataset", "FluxLoraTrainerDatasetToml", "FluxLoraTrainerNetwork",
              "FluxLoraTrainerOptimizer", "FluxLoraTrainerMemory", "FluxLoraTrainerTrain", "FluxLoraTrainerApplyLora",
-             "FluxLoraTrainerImageDataset")
+             "FluxLoraTrainerImageDataset", "FluxLoraTrainerCheckpoints", "FluxLoraTrainerLabelGrid")
 TRAIN, DATASET, MODELS = "FluxLoraTrainerTrain", "FluxLoraTrainerDataset", "FluxLoraTrainerModels"
 STEP, STATUS = "flux_lora_trainer.step", "flux_lora_trainer.status"
 FRONTEND_ONLY = ("MarkdownNote", "Note")
@@ -145,8 +145,9 @@ def test_object_info_lists_every_node_of_ours_and_the_pack_imported(comfyui, inf
                 if spec[0] == "INT" and name in ("seed", "noise_seed"):
                     assert spec[1].get("control_after_generate") is False, (node, name)
     # outputs are told apart by their names on the node (two IMAGE outputs: loss curve and previews)
-    assert info[TRAIN]["output_name"] == ["lora", "lora_name", "loss_curve", "previews"]
-    assert info[TRAIN]["output"] == ["LORA_MODEL", "STRING", "IMAGE", "IMAGE"] and info[TRAIN]["output_node"]
+    assert info[TRAIN]["output_name"] == ["lora", "lora_name", "loss_curve", "previews", "checkpoints"]
+    assert info[TRAIN]["output"] == ["LORA_MODEL", "STRING", "IMAGE", "IMAGE", "FLUX_TRAIN_CHECKPOINTS"]
+    assert info[TRAIN]["output_node"]
 
 
 def test_the_template_browser_lists_and_serves_the_four_example_workflows(comfyui):
@@ -279,9 +280,17 @@ def _images_train_then_test(prompt: dict) -> None:
     assert prompt[one(prompt, TRAIN)]["inputs"]["datasets"] == [dataset, 0]
 
 
+def _checkpoint_grid(prompt: dict) -> None:
+    train, checkpoints = one(prompt, TRAIN), one(prompt, "FluxLoraTrainerCheckpoints")
+    assert prompt[train]["inputs"]["save_every_n_steps"] == 250
+    assert prompt[checkpoints]["inputs"]["checkpoints"] == [train, 4]
+    assert prompt[one(prompt, "KSampler")]["inputs"]["model"] == [checkpoints, 0]
+    assert prompt[one(prompt, "SaveImage")]["inputs"]["images"] == [one(prompt, "FluxLoraTrainerLabelGrid"), 0]
+
+
 CONTENT = {"flux_lora_train_then_test": _train_then_test, "flux_lora_multi_resolution": _multi_resolution,
            "flux_lora_12gb": _twelve_gb, "flux_lora_sd_scripts_toml": _toml,
-           "flux_lora_images_train_then_test": _images_train_then_test}
+           "flux_lora_images_train_then_test": _images_train_then_test, "flux_lora_checkpoint_grid": _checkpoint_grid}
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)

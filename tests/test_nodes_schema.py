@@ -17,11 +17,12 @@ pytestmark = pytest.mark.skipif(not HAVE_COMFYUI, reason=f"ComfyUI not found at 
                                                          "bash ../shared/comfyui/setup.sh .comfyui)")
 NODE_IDS = ["FluxLoraTrainerModels", "FluxLoraTrainerDataset", "FluxLoraTrainerDatasetToml",
             "FluxLoraTrainerImageDataset", "FluxLoraTrainerNetwork", "FluxLoraTrainerOptimizer",
-            "FluxLoraTrainerMemory", "FluxLoraTrainerTrain", "FluxLoraTrainerApplyLora"]
+            "FluxLoraTrainerMemory", "FluxLoraTrainerTrain", "FluxLoraTrainerApplyLora", "FluxLoraTrainerCheckpoints",
+            "FluxLoraTrainerLabelGrid"]
 # pack modules that building every schema may load: the nodes and the torch-free option vocabularies
 TORCH_FREE = {"", ".nodes", ".nodes.common", ".nodes.paths", ".nodes.translate", ".trainer", ".trainer.config",
               ".trainer.errors", *(f".nodes.{n}" for n in ("models", "dataset", "network", "optimizer", "memory",
-                                                            "train", "apply")),
+                                                            "train", "apply", "checkpoints", "checkpoint_list")),
               *(f".trainer.config.{n}" for n in ("data", "finite", "flow", "lora", "memory_auto", "memory_plan",
                                                   "model_type", "names", "optim", "resolve", "safe_regex", "train"))}
 
@@ -106,7 +107,7 @@ def test_schemas_use_our_prefix_types_and_the_cores_defaults(comfy):
     assert optimizer["optimizer_type"].options == list(pack("trainer.config").OPTIMIZERS)
     assert optimizer["learning_rate"].default == rec.learning_rate
     outputs = [o.get_io_type() for o in schemas["FluxLoraTrainerTrain"].outputs]
-    assert outputs == ["LORA_MODEL", "STRING", "IMAGE", "IMAGE"]
+    assert outputs == ["LORA_MODEL", "STRING", "IMAGE", "IMAGE", "FLUX_TRAIN_CHECKPOINTS"]
 
 
 @pytest.fixture
