@@ -115,27 +115,37 @@ class FluxLoraTrainerDataset(io.ComfyNode):
                                         "or an absolute path. Only read, never written (disk caches go to "
                                         "output/flux_lora_trainer/cache)."),
                 *_dataset_inputs(caption_files=True),
+                # last: a saved workflow's widget values are positional
+                io.String.Input("mask_folder", default="", placeholder="my_subject_masks (optional)",
+                                tooltip="Optional folder of loss masks, one per image with the image's name and "
+                                        "size (sd-scripts' conditioning_data_dir): the red channel weighs the loss "
+                                        "(white trains fully, black not at all). Found like image_folder; only "
+                                        "read. Empty: no masks."),
             ],
             outputs=[Datasets.Output("all_datasets", display_name="datasets",
                                      tooltip="All datasets so far, this one last.")],
         )
 
     @classmethod
-    def execute(cls, image_folder, resolution, height, extra_options, datasets=None, **widgets) -> io.NodeOutput:
+    def execute(cls, image_folder, resolution, height, extra_options, datasets=None, mask_folder="",
+                **widgets) -> io.NodeOutput:
         with node_errors():
-            config = dataset_config(image_folder, input_dir(), resolution, height, extra_options, **widgets)
+            config = dataset_config(image_folder, input_dir(), resolution, height, extra_options, mask_folder,
+                                    **widgets)
             all_datasets = chain(datasets, config)
             text = _report(all_datasets)
         return io.NodeOutput(all_datasets, ui={"text": [text]})
 
     @classmethod
-    def fingerprint_inputs(cls, image_folder="", caption_extension="", **_) -> str:
-        """Adding, removing or editing images or captions runs the node (and training) again."""
+    def fingerprint_inputs(cls, image_folder="", caption_extension="", mask_folder="", **_) -> str:
+        """Adding, removing or editing images, captions or masks runs the node (and training) again."""
         try:
-            folder = resolve_input_folder(image_folder, input_dir())
+            folders = [resolve_input_folder(image_folder, input_dir())]
+            if (mask_folder or "").strip():
+                folders.append(resolve_input_folder(mask_folder, input_dir(), "mask_folder"))
         except Exception:
-            return f"unresolved:{image_folder}"
-        return folder_signature([folder], (caption_extension,))
+            return f"unresolved:{image_folder}:{mask_folder}"
+        return folder_signature(folders, (caption_extension,))
 
 
 class FluxLoraTrainerDatasetToml(io.ComfyNode):

@@ -153,16 +153,20 @@ DATASET_WIDGETS = ("batch_size", "enable_bucket", "min_bucket_reso", "max_bucket
 SUBSET_WIDGETS = ("caption_extension", "class_tokens", "num_repeats", "shuffle_caption", "keep_tokens",
                   "caption_separator", "caption_dropout_rate", "caption_dropout_every_n_epochs",
                   "caption_tag_dropout_rate", "flip_aug", "random_crop", "is_reg")
-_PATH_KEYS = ("image_dir", "metadata_file")
+_PATH_KEYS = ("image_dir", "metadata_file", "conditioning_data_dir")
 
 
 def dataset_config(image_folder: str, input_dir: str | os.PathLike, resolution: int, height: int = 0,
-                   extra_options: str = "", **widgets) -> DatasetConfig:
+                   extra_options: str = "", mask_folder: str = "", **widgets) -> DatasetConfig:
     """The dataset node: one folder -> one DatasetConfig (the core's checks apply). `resolution` is the width
     (and height when `height` is 0); `extra_options` holds further dataset/subset keys in TOML syntax
-    (`color_aug = true`, `caption_prefix = "photo of "`)."""
+    (`color_aug = true`, `caption_prefix = "photo of "`); `mask_folder` (optional) holds a loss mask per image,
+    named like it (sd-scripts' conditioning_data_dir), found like the image folder."""
     folder = resolve_input_folder(image_folder, input_dir)
-    return _folder_dataset(folder, resolution, height, _toml_options(extra_options), widgets)
+    options = _toml_options(extra_options)
+    if (mask_folder or "").strip():
+        options["conditioning_data_dir"] = str(resolve_input_folder(mask_folder, input_dir, "mask_folder"))
+    return _folder_dataset(folder, resolution, height, options, widgets)
 
 
 # set by the image-set node itself: the caption files it writes, and alpha masks exactly when a MASK is connected
@@ -206,7 +210,7 @@ def _toml_options(text: str) -> dict:
         raise DatasetConfigError(f"extra_options: not valid TOML key = value lines ({e})") from None
     for key in _PATH_KEYS:
         if key in values:
-            raise DatasetConfigError(f"extra_options: '{key}' is set by the node's folder widget, not here")
+            raise DatasetConfigError(f"extra_options: '{key}' is set by the node's folder widgets, not here")
     if "subsets" in values or any(isinstance(v, dict) and k != "custom_attributes" for k, v in values.items()):
         raise DatasetConfigError("extra_options: plain key = value lines only (use the TOML node for tables)")
     if "resolution" in values:
@@ -219,14 +223,15 @@ def chain(previous: tuple | None, *new: DatasetConfig) -> tuple[DatasetConfig, .
 
 
 def toml_datasets(toml_file: str, toml_text: str, input_dir: str | os.PathLike) -> list[DatasetConfig]:
-    """The TOML node: sd-scripts' dataset TOML from a file or pasted text (one of the two). Relative image folders
-    in it are read under ComfyUI's input folder and may not leave it; absolute ones are taken as written."""
+    """The TOML node: sd-scripts' dataset TOML from a file or pasted text (one of the two). Relative image and
+    mask folders in it are read under ComfyUI's input folder and may not leave it; absolute ones are taken as
+    written. Subsets may name mask folders (conditioning_data_dir) without a --masked_loss: the TOML says so."""
     has_file, has_text = bool((toml_file or "").strip()), bool((toml_text or "").strip())
     if has_file == has_text:
         raise DatasetConfigError("dataset TOML: give a file or paste the TOML text (exactly one of the two)")
     if has_file:
         path = resolve_input_file(toml_file, input_dir, "toml_file")
-        configs = load_dataset_config(path)
+        configs = load_dataset_config(path, masked_loss=True)
     else:
         from ..trainer.tomlio import TOMLError, loads
 
@@ -234,7 +239,7 @@ def toml_datasets(toml_file: str, toml_text: str, input_dir: str | os.PathLike) 
             document = loads(toml_text)
         except TOMLError as e:
             raise DatasetConfigError(f"dataset TOML (text): not valid TOML ({e})") from None
-        configs = datasets_from_dict(document, source="dataset TOML (text)")
+        configs = datasets_from_dict(document, source="dataset TOML (text)", masked_loss=True)
     out = []
     for d, config in enumerate(configs):
         subsets = []
@@ -245,8 +250,8 @@ def toml_datasets(toml_file: str, toml_text: str, input_dir: str | os.PathLike) 
                 value = getattr(subset, key)
                 if value is None:
                     continue
-                if key == "image_dir":
-                    changes[key] = str(resolve_input_folder(value, input_dir, f"{where} image_dir"))
+                if key in ("image_dir", "conditioning_data_dir"):
+                    changes[key] = str(resolve_input_folder(value, input_dir, f"{where} {key}"))
                 else:
                     changes[key] = str(resolve_input_file(value, input_dir, f"{where} metadata_file"))
             subsets.append(replace(subset, **changes))
@@ -270,7 +275,8 @@ def report_lines(report) -> list[str]:
 
 
 def dataset_folders(datasets: tuple[DatasetConfig, ...]) -> list[str]:
-    return [s.image_dir for d in datasets for s in d.subsets if s.image_dir]
+    """The image and mask folders the datasets read."""
+    return [f for d in datasets for s in d.subsets for f in (s.image_dir, s.conditioning_data_dir) if f]
 
 
 # ------------------------------------------------------------------------------------------ network

@@ -20,7 +20,7 @@ FOLDER_WIDGETS = ["image_folder", "resolution", "height", "batch_size", "num_rep
                   "class_tokens", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
                   "bucket_no_upscale", "shuffle_caption", "keep_tokens", "caption_separator", "caption_dropout_rate",
                   "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "flip_aug", "random_crop", "is_reg",
-                  "network_multiplier", "extra_options"]
+                  "network_multiplier", "extra_options", "mask_folder"]
 
 
 @pytest.fixture
@@ -57,7 +57,7 @@ def test_the_node_is_listed_takes_lists_and_shares_the_folder_nodes_options(comf
     assert inputs["masks"].optional and inputs["datasets"].optional and inputs["captions"].multiline
     folder = [p.id for p in nodes["FluxLoraTrainerDataset"].GET_SCHEMA().inputs]
     assert folder[1:] == FOLDER_WIDGETS  # unchanged: saved workflows keep their widget values
-    shared = [w for w in FOLDER_WIDGETS if w not in ("image_folder", "caption_extension")]
+    shared = [w for w in FOLDER_WIDGETS if w not in ("image_folder", "caption_extension", "mask_folder")]
     assert [p.id for p in schema.inputs[5:]] == shared
     outputs = [o.get_io_type() for o in schema.outputs]
     assert outputs == ["FLUX_TRAIN_DATASETS"]
@@ -94,6 +94,50 @@ def test_a_list_of_mixed_sizes_with_a_caption_list_and_masks(comfy_output):
     again = node_class().execute(images=images, masks=masks, captions=["first", "second"],
                                  **listed_widgets(enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128))
     assert again.args[0][0].subsets[0].image_dir == subset.image_dir and "reused" in again.ui["text"][0]
+
+
+@pytest.fixture
+def comfy_input(tmp_path):
+    if str(COMFYUI) not in sys.path:
+        sys.path.append(str(COMFYUI))
+    import folder_paths
+
+    old = folder_paths.get_input_directory()
+    folder_paths.set_input_directory(str(tmp_path / "input"))
+    yield tmp_path / "input"
+    folder_paths.set_input_directory(old)
+
+
+def test_the_folder_node_and_the_toml_node_read_mask_folders_under_the_input_folder(comfy_input):
+    from PIL import Image
+
+    for folder, value in (("subject", 120), ("subject_masks", 0)):
+        (comfy_input / folder).mkdir(parents=True)
+        Image.new("RGB", (64, 64), (value, 0, 0)).save(comfy_input / folder / "a.png")
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(comfy_input / "subject_masks" / "unused.png")
+    dataset = pack("nodes.dataset")
+    node = dataset.FluxLoraTrainerDataset
+    widgets = {p.id: p.default for p in node.GET_SCHEMA().inputs if p.id != "datasets"}
+    assert widgets["mask_folder"] == ""  # a saved workflow without the widget trains without masks, as before
+    out = node.execute(**{**widgets, "image_folder": "subject", "mask_folder": "subject_masks", "resolution": 64})
+    (subset,) = out.args[0][0].subsets
+    assert subset.conditioning_data_dir == str(comfy_input / "subject_masks") and not subset.alpha_mask
+    batch = pack("trainer.data").FluxDataset(out.args[0][0]).batch(0)
+    assert batch.alpha_masks.shape == (1, 64, 64) and batch.alpha_masks.max() == 0  # the mask, not the image
+    with pytest.raises(ValueError, match="mask_folder '../elsewhere': .*'..' is not allowed"):
+        node.execute(**{**widgets, "image_folder": "subject", "mask_folder": "../elsewhere", "resolution": 64})
+    with pytest.raises(ValueError, match="extra_options: 'conditioning_data_dir' is set by the node's folder"):
+        node.execute(**{**widgets, "image_folder": "subject", "resolution": 64,
+                        "extra_options": 'conditioning_data_dir = "subject_masks"'})
+    plain = node.fingerprint_inputs(image_folder="subject", caption_extension=".txt")
+    masked = node.fingerprint_inputs(image_folder="subject", caption_extension=".txt", mask_folder="subject_masks")
+    Image.new("RGB", (64, 64), (9, 0, 0)).save(comfy_input / "subject_masks" / "a.png")
+    assert plain != masked != node.fingerprint_inputs(image_folder="subject", caption_extension=".txt",
+                                                      mask_folder="subject_masks")  # an edited mask runs it again
+    toml = dataset.FluxLoraTrainerDatasetToml.execute(toml_file="", toml_text=(
+        '[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "subject"\n'
+        'conditioning_data_dir = "subject_masks"\n'))
+    assert toml.args[0][0].subsets[0].conditioning_data_dir == str(comfy_input / "subject_masks")
 
 
 def test_errors_are_plain_node_errors_naming_both_counts(comfy_output):

@@ -18,8 +18,6 @@ from trainspace import cli_args, make_workspace
 RUN = ["--network_train_unet_only", "--network_dim", "4", "--max_train_steps", "2", "--seed", "5",
        "--cache_latents", "--cache_text_encoder_outputs", "--timestep_sampling", "flux_shift",
        "--model_prediction_type", "raw", "--guidance_scale", "1.0"]
-# claimed elsewhere: masks from conditioning images act in sd-scripts (issue 19, item 2)
-NOT_AUDITED_HERE = {"conditioning_data_dir", "masked_loss"}
 SAMPLE_VALUES = {"int": "3", "float": "0.25", "str": "x"}
 
 
@@ -44,16 +42,21 @@ def _option_args(name: str, kind: str) -> list[str]:
 def test_every_no_effect_option_leaves_the_lora_identical(ws, tokenizer_dirs, tmp_path, capsys):
     baseline = _trained(ws, tokenizer_dirs, tmp_path / "plain")
     capsys.readouterr()
-    extra = [arg for name, (kind, _) in NO_EFFECT.items() if name not in NOT_AUDITED_HERE
-             for arg in _option_args(name, kind)]
+    extra = [arg for name, (kind, _) in NO_EFFECT.items() for arg in _option_args(name, kind)]
     given = _trained(ws, tokenizer_dirs, tmp_path / "given", *extra)
     captured = capsys.readouterr()
     warned = captured.err + captured.out
     assert given.keys() == baseline.keys()
     assert all(torch.equal(given[k], baseline[k]) for k in baseline)
     for name in NO_EFFECT:
-        if name not in NOT_AUDITED_HERE:
-            assert f"--{name} has no effect here" in warned, name
+        assert f"--{name} has no effect here" in warned, name
+
+
+def test_masked_loss_acts_and_the_command_line_mask_folder_does_not():
+    """sd-scripts' LoRA trainer reads mask folders from dataset-config subsets only (with --masked_loss); its
+    --conditioning_data_dir serves the ControlNet trainers."""
+    assert "masked_loss" not in NO_EFFECT and "conditioning_data_dir" in NO_EFFECT
+    assert "[[datasets.subsets]]" in NO_EFFECT["conditioning_data_dir"][1]
 
 
 def test_no_reason_names_a_sampler_sd_scripts_does_not_have():

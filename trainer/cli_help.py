@@ -165,8 +165,11 @@ DESCRIPTIONS: dict[str, str] = {
     # DreamBooth
     "prior_loss_weight": "loss weight of the regularisation images",
     # masked loss
-    "conditioning_data_dir": "folder of conditioning images, named like the training images",
-    "masked_loss": "weight the loss by a mask",
+    "conditioning_data_dir": "sd-scripts' ControlNet option; a LoRA's mask images are set per subset in the "
+                             "dataset config (conditioning_data_dir there)",
+    "masked_loss": "weight the loss by mask images: lets dataset-config subsets name a conditioning_data_dir of "
+                   "masks named like the images (R channel: 255 trains fully, 0 not at all), resized and cropped "
+                   "like each image; alpha_mask subsets are masked with or without it",
     # DeepSpeed
     "deepspeed": "train with DeepSpeed",
     "zero_stage": "DeepSpeed ZeRO stage",

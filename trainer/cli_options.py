@@ -108,10 +108,9 @@ NO_EFFECT: dict[str, tuple[str, str]] = {
     "debiased_estimation_loss": ("flag", _NO_SNR),
     "weighted_captions": ("flag", "FLUX's text encoders take plain captions; (word:1.2) weights are not parsed "
                                    "(sd-scripts' FLUX tokenizer has no weighted form either)"),
-    "conditioning_data_dir": ("str", "conditioning images belong to ControlNet training; masks come from "
-                                     "--alpha_mask here"),
-    "masked_loss": ("flag", "alpha masks (--alpha_mask) always weight the loss here; the other masks sd-scripts "
-                            "reads with it are ControlNet conditioning images"),
+    "conditioning_data_dir": ("str", "sd-scripts' LoRA trainer reads mask folders only from the dataset config: "
+                                     "set conditioning_data_dir in each [[datasets.subsets]] table (with "
+                                     "--masked_loss)"),
     "fused_backward_pass": ("flag", "sd-scripts fuses the backward pass only for full fine-tuning, not for LoRA"),
     "huggingface_repo_id": ("str", _NO_UPLOAD),
     "huggingface_repo_type": ("str", _NO_UPLOAD),

@@ -48,12 +48,15 @@ class SubsetConfig:
     class_tokens: str | None = None
     is_reg: bool = False
     alpha_mask: bool = False
+    conditioning_data_dir: str | None = None  # loss masks named like the images (their R channel), sd-scripts' way
     cache_info: bool = False
     custom_attributes: dict | None = None  # carried to every sample of a batch (Batch.custom_attributes)
     resize_interpolation: str | None = None
 
     def __post_init__(self):
         _check_values(self, "subset")
+        if self.conditioning_data_dir is not None:
+            _check_mask_folder_subset(self)
 
     def options_changing_captions(self) -> list[str]:
         """The options set here that change the caption from step to step (text-encoder outputs then cannot be
@@ -103,6 +106,17 @@ class DatasetConfig:
         _check_dataset(self, "dataset")
 
 
+def _check_mask_folder_subset(subset: SubsetConfig) -> None:
+    """A subset takes its loss masks from one place: mask images pair with the images of image_dir (sd-scripts'
+    schema for such subsets has neither metadata_file nor alpha_mask)."""
+    if subset.metadata_file is not None or subset.image_dir is None:
+        raise DatasetConfigError("subset: 'conditioning_data_dir' (mask images named like the images) needs "
+                                 "'image_dir' and cannot be used with 'metadata_file'")
+    if subset.alpha_mask:
+        raise DatasetConfigError("subset: 'conditioning_data_dir' and 'alpha_mask' both give the loss mask; use one "
+                                 "(mask images, or the images' alpha channel)")
+
+
 def _check_values(config, where: str) -> None:
     """Each value set away from its default passes the same check as in a TOML file (converted the same way)."""
     for f in fields(config):
@@ -113,7 +127,7 @@ def _check_values(config, where: str) -> None:
 
 # Which table may set which key (sd-scripts' schema): subset-level keys may also be set on a dataset or in
 # [general] (they "ascend"); dataset-level keys in [general]; a few keys belong to the subset only.
-_SUBSET_ONLY = {"image_dir", "metadata_file", "is_reg", "alpha_mask"}
+_SUBSET_ONLY = {"image_dir", "metadata_file", "is_reg", "alpha_mask", "conditioning_data_dir"}
 _SUBSET_KEYS = {f.name for f in fields(SubsetConfig)}
 _DATASET_KEYS = {f.name for f in fields(DatasetConfig)} - {"subsets", "prior_loss_weight"}
 _TYPES: dict[str, Any] = {
@@ -192,10 +206,12 @@ def _check_keys(table: Mapping, allowed: set[str], where: str) -> None:
             raise DatasetConfigError(f"{where}: unknown key '{key}'{hint}; valid keys: {', '.join(sorted(allowed))}")
 
 
-def load_dataset_config(path: str | os.PathLike, command_line: Mapping[str, Any] | None = None) -> list[DatasetConfig]:
+def load_dataset_config(path: str | os.PathLike, command_line: Mapping[str, Any] | None = None,
+                        masked_loss: bool = False) -> list[DatasetConfig]:
     """Datasets described by the file at `path`: TOML, or JSON when its name ends in `.json` (sd-scripts' rule; the
     same schema either way). `command_line` holds values given as options (lower precedence than the file), e.g.
-    {"resolution": (1024, 1024), "caption_extension": ".txt"}."""
+    {"resolution": (1024, 1024), "caption_extension": ".txt"}. `masked_loss` (--masked_loss) lets subsets name a
+    folder of mask images (`conditioning_data_dir`), as sd-scripts' schema does only then."""
     from ..tomlio import NotText, TOMLError, loads, loads_json, read_text
 
     path = Path(path)
@@ -218,11 +234,11 @@ def load_dataset_config(path: str | os.PathLike, command_line: Mapping[str, Any]
             document = loads(text)
         except TOMLError as e:
             raise DatasetConfigError(f"{path}: not valid TOML ({e})") from e
-    return datasets_from_dict(document, command_line, source=str(path))
+    return datasets_from_dict(document, command_line, source=str(path), masked_loss=masked_loss)
 
 
 def datasets_from_dict(document: Mapping[str, Any], command_line: Mapping[str, Any] | None = None,
-                       source: str = "dataset config") -> list[DatasetConfig]:
+                       source: str = "dataset config", masked_loss: bool = False) -> list[DatasetConfig]:
     _check_keys(document, {"general", "datasets"}, source)
     general = document.get("general", {})
     if not isinstance(general, dict):
@@ -260,7 +276,13 @@ def datasets_from_dict(document: Mapping[str, Any], command_line: Mapping[str, A
             if not isinstance(subset, dict):
                 raise DatasetConfigError(f"{subset_where}: must be a table")
             _check_keys(subset, _SUBSET_KEYS, subset_where)
+            if "conditioning_data_dir" in subset and not masked_loss:
+                raise DatasetConfigError(f"{subset_where}: 'conditioning_data_dir' (a folder of loss masks named like "
+                                         "the images) is read only with --masked_loss, as in sd-scripts; add "
+                                         "--masked_loss or remove the key")
             values = {k: v for k in _SUBSET_KEYS if (v := lookup(k, (subset, subset_where), *levels)) is not None}
+            if "conditioning_data_dir" in subset and "alpha_mask" not in subset:
+                values.pop("alpha_mask", None)  # --alpha_mask: the mask images win, as in sd-scripts' apply_masked_loss
             if "image_dir" not in values and "metadata_file" not in values:
                 raise DatasetConfigError(f"{subset_where}: 'image_dir' is required (or 'metadata_file' for "
                                          "fine-tune style captions)")

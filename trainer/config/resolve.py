@@ -34,7 +34,7 @@ FALLBACK_OPTIONS = (
 # every TrainConfig field that feeds the datasets: the fallback layer, and where the images come from. Typed datasets
 # (the nodes') carry their own values for all of them, so a front end building typed datasets must not take these.
 DATASET_LAYER_OPTIONS = (*FALLBACK_OPTIONS, "dataset_repeats", "face_crop_aug_range", "resolution", "train_batch_size",
-                         "train_data_dir", "reg_data_dir", "in_json", "dataset_config", "datasets")
+                         "train_data_dir", "reg_data_dir", "in_json", "dataset_config", "datasets", "masked_loss")
 
 
 def face_crop_range(text: str | None) -> tuple[float, float] | None:
@@ -60,6 +60,14 @@ def command_line_dataset_options(config: TrainConfig) -> dict:
 
 def resolve_datasets(config: TrainConfig) -> list[DatasetConfig]:
     """The datasets `config` trains on, with every value settled. Batch sizes are per process."""
+    datasets = _datasets(config)
+    if config.masked_loss and not any(s.conditioning_data_dir or s.alpha_mask for d in datasets for s in d.subsets):
+        log.warning("--masked_loss: no subset has mask images (conditioning_data_dir in the dataset config) or "
+                    "alpha_mask, so the loss is not masked")
+    return datasets
+
+
+def _datasets(config: TrainConfig) -> list[DatasetConfig]:
     if config.datasets:
         return list(config.datasets)
     command_line = command_line_dataset_options(config)
@@ -68,7 +76,7 @@ def resolve_datasets(config: TrainConfig) -> list[DatasetConfig]:
         if ignored:
             log.warning("ignoring %s: the dataset config %s says where the images are", ", ".join(ignored),
                         config.dataset_config)
-        return load_dataset_config(config.dataset_config, command_line)
+        return load_dataset_config(config.dataset_config, command_line, masked_loss=config.masked_loss)
     return [_folder_dataset(config, command_line)]
 
 

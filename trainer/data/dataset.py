@@ -56,6 +56,7 @@ class ImageItem:
     latent_npz: Path | None = None
     text: tuple | None = None  # in-memory text cache: (pooled, t5_out, t5_mask)
     text_npz: Path | None = None
+    mask_path: Path | None = None  # its mask image, when the subset has conditioning_data_dir
 
 
 @dataclass
@@ -67,7 +68,7 @@ class Batch:
     network_multiplier: float
     images: torch.Tensor | None = None  # [B, 3, H, W] in [-1, 1] when latents are not cached
     latents: torch.Tensor | None = None  # [B, 16, H/8, W/8] from the latent cache
-    alpha_masks: torch.Tensor | None = None  # [B, H, W] in [0, 1] with alpha_mask
+    alpha_masks: torch.Tensor | None = None  # [B, H, W] in [0, 1]: alpha_mask or mask images (1 for unmasked ones)
     text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # cached (pooled, t5_out, t5_mask)
     flipped: list[bool] = field(default_factory=list)
     custom_attributes: list[dict] = field(default_factory=list)  # per sample: its subset's custom_attributes ({})
@@ -152,7 +153,49 @@ def _subset_items(subset: SubsetConfig, validation: bool = False, split: float =
                 uncaptioned.append(path)
                 caption = subset.class_tokens or ""
         items.append(ImageItem(path, caption, subset, sizes[path], repeats=1 if validation else subset.num_repeats))
+    if subset.conditioning_data_dir is not None:
+        pair_mask_images(subset, items)
     return items, problems, uncaptioned, held_out
+
+
+def pair_mask_images(subset: SubsetConfig, items: list[ImageItem]) -> None:
+    """Each image's mask image: the file in conditioning_data_dir with the image's name (any image extension), of
+    the image's size. A missing, ambiguous, unreadable or wrongly sized mask is refused, naming the images, as
+    sd-scripts refuses missing ones (a mask-less image would silently train everywhere)."""
+    folder = Path(subset.conditioning_data_dir)
+    if not folder.is_dir():
+        raise DatasetError(f"conditioning_data_dir {folder}: not a folder (subset {subset.image_dir})")
+    by_stem: dict[str, list[Path]] = {}
+    for path in list_images(folder):
+        by_stem.setdefault(path.stem, []).append(path)
+    missing = [item.path.name for item in items if item.path.stem not in by_stem]
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise DatasetError(f"conditioning_data_dir {folder}: no mask image for {len(missing)} image(s) of "
+                           f"{subset.image_dir}: {shown} (each needs a mask of the same name, e.g. "
+                           f"{Path(missing[0]).stem}.png)")
+    ambiguous = [paths for item in items if len(paths := by_stem[item.path.stem]) > 1]
+    if ambiguous:
+        raise DatasetError(f"conditioning_data_dir {folder}: several mask images for one image: "
+                           f"{', '.join(p.name for p in ambiguous[0])}; keep one")
+    for item in items:
+        item.mask_path = by_stem[item.path.stem][0]
+    _check_mask_sizes(items)
+    unused = sorted(set(by_stem) - {item.path.stem for item in items})
+    if unused:
+        log.info("conditioning_data_dir %s: %d mask image(s) without a training image here (e.g. %s)", folder,
+                 len(unused), by_stem[unused[0]][0].name)
+
+
+def _check_mask_sizes(items: list[ImageItem]) -> None:
+    sizes, problems = probe_all([item.mask_path for item in items])
+    for item in items:
+        if item.mask_path in problems:
+            raise DatasetError(f"mask image {item.mask_path}: {problems[item.mask_path]}")
+        if sizes[item.mask_path] != item.size:
+            (w, h), (mw, mh) = item.size, sizes[item.mask_path]
+            raise DatasetError(f"mask image {item.mask_path} is {mw}x{mh} but its image {item.path} is {w}x{h}: a "
+                               "mask must be the size of its image")
 
 
 class FluxDataset:
@@ -252,13 +295,32 @@ class FluxDataset:
         return process_caption(item.caption, item.subset, rng, self.epoch + 1, step, max_train_steps)
 
     def load_image(self, item: ImageItem, rng: random.Random | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """RGB uint8 at bucket size and the alpha mask (float32 [H, W]) when the subset uses one."""
+        """RGB uint8 at bucket size and the loss mask (float32 [H, W]) when the subset has one: its mask image's,
+        else the alpha channel with alpha_mask."""
         pixels = load_rgb(item.path, with_alpha=item.subset.alpha_mask)
         crop_rng = rng if (rng is not None and item.subset.random_crop) else None
-        interpolation = item.subset.resize_interpolation or self.config.resize_interpolation
-        pixels = resize_and_crop(pixels, item.resized, item.bucket, interpolation, crop_rng)
+        mask_rng = None
+        if crop_rng is not None:  # the mask's crop makes the same random draws as the image's
+            mask_rng = random.Random()
+            mask_rng.setstate(crop_rng.getstate())
+        pixels = resize_and_crop(pixels, item.resized, item.bucket, self._interpolation(item), crop_rng)
+        if item.mask_path is not None:
+            return pixels[..., :3], self.load_mask_image(item, mask_rng)
         mask = pixels[..., 3].astype(np.float32) / 255.0 if item.subset.alpha_mask else None
         return pixels[..., :3], mask
+
+    def load_mask_image(self, item: ImageItem, crop_rng: random.Random | None = None) -> np.ndarray:
+        """The item's mask image (its R channel / 255, float32 [H, W]) resized and cropped exactly as its image.
+        The mask is read as RGB, like the image, so both go through the same filter."""
+        mask = load_rgb(item.mask_path)
+        if (mask.shape[1], mask.shape[0]) != tuple(item.size):
+            raise DatasetError(f"mask image {item.mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image "
+                               f"{item.path} is {item.size[0]}x{item.size[1]}: a mask must be the size of its image")
+        mask = resize_and_crop(mask, item.resized, item.bucket, self._interpolation(item), crop_rng)
+        return mask[..., 0].astype(np.float32) / 255.0
+
+    def _interpolation(self, item: ImageItem) -> str | None:
+        return item.subset.resize_interpolation or self.config.resize_interpolation
 
     def batch(self, index: int, step: int = 0, max_train_steps: int = 0, part: tuple[int, int] = (0, 1)) -> Batch:
         """Batch `index` of this epoch; with `part` = (rank, world), that process's equal slice of it (random
@@ -281,6 +343,9 @@ class FluxDataset:
             if cached is not None:
                 latents.append(cached[0])
                 mask = cached[1]
+                if item.mask_path is not None:  # read each step, so the latent cache never holds a stale mask
+                    mask = self.load_mask_image(item)
+                    mask = mask[:, ::-1] if flipped else mask
             else:
                 pixels, mask = self.load_image(item, rng)
                 if item.subset.color_aug:
@@ -289,9 +354,7 @@ class FluxDataset:
                     pixels = pixels[:, ::-1]
                     mask = None if mask is None else mask[:, ::-1]
                 images.append(to_tensor(np.ascontiguousarray(pixels)))
-            if item.subset.alpha_mask:
-                masks.append(torch.as_tensor(np.ascontiguousarray(mask)) if mask is not None
-                             else torch.ones(size[1], size[0]))
+            masks.append(None if mask is None else torch.as_tensor(np.ascontiguousarray(mask)))
             text = self._cached_text(item)
             if text is not None:
                 texts.append(text)
@@ -307,7 +370,7 @@ class FluxDataset:
             raise DatasetError(f"{self.name}: latents are cached for some images of a batch but not others")
         out.latents = torch.stack(latents) if latents else None
         out.images = torch.stack(images) if images else None
-        out.alpha_masks = torch.stack(masks) if masks else None
+        out.alpha_masks = _stack_masks(masks, size)
         if texts:
             if len(texts) != len(chosen):
                 raise DatasetError(f"{self.name}: text-encoder outputs are cached for some captions of a batch only")
@@ -357,6 +420,14 @@ class FluxDataset:
             "dataset_dirs": dirs,
             "tag_frequency": {k: dict(v) for k, v in tags.items()},
         }
+
+
+def _stack_masks(masks: list[torch.Tensor | None], size: Size) -> torch.Tensor | None:
+    """[B, H, W] loss masks, or None when no sample has one; a sample without one (another subset, or an image with
+    no alpha channel) weighs 1 everywhere, as in sd-scripts."""
+    if all(m is None for m in masks):
+        return None
+    return torch.stack([torch.ones(size[1], size[0]) if m is None else m for m in masks])
 
 
 class DatasetGroup:

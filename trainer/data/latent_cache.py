@@ -143,7 +143,7 @@ def _encode_chunk(chunk, ae, device, to_disk: bool, seed: int, cache_dir: str | 
         entry = {"latents": latents[i], "original_size": np.array(item.size),
                  "crop_ltrb": np.array(crop_ltrb(item.bucket, item.size)),
                  "latents_flipped": flipped[i] if flipped is not None and item.subset.flip_aug else None,
-                 "alpha_mask": masks[i]}
+                 "alpha_mask": masks[i] if item.mask_path is None else None}  # mask images: read each step
         if to_disk:
             path = latent_npz_path(item.path, item.size, cache_dir)
             _write(path, item, entry)
