@@ -137,6 +137,7 @@ class FluxLoraTrainerTrain(io.ComfyNode):
         import comfy.model_management as mm
         import folder_paths
 
+        from ..trainer.config.memory_plan import available_host_bytes
         from ..trainer.errors import Stopped, TrainerError
         from ..trainer.events import MemoryPlanned, Message
         from ..trainer.loop import train
@@ -158,6 +159,7 @@ class FluxLoraTrainerTrain(io.ComfyNode):
                 extra_options=extra_options, output_dir=run_dir, output_name=output_name,
                 cache_dir=cache_folder(comfy_output), resume=resume_dir, device=str(device),
                 free_memory=mm.get_free_memory(device) if auto else None, device_type=device.type,
+                free_host=available_host_bytes() if auto and device.type == "cuda" else None,
                 transformer=_transformer_size(models) if auto else None, **widgets)
         run_dir.mkdir(parents=True, exist_ok=True)
         if plan.prompts:

@@ -493,7 +493,7 @@ def train_config(*, models: Mapping, datasets: tuple, network: Mapping | None = 
                  apply_t5_attn_mask: bool = False, t5xxl_max_token_length: int = 0, extra_options: str = "",
                  output_dir: str | os.PathLike, output_name: str, cache_dir: str | os.PathLike | None,
                  resume: str | os.PathLike | None = None, device: str | None = None,
-                 free_memory: float | None = None, device_type: str = "cuda",
+                 free_memory: float | None = None, device_type: str = "cuda", free_host: float | None = None,
                  transformer: TransformerSize | None = None) -> RunPlan:
     """Every piece -> one TrainConfig, built on TrainConfig.recommended(). Later pieces win: recommended <
     memory (or its auto plan from `free_memory`) < models (fp8_base is on when either asks) < optimizer < network <
@@ -510,7 +510,7 @@ def train_config(*, models: Mapping, datasets: tuple, network: Mapping | None = 
             raise ConfigError("memory auto: the free memory is unknown")
         trained_t5 = network is not None and network["network"].train_t5xxl
         auto = auto_memory(free_memory, device_type, datasets=datasets, given=extra_train, train_t5xxl=trained_t5,
-                           size=transformer or FLUX_DEV)
+                           size=transformer or FLUX_DEV, host_free_bytes=free_host)
         plan = auto.plan
         values.update(auto.fields)
         notes += auto.notes

@@ -40,10 +40,12 @@ def node_config(images, tmp_path, extra: str):
                           cache_dir=tmp_path / "cache").config
 
 
-def cli_config(images, tmp_path, monkeypatch, extra: str):
+def cli_config(images, tmp_path, monkeypatch, extra: str, host: float | None = None):
     from trainer import cli
 
     monkeypatch.setattr(cli, "free_device_memory", lambda device: ("cuda", FREE))
+
+    monkeypatch.setattr(cli, "free_host_memory", lambda device_type: host)  # not this machine's RAM
     monkeypatch.setattr("trainer.models.read_flux_params", lambda path: FluxParams())
     args = ["--pretrained_model_name_or_path", "/m/flux.safetensors", "--clip_l", "/m/clip_l.safetensors",
             "--t5xxl", "/m/t5.safetensors", "--ae", "/m/ae.safetensors", "--train_data_dir", str(images),
@@ -89,3 +91,31 @@ def test_dataset_options_in_the_train_nodes_extra_options_are_refused_by_name(im
     words = [f"--{name}"] if action.nargs == 0 else [f"--{name}", str(action.type("1") if action.type else "1")]
     with pytest.raises(ConfigError, match=f"--{name} is a dataset option: set it on the dataset node"):
         node_config(images, tmp_path, " ".join(words))
+
+
+def test_memory_auto_keeps_block_swap_within_the_hosts_free_memory(images, tmp_path, monkeypatch):
+    """On a GPU the CLI plans with the host's available memory: no swap count that would pin more is picked."""
+    from trainer.config.memory_plan import FLUX_DEV, pinned_host_bytes
+
+    roomy = cli_config(images, tmp_path, monkeypatch, "")
+    assert roomy.blocks_to_swap  # 11.6 GiB needs swapped blocks
+    tight = pinned_host_bytes(roomy.blocks_to_swap, roomy.fp8_base, FLUX_DEV) - 1
+    lean = cli_config(images, tmp_path, monkeypatch, "", host=tight)
+    assert not lean.blocks_to_swap or pinned_host_bytes(lean.blocks_to_swap, lean.fp8_base, FLUX_DEV) <= tight
+
+
+def test_the_train_nodes_auto_keeps_block_swap_within_the_hosts_free_memory(images, tmp_path):
+    from trainer.config.memory_plan import FLUX_DEV, pinned_host_bytes
+
+    dataset = t.dataset_config(images.name, images.parent, 64, caption_extension=".caption")
+
+    def planned(free_host):
+        return t.train_config(models=MODELS, datasets=(dataset,), flow=FLOW, max_train_steps=4,
+                              memory=t.memory_fields(mode="auto", gradient_checkpointing=True), free_memory=FREE,
+                              free_host=free_host, output_dir=tmp_path / "out", output_name="lora",
+                              cache_dir=tmp_path / "cache").config
+
+    roomy = planned(None)
+    tight = pinned_host_bytes(roomy.blocks_to_swap, roomy.fp8_base, FLUX_DEV) - 1
+    lean = planned(tight)
+    assert not lean.blocks_to_swap or pinned_host_bytes(lean.blocks_to_swap, lean.fp8_base, FLUX_DEV) <= tight

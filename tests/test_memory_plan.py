@@ -45,6 +45,7 @@ def test_cli_memory_auto_fills_what_the_command_line_leaves_open(tmp_path, token
 
     ws = make_workspace(tmp_path / "ws")
     monkeypatch.setattr(cli, "free_device_memory", lambda device: ("cuda", 9.6 * GIB))
+    monkeypatch.setattr(cli, "free_host_memory", lambda device_type: None)  # not this machine's RAM
     monkeypatch.setattr("trainer.models.read_flux_params", lambda path: FluxParams())  # as if FLUX.1-dev
     ns = cli.parse_command_line(cli_args(ws, tokenizer_dirs, tmp_path) + ["--memory", "auto", "--mixed_precision",
                                                                           "bf16", "--blocks_to_swap", "30"])
@@ -54,6 +55,7 @@ def test_cli_memory_auto_fills_what_the_command_line_leaves_open(tmp_path, token
     assert config.blocks_to_swap == 30  # given on the command line: kept
     monkeypatch.undo()
     monkeypatch.setattr(cli, "free_device_memory", lambda device: ("cuda", 9.6 * GIB))
+    monkeypatch.setattr(cli, "free_host_memory", lambda device_type: None)  # not this machine's RAM
     tiny = cli.config_with_memory_plan(cli.parse_command_line(
         cli_args(ws, tokenizer_dirs, tmp_path) + ["--memory", "auto", "--mixed_precision", "bf16"]), messages.append)
     assert not tiny.fp8_base and not tiny.blocks_to_swap  # the tiny transformer of the files fits in bf16
@@ -80,6 +82,7 @@ def test_cli_memory_auto_respects_what_the_other_options_rule_out(tmp_path, toke
 
     ws = make_workspace(tmp_path / "ws")
     monkeypatch.setattr(cli, "free_device_memory", lambda device: ("cuda", 11.6 * GIB))
+    monkeypatch.setattr(cli, "free_host_memory", lambda device_type: None)  # not this machine's RAM
     monkeypatch.setattr("trainer.models.read_flux_params", lambda path: FluxParams())
     args = cli_args(ws, tokenizer_dirs, tmp_path)
     args[args.index("--dataset_config"):args.index("--dataset_config") + 2] = [

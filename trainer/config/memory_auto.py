@@ -18,16 +18,19 @@ class AutoMemory:
 
 
 def auto_memory(free_bytes: float, device_type: str, *, datasets: Sequence, given: Mapping[str, Any],
-                train_t5xxl: bool = False, size: TransformerSize = FLUX_DEV) -> AutoMemory:
+                train_t5xxl: bool = False, size: TransformerSize = FLUX_DEV,
+                host_free_bytes: float | None = None) -> AutoMemory:
     """`given`: the options the user set explicitly (name -> value). fp8 is left out with `base_weights` or
     `mixed_precision` "no" (fp8 needs a mixed precision, and merged base weights are not fp8); block swap with
-    `cpu_offload_checkpointing` (they are two ways of moving the same blocks). Caches the plan would turn on are
-    turned off where a dataset or a trained T5 changes what would be cached."""
+    `cpu_offload_checkpointing` (they are two ways of moving the same blocks); with `host_free_bytes` no swap count
+    whose pinned host memory exceeds it. Caches the plan would turn on are turned off where a dataset or
+    a trained T5 changes what would be cached."""
     largest = max(datasets, key=lambda d: d.resolution[0] * d.resolution[1] * d.batch_size)
     no_fp8 = bool(given.get("base_weights")) or given.get("mixed_precision") == "no"
     offload = bool(given.get("cpu_offload_checkpointing"))
     plan = plan_memory(free_bytes, device_type, resolution=tuple(largest.resolution), batch_size=largest.batch_size,
-                       size=size, allow_fp8=not no_fp8, allow_swap=not offload)
+                       size=size, allow_fp8=not no_fp8, allow_swap=not offload,
+                       host_free_bytes=host_free_bytes)
     fields = {name: value for name, value in plan.fields.items() if name not in given}
     if offload:
         fields.pop("blocks_to_swap", None)
