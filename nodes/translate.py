@@ -38,6 +38,7 @@ from ..trainer.config.memory_plan import (  # noqa: F401
     drop_impossible_caches,
     plan_memory,
 )
+from ..trainer.config.model_type import chroma_node_fields
 from ..trainer.config.optim import check_named_only
 from ..trainer.config.resolve import DATASET_LAYER_OPTIONS
 from ..trainer.errors import ConfigError, DatasetConfigError, TrainerError
@@ -549,7 +550,14 @@ def train_config(*, models: Mapping, datasets: tuple, network: Mapping | None = 
         notes += _drop_impossible_caches(values, datasets, values.get("network", recommended().network))
     values.update(extra_train)
     check_named_only(values.get("optimizer_type", ""), values.get("lr_scheduler_type", ""), "train node")
-    flow_cfg = flow_config(extra_flow, **dict(flow))
+    flow = dict(flow)
+    if values.get("model_type") == "chroma":  # the models node found a Chroma transformer
+        chroma, chroma_notes = chroma_node_fields({**flow, **values}, {**extra_train, **extra_flow},
+                                                  recommended().flow.guidance_scale)
+        notes += chroma_notes
+        flow.update({k: v for k, v in chroma.items() if k in FLOW_WIDGETS})
+        values.update({k: v for k, v in chroma.items() if k not in FLOW_WIDGETS})
+    flow_cfg = flow_config(extra_flow, **flow)
     config = TrainConfig.recommended(flow=flow_cfg, datasets=tuple(datasets), **values)
     notes += config.advice()
     return RunPlan(config, tuple(notes), plan, prompts)

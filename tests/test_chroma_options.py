@@ -28,5 +28,4 @@ def test_chroma_keeps_what_the_user_set_and_says_what_does_not_fit():
     assert chroma_fields({"apply_t5_attn_mask": True, "guidance_scale": 0.0}) == ({}, [])
     fields, notes = chroma_fields({"apply_t5_attn_mask": True, "guidance_scale": 3.5, "clip_l": "clip_l.safetensors"})
     assert fields == {}
-    assert notes == ["--model_type chroma: --guidance_scale 3.5 is used as given; Chroma is trained with 0.0 "
-                     "(sd-scripts' guide)", "--model_type chroma: --clip_l is not used (Chroma has no CLIP-L)"]
+    assert notes == ["--model_type chroma: --clip_l is not used (Chroma has no CLIP-L)"]  # guidance: advice() says it

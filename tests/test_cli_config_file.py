@@ -174,7 +174,7 @@ def test_tokenizer_cache_dir_uses_sd_scripts_folder_names(ws, tokenizer_dirs, tm
 @pytest.mark.parametrize("extra,message", [
     (["--use_8bit_adam", "--use_lion_optimizer"], "cannot be used together"),
     (["--use_8bit_adam", "--optimizer_type", "AdamW"], "give only --optimizer_type"),
-    (["--model_type", "chroma"], "model_type 'chroma' is not supported"),
+    (["--model_type", "chroma"], "holds a FLUX.1 transformer, but --model_type is 'chroma'; set --model_type flux"),
     (["--dataset_class", "my.Dataset"], "--dataset_class is not supported"),
     (["--controlnet_model_name_or_path", "cn.safetensors"], "--controlnet_model_name_or_path is not supported"),
     (["--output_config"], "--output_config writes the options to --config_file"),
@@ -274,7 +274,8 @@ def test_output_dir_has_sd_scripts_default_and_a_run_needs_it(ws, tokenizer_dirs
     from trainer.cli import build_parser
 
     help_text = " ".join(build_parser().format_help().split())
-    assert "--output_dir OUTPUT_DIR (default: None)" in help_text
+    entry = help_text.rsplit("--output_dir OUTPUT_DIR ", 1)[1].split(" --", 1)[0]  # its entry, after the usage line
+    assert "needed to train" in entry and "default" not in entry  # sd-scripts has none
     argv = [word for word in cli_args(ws, tokenizer_dirs, tmp_path) if word not in ("--output_dir", str(tmp_path))]
     assert main(argv + ["--max_train_steps", "1"]) == 2
     assert "--output_dir is required" in capsys.readouterr().err and not list(tmp_path.iterdir())

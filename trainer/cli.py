@@ -19,6 +19,7 @@ from .cli_config_file import read_config_file, write_config_file
 from .cli_help import describe_options
 from .cli_options import CHOICES, NO_EFFECT, NO_EFFECT_DEFAULTS, OURS_TITLE, REFUSED, SD_SCRIPTS_GROUPS
 from .config import FlowConfig, LoRAConfig, TrainConfig
+from .config.model_type import MODEL_TYPES, chroma_fields
 from .config.train import DYNAMO_BACKENDS, RESIZE_INTERPOLATIONS
 from .console import MOSTLY_SKIPPED_EXIT, ConsoleReporter, configure_logging, mostly_skipped
 from .errors import ConfigError, Stopped, TrainerError
@@ -46,7 +47,6 @@ ACTING = {
     "sample_sampler": dict(default="euler", help="previews always use the Euler flow-matching sampler"),
     "split_mode": dict(action="store_true", help="deprecated: --blocks_to_swap 18"),
     "sdpa": dict(action="store_true", help="always on here: attention is PyTorch's scaled_dot_product_attention"),
-    "model_type": dict(choices=CHOICES["model_type"], help="flux (chroma is not supported)"),
     "memory": dict(choices=("auto",), help="auto: from the GPU's free memory, the datasets' resolution and batch and "
                    "the transformer's size, pick fp8 base, block swap, T5 in fp8, checkpointing and caching (what the "
                    "command line sets itself is kept)"),
@@ -90,7 +90,8 @@ SPECIAL_TYPES = {"resolution": dict(type=_resolution), "lr_warmup_steps": dict(t
                  "optimizer_args": dict(nargs="*"), "lr_scheduler_args": dict(nargs="*"),
                  "base_weights": dict(nargs="*"), "base_weights_multiplier": dict(type=float, nargs="*"),
                  "dynamo_backend": dict(type=str, choices=DYNAMO_BACKENDS),
-                 "resize_interpolation": dict(type=str, choices=RESIZE_INTERPOLATIONS)}
+                 "resize_interpolation": dict(type=str, choices=RESIZE_INTERPOLATIONS),
+                 "model_type": dict(type=str, choices=MODEL_TYPES)}
 
 
 def _flag_for(field: dataclasses.Field) -> dict:
@@ -188,9 +189,11 @@ def config_from_args(ns: argparse.Namespace, warn=print) -> TrainConfig:
     for name, (_, why) in REFUSED.items():
         if _requested(name, given.get(name)):
             raise ConfigError(f"--{name} is not supported: {why}")
-    if given.get("model_type", "flux") != "flux":
-        raise ConfigError(f"model_type {given['model_type']!r} is not supported: this trainer trains FLUX.1 (dev or "
-                          "schnell) LoRAs")
+    if given.get("model_type") == "chroma":
+        fields, notes = chroma_fields(given)
+        for line in notes:
+            warn(line)
+        given.update(fields)
     if given.get("network_module", "networks.lora_flux") != "networks.lora_flux":
         raise ConfigError(f"network_module: only networks.lora_flux is supported, not {given['network_module']!r}")
     if given.get("sample_sampler", "euler").lower() not in ("euler", "k_euler"):
@@ -236,6 +239,13 @@ def free_device_memory(device: str | None) -> tuple[str, float]:
     return chosen.type, float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
+def free_host_memory(device_type: str) -> float | None:
+    """What block swap may pin on the host (MemAvailable) when training on a GPU; None elsewhere."""
+    from .config.memory_plan import available_host_bytes
+
+    return available_host_bytes() if device_type == "cuda" else None
+
+
 def config_with_memory_plan(ns: argparse.Namespace, warn=print) -> TrainConfig:
     """--memory auto: the plan's fields for every option the command line leaves unset; the plan's explanation goes
     to `warn` (as information)."""
@@ -252,7 +262,7 @@ def config_with_memory_plan(ns: argparse.Namespace, warn=print) -> TrainConfig:
     given = {name: getattr(draft, name) for name in vars(ns) if hasattr(draft, name)}
     device_type, free = free_device_memory(draft.device)
     auto = auto_memory(free, device_type, datasets=resolve_datasets(draft), given=given,
-                       train_t5xxl=draft.network.train_t5xxl,
+                       train_t5xxl=draft.network.train_t5xxl, host_free_bytes=free_host_memory(device_type),
                        size=TransformerSize.of(read_flux_params(draft.pretrained_model_name_or_path)))
     for line in auto.notes:
         warn(line)
@@ -327,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         from .loop import train
 
         started = time.perf_counter()
-        finished = train(config, reporter)
+        finished = train(config, reporter, step_down=getattr(ns, "memory", None) == "auto")
         reporter.emit(Message(f"total time {time.perf_counter() - started:.1f} s"))
         return MOSTLY_SKIPPED_EXIT if mostly_skipped(finished) else 0
     except Stopped as e:

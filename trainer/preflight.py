@@ -15,9 +15,10 @@ from pathlib import Path
 
 from .checkpoint import check_state_folder
 from .config import OPTIMIZERS, TrainConfig, canonical_optimizer, parse_optimizer_args, resolve_datasets
+from .config.model_type import required_model_files
 from .errors import ConfigError, LoRAWeightsError, TrainerError
 from .lora import read_lora
-from .models import check_model_file, read_flux_params
+from .models import build_transformer, check_model_file, check_transformer_type, read_flux_params
 from .sampling import read_prompts
 
 
@@ -26,7 +27,8 @@ def check(config: TrainConfig, warn=None) -> None:
     given, receives what is usable but not as written (a preview prompt's ignored flag)."""
     network = _meta_network(config)  # the transformer's LoRA as this config builds it, without memory
     for slot in ("ae", "clip_l", "t5xxl"):
-        check_model_file(getattr(config, slot), slot)
+        if slot in required_model_files(config.model_type):  # Chroma reads no CLIP-L
+            check_model_file(getattr(config, slot), slot)
     optimizer = canonical_optimizer(config.optimizer_type)
     package = OPTIMIZERS.get(optimizer)
     if package and importlib.util.find_spec(package) is None:
@@ -37,6 +39,7 @@ def check(config: TrainConfig, warn=None) -> None:
         import_optimizer_class(optimizer)
     _check_optimizer_args(config, optimizer)
     _check_device(config.device)
+    _check_pinned_host_memory(config)
     if config.sample_prompts:
         read_prompts(config.sample_prompts, warn=warn)
     if config.network_weights:
@@ -64,13 +67,13 @@ def _meta_network(config: TrainConfig):
     import torch
 
     from .lora import LoRANetwork
-    from .models.flux import Flux
     from .models.text_encoders import t5_encoder_on_meta
 
+    params = read_flux_params(config.pretrained_model_name_or_path)
+    check_transformer_type(config.pretrained_model_name_or_path, params, config.model_type)
     t5 = t5_encoder_on_meta(config.t5xxl) if config.network.train_t5xxl else None
     with torch.device("meta"):
-        return LoRANetwork.create(config.network, Flux(read_flux_params(config.pretrained_model_name_or_path)),
-                                  t5=t5)
+        return LoRANetwork.create(config.network, build_transformer(params), t5=t5)
 
 
 def _check_optimizer_args(config: TrainConfig, optimizer: str) -> None:
@@ -83,6 +86,21 @@ def _check_optimizer_args(config: TrainConfig, optimizer: str) -> None:
         return  # a package of its own (Prodigy): constructed with the real parameters only
     dummy = [{"params": [torch.zeros(1, requires_grad=True)]}]
     create_optimizer(config.optimizer_type, dummy, config.learning_rate, parse_optimizer_args(config.optimizer_args))
+
+
+def _check_pinned_host_memory(config: TrainConfig) -> None:
+    """--blocks_to_swap pins the swapped blocks' weights in host memory: refused before loading when that is more
+    than the host has available."""
+    if not config.blocks_to_swap:
+        return
+    import torch
+
+    from .config.memory_plan import TransformerSize, check_pinned_host_memory
+
+    device_type = torch.device(config.device).type if config.device else \
+        ("cuda" if torch.cuda.is_available() else "cpu")
+    check_pinned_host_memory(config.blocks_to_swap, config.fp8_base or config.fp8_base_unet,
+                             TransformerSize.of(read_flux_params(config.pretrained_model_name_or_path)), device_type)
 
 
 def _check_device(device: str | None) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .config.model_type import CHROMA_SAMPLE_GUIDANCE
 from .errors import PromptFileError
 from .flow import image_ids, pack_latents, sampling_schedule, text_ids, unpack_latents
 
@@ -31,6 +32,8 @@ class SamplePrompt:
     # what was ignored or altered, one entry per flag or key, and where the prompt came from ("p.txt line 4")
     notes: tuple[str, ...] = field(default=(), compare=False)
     where: str = field(default="", compare=False)
+    # False when a prompt file set no guidance (no --g): the model's default applies (see preview_guidance)
+    guidance_given: bool = field(default=True, compare=False)
 
     def __post_init__(self):
         _check_bounds(self)  # also for prompts built in code, not read from a file
@@ -134,7 +137,7 @@ def _prompt_from(values: dict, notes: list[str], index: int, where: str) -> Samp
     """A SamplePrompt from sd-scripts' prompt-dict keys (type-checked), noting what FLUX previews ignore."""
     fields = {_ACTED[k][0]: v for k, v in values.items() if k in _ACTED and v is not None}
     notes = notes + [f"{key}: {_IGNORED[key]}; ignored" for key in values if key in _IGNORED]
-    prompt = SamplePrompt(**{"prompt": "", **fields}, index=index, where=where)
+    prompt = SamplePrompt(**{"prompt": "", **fields}, index=index, where=where, guidance_given="guidance" in fields)
     if prompt.negative_prompt and prompt.scale == 1.0:
         notes.append("the negative prompt is ignored: the CFG scale (--l, scale) is 1.0, so no negative pass runs "
                      "(as in sd-scripts)")
@@ -284,6 +287,15 @@ def sample_filename(output_name: str | None, index: int, seed: int | None, epoch
     return f"{prefix}{number}_{index:02d}_{stamp}{'' if seed is None else f'_{seed}'}.png"
 
 
+def preview_guidance(prompt: SamplePrompt, params) -> float:
+    """The guidance value a preview feeds the model: the prompt's --g; without one, 3.5 for FLUX (sd-scripts'
+    default) and 0.0 for Chroma, whose guidance input was distilled at 0 (sd-scripts' guide has Chroma previews
+    use --g 0)."""
+    if not prompt.guidance_given and params.variant == "chroma":
+        return CHROMA_SAMPLE_GUIDANCE
+    return prompt.guidance
+
+
 @torch.no_grad()
 def generate(flux, ae, cond: tuple, prompt: SamplePrompt, negative: tuple | None = None,
              device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Image.Image:
@@ -295,7 +307,7 @@ def generate(flux, ae, cond: tuple, prompt: SamplePrompt, negative: tuple | None
     generator = torch.Generator().manual_seed(prompt.seed if prompt.seed is not None else 0)
     x = pack_latents(torch.randn(1, ae.params.z_channels, h, w, generator=generator)).to(device, dtype)
     ids = image_ids(1, h, w, device=device)
-    guidance = torch.full((1,), prompt.guidance, device=device)
+    guidance = torch.full((1,), preview_guidance(prompt, flux.params), device=device)
     schedule = sampling_schedule(prompt.steps, (h // 2) * (w // 2), shift=flux.params.guidance_embed)
 
     def velocity(c: tuple, t: float):
@@ -320,4 +332,4 @@ def with_seed(prompt: SamplePrompt, seed: int) -> SamplePrompt:
 
 
 __all__ = ["SamplePrompt", "PromptFileError", "parse_prompt_line", "read_prompts", "sample_filename", "generate",
-           "with_seed"]
+           "with_seed", "preview_guidance"]

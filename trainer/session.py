@@ -18,7 +18,8 @@ from .distributed import World
 from .errors import ConfigError, Stopped
 from .events import Message, Phase, Reporter
 from .lora import LoRANetwork, apply_lora, read_lora
-from .models import load_autoencoder, load_clip_l, load_flux, load_t5xxl, read_flux_params
+from .models import check_transformer_type, load_autoencoder, load_clip_l, load_flux, load_t5xxl, read_flux_params
+from .models.chroma import NoClipL
 from .models.loading import t5_fp8_option
 from .optim import build_optimizer_and_scheduler
 from .sampling import SamplePrompt, read_prompts
@@ -88,6 +89,11 @@ class _StopCheck:
         self(phase)
 
 
+def autoencoder_dtype(dtype: torch.dtype, device_type: str, no_half_vae: bool = False) -> torch.dtype:
+    """bf16 with --mixed_precision bf16 on a GPU, as sd-scripts runs it; float32 otherwise or with --no_half_vae."""
+    return torch.bfloat16 if dtype == torch.bfloat16 and device_type == "cuda" and not no_half_vae else torch.float32
+
+
 def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch.device,
             where: oom.Where | None = None) -> Session:
     seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
@@ -98,6 +104,8 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
 
     # the transformer is loaded last: encoders and the autoencoder do their caching without it in memory
     params = read_flux_params(config.pretrained_model_name_or_path)
+    check_transformer_type(config.pretrained_model_name_or_path, params, config.model_type)
+    chroma = config.model_type == "chroma"
     t5_length = config.t5xxl_max_token_length or (512 if params.guidance_embed else 256)
 
     if world.enabled and config.network.module_dropout and (config.blocks_to_swap or config.cpu_offload_checkpointing):
@@ -117,11 +125,11 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
             reporter.emit(Message(f"{dataset.name}: {dataset.skipped.message()}", "warning"))
 
     lora = config.network
-    train_clip = not lora.network_train_unet_only
+    train_clip = not lora.network_train_unet_only and not chroma  # Chroma has no CLIP-L (sd-scripts: same)
     train_t5 = lora.train_t5xxl
     need_ae = not config.cache_latents or bool(config.sample_prompts)
     # the autoencoder is small: float32, or bfloat16 with bf16 training on a GPU (fp16 risks overflow in it)
-    ae_dtype = torch.bfloat16 if dtype == torch.bfloat16 and device.type == "cuda" else torch.float32
+    ae_dtype = autoencoder_dtype(dtype, device.type, config.no_half_vae)
     stop("loading the autoencoder")
     ae = load_autoencoder(config.ae, dtype=ae_dtype, device=device)
     if config.cache_latents:
@@ -137,18 +145,19 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
         ae = ae.to("cpu")  # kept for decoding previews only
 
     stop("loading the text encoders")
-    clip_l = load_clip_l(config.clip_l, dtype=dtype if device.type != "cpu" else torch.float32, device=device,
-                         tokenizer=config.clip_l_tokenizer)
+    clip_l = NoClipL() if chroma else load_clip_l(config.clip_l, dtype=dtype if device.type != "cpu" else
+                                                  torch.float32, device=device, tokenizer=config.clip_l_tokenizer)
     t5 = load_t5xxl(config.t5xxl, dtype=dtype if device.type != "cpu" else torch.float32, device=device,
                     tokenizer=config.t5xxl_tokenizer, max_length=t5_length,
                     fp8=t5_fp8_option(config.t5xxl_fp8, config.fp8_base, config.fp8_base_unet))
-    if clip_l.model.config.hidden_size != params.vec_in_dim:
+    if not chroma and clip_l.model.config.hidden_size != params.vec_in_dim:
         raise ConfigError(f"clip_l {config.clip_l}: pooled size {clip_l.model.config.hidden_size} does not fit the "
                           f"transformer's vector input of {params.vec_in_dim} (a CLIP-G or other encoder?)")
     if t5.model.config.d_model != params.context_in_dim:
         raise ConfigError(f"t5xxl {config.t5xxl}: hidden size {t5.model.config.d_model} does not fit the transformer's "
                           f"text input of {params.context_in_dim}")
-    merge_base_weights(config, clip_l, reporter)
+    if not chroma:
+        merge_base_weights(config, clip_l, reporter)
     merge_base_weights(config, t5, reporter)
     prompts = read_prompts(config.sample_prompts) if config.sample_prompts else []  # the pre-flight said its notes
     conds = [_encode_prompt(clip_l, t5, p, config.apply_t5_attn_mask) for p in prompts]

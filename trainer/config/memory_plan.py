@@ -38,6 +38,10 @@ class TransformerSize:
     @classmethod
     def of(cls, params) -> "TransformerSize":
         """From FluxParams (or anything with its fields): the same arithmetic as the layers' shapes."""
+        counts = getattr(params, "parameter_counts", None)
+        if counts is not None:  # Chroma: no modulation layers; the approximator instead of FLUX's embedders
+            double, single, other = counts()
+            return cls(double, single, params.depth, params.depth_single_blocks, other)
         h, mlp, ctx = params.hidden_size, params.mlp_hidden_dim, params.context_in_dim
         bias = 1 if params.qkv_bias else 0
         head = h // params.num_heads
@@ -60,6 +64,11 @@ class TransformerSize:
 # FLUX.1-dev (hidden 3072, 19 double + 38 single blocks, guidance embedding): 11.9 B parameters
 FLUX_DEV = TransformerSize(double_block=339_831_296, single_block=141_591_808, double_count=19, single_count=38,
                            other=64_124_992)
+
+
+# Chroma1-Base/HD (FLUX.1-schnell's blocks without modulation layers, the 5-layer approximator): 8.9 B parameters
+CHROMA_1 = TransformerSize(double_block=226_548_224, single_block=113_271_040, double_count=19, single_count=38,
+                           other=291_267_648)
 
 
 def swapped_blocks(blocks_to_swap: int, size: TransformerSize, slots: int = SWAP_SLOTS) -> tuple[int, int]:

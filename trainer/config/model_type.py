@@ -30,20 +30,30 @@ def required_model_files(model_type: str) -> tuple[str, ...]:
 
 def chroma_fields(given: Mapping[str, object]) -> tuple[dict[str, object], list[str]]:
     """For --model_type chroma: the option values to set over what the user gave (`given`: option -> value, only
-    those set) and one line for each thing the user should know. Never changes an explicit --guidance_scale."""
+    those set) and one line for each thing the user should know. Never changes an explicit --guidance_scale (a value
+    other than 0.0 is noted by TrainConfig.advice(), for every front end)."""
     fields: dict[str, object] = {}
     notes: list[str] = []
     if not given.get("apply_t5_attn_mask"):
         fields["apply_t5_attn_mask"] = True
         notes.append("--model_type chroma: --apply_t5_attn_mask is on (Chroma attends to its caption's T5 tokens "
                      "only; sd-scripts requires it)")
-    guidance = given.get("guidance_scale")
-    if guidance is None:
+    if given.get("guidance_scale") is None:  # one given is kept; TrainConfig.advice() says if it is not 0.0
         fields["guidance_scale"] = CHROMA_GUIDANCE_SCALE
         notes.append("--model_type chroma: --guidance_scale 0.0 (Chroma trains with its guidance input at 0)")
-    elif float(guidance) != CHROMA_GUIDANCE_SCALE:
-        notes.append(f"--model_type chroma: --guidance_scale {guidance} is used as given; Chroma is trained with "
-                     "0.0 (sd-scripts' guide)")
     if given.get("clip_l"):
         notes.append("--model_type chroma: --clip_l is not used (Chroma has no CLIP-L)")
     return fields, notes
+
+
+def chroma_node_fields(widgets: Mapping[str, object], extra: Mapping[str, object],
+                       widget_default_guidance: float) -> tuple[dict[str, object], list[str]]:
+    """chroma_fields for the train node, whose widgets always hold a value: a guidance widget still at its FLUX
+    default (`widget_default_guidance`) counts as not set; a value in the extra options always counts as set."""
+    guidance = extra.get("guidance_scale", widgets.get("guidance_scale"))
+    if "guidance_scale" not in extra and guidance == widget_default_guidance:
+        guidance = None
+    mask = extra.get("apply_t5_attn_mask", widgets.get("apply_t5_attn_mask"))
+    given = {name: value for name, value in (("apply_t5_attn_mask", mask), ("guidance_scale", guidance))
+             if value is not None}
+    return chroma_fields(given)

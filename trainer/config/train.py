@@ -14,6 +14,7 @@ from .data import DatasetConfig
 from .finite import check_dataclass_finite, check_finite
 from .flow import FlowConfig
 from .lora import LoRAConfig, lr_for_text_encoders
+from .model_type import CHROMA_GUIDANCE_SCALE, check_model_type, required_model_files
 from .names import check_file_name
 from .optim import (
     SCHEDULERS,
@@ -39,9 +40,10 @@ DYNAMO_BACKENDS = ("no", "eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nv
 class TrainConfig:
     # models (required: there is no sensible default file)
     pretrained_model_name_or_path: str
-    clip_l: str
+    clip_l: str | None = None  # required for FLUX.1; Chroma has no CLIP-L
     t5xxl: str
     ae: str
+    model_type: str = "flux"  # sd-scripts' --model_type: flux or chroma (the transformer file must be that)
     clip_l_tokenizer: str | None = None  # folder or Hugging Face id (ours; default: $FLUX_TRAINER_TOKENIZERS or HF)
     t5xxl_tokenizer: str | None = None
     t5xxl_max_token_length: int | None = None  # None: 512 for dev, 256 for schnell
@@ -76,6 +78,7 @@ class TrainConfig:
     bucket_no_upscale: bool = False
     prior_loss_weight: float = 1.0
     cache_latents: bool = False
+    no_half_vae: bool = False  # the autoencoder in float32 even with --mixed_precision bf16
     cache_latents_to_disk: bool = False
     vae_batch_size: int = 1
     cache_text_encoder_outputs: bool = False
@@ -99,6 +102,7 @@ class TrainConfig:
     token_warmup_min: int = 1
     token_warmup_step: float = 0
     alpha_mask: bool = False
+    masked_loss: bool = False  # lets dataset-config subsets name mask images (conditioning_data_dir)
     caption_dropout_rate: float = 0.0
     caption_dropout_every_n_epochs: int = 0
     caption_tag_dropout_rate: float = 0.0
@@ -278,9 +282,7 @@ class TrainConfig:
             object.__setattr__(self, "cache_text_encoder_outputs", True)
         if self.resolution is not None and (len(self.resolution) != 2 or min(self.resolution) < 16):
             raise ConfigError(f"resolution: expected WIDTH,HEIGHT (or one size), not {self.resolution}")
-        for name in ("pretrained_model_name_or_path", "clip_l", "t5xxl", "ae"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
-                raise ConfigError(f"{name}: a model file is required")
+        self._check_model_files()
         sources = [name for name in ("datasets", "dataset_config", "train_data_dir") if getattr(self, name)]
         if not sources:
             raise ConfigError("no training data: give --dataset_config (a dataset TOML) or --train_data_dir")
@@ -299,6 +301,16 @@ class TrainConfig:
             raise ConfigError("output_dir: a folder is required")
         if self.resume and not any(Path(f"{self.resume}{s}").is_dir() for s in ("", ".partial", ".old")):
             raise ConfigError(f"resume: {self.resume} is not a folder saved with --save_state")
+
+    def _check_model_files(self) -> None:
+        check_model_type(self.model_type)
+        for name in required_model_files(self.model_type):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                without = " (only --model_type chroma does without CLIP-L)" if name == "clip_l" else ""
+                raise ConfigError(f"{name}: a model file is required{without}")
+        if self.model_type == "chroma" and not self.apply_t5_attn_mask:
+            # sd-scripts refuses Chroma without it; every front end turns it on (the CLI and the nodes say so)
+            object.__setattr__(self, "apply_t5_attn_mask", True)
 
     def _check_optimizer(self) -> None:
         object.__setattr__(self, "optimizer_args", tuple(self.optimizer_args))
@@ -338,7 +350,11 @@ class TrainConfig:
     def advice(self) -> list[str]:
         """Values that are legal but unwise, said the same way by every front end."""
         notes = []
-        if self.flow.guidance_scale != 1.0:
+        if self.model_type == "chroma":
+            if self.flow.guidance_scale != CHROMA_GUIDANCE_SCALE:
+                notes.append(f"guidance_scale {self.flow.guidance_scale} is used as given; Chroma is trained with "
+                             "0.0 (sd-scripts' guide)")
+        elif self.flow.guidance_scale != 1.0:
             notes.append(f"guidance_scale {self.flow.guidance_scale}: 1.0 is recommended for training FLUX.1-dev "
                          "(dev takes the guidance as an input; schnell ignores it)")
         if self.full_fp16 and canonical_optimizer(self.optimizer_type) in ("AdamW", "Adafactor"):

@@ -20,11 +20,15 @@ from .npz import read_npz, write_npz
 Progress = Callable[[str, int, int], None]
 
 
-def is_cached(path: Path, caption: str, apply_mask: bool, length: int) -> bool:
+def is_cached(path: Path, caption: str, apply_mask: bool, length: int, pooled_width: int | None = None) -> bool:
+    """pooled_width: the pooled vector's width the run needs (0 for Chroma, CLIP-L's for FLUX), so a cache made for
+    one model family never feeds the other; None: not checked."""
     data = read_npz(path)
     if data is None or not all(k in data for k in KEYS):
         return False
     if bool(data["apply_t5_attn_mask"]) != apply_mask or data["t5_out"].shape[0] != length:
+        return False
+    if pooled_width is not None and data["l_pooled"].shape[-1] != pooled_width:
         return False
     return "caption_sha256" not in data or str(data["caption_sha256"]) == caption_sha256(caption)
 
@@ -40,6 +44,12 @@ def check_text_caching(group: DatasetGroup, train_t5xxl: bool = False) -> None:
                 raise DatasetError(f"{dataset.name} subset {i + 1} ({subset.image_dir}): {', '.join(options)} change "
                                    "the caption every step, so text-encoder outputs cannot be cached; turn off "
                                    "--cache_text_encoder_outputs or those options")
+
+
+def pooled_width(clip_l) -> int:
+    """The width of the pooled vectors `clip_l` gives: 0 from Chroma's stand-in (NoClipL), CLIP-L's hidden size."""
+    width = getattr(clip_l, "pooled_width", None)
+    return int(width) if width is not None else int(clip_l.model.config.hidden_size)
 
 
 def fixed_caption(dataset: FluxDataset, item: ImageItem) -> str:
@@ -67,7 +77,7 @@ def cache_text_outputs(group: DatasetGroup, clip_l, t5, to_disk: bool, batch_siz
             caption = fixed_caption(dataset, item)
             if to_disk:
                 path = text_npz_path(item.path, cache_dir)
-                valid = is_cached(path, caption, apply_t5_attn_mask, length)
+                valid = is_cached(path, caption, apply_t5_attn_mask, length, pooled_width(clip_l))
                 item.text_npz = path if valid else None  # set again once the file holds its entry
                 if valid:
                     remove_stale_temporaries(path)  # a process killed after the rename, before its clean-up

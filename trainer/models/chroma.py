@@ -282,10 +282,11 @@ class Chroma(Flux):
         return self.final_layer(x[:, txt.shape[1]:], vectors[:, p.final_offset: p.final_offset + 2])
 
 
-
 class NoClipL:
     """Stands where the CLIP-L encoder is for FLUX when the transformer is Chroma, which has none: each prompt's
     "pooled vector" is empty ([B, 0]); Chroma ignores it, and a cache holding one can never feed a FLUX model."""
+
+    pooled_width = 0  # what a text-encoder cache made for Chroma stores (a FLUX model's is CLIP-L's hidden size)
 
     def encode(self, prompts: str | Sequence[str]) -> Tensor:
         return torch.zeros(1 if isinstance(prompts, str) else len(prompts), 0)
