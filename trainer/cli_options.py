@@ -81,8 +81,6 @@ NO_EFFECT: dict[str, tuple[str, str]] = {
     "clip_skip": ("int", "FLUX uses CLIP-L's pooled output only"),
     "max_token_length": ("int", "CLIP-L takes 77 tokens; use --t5xxl_max_token_length for T5-XXL"),
     "vae": ("str", "FLUX's autoencoder is --ae"),
-    "no_half_vae": ("flag", "the autoencoder runs in float32 here, except in bfloat16 with --mixed_precision bf16 "
-                            "on a GPU"),
     "mem_eff_attn": ("flag", "attention always uses PyTorch's scaled_dot_product_attention (memory-efficient)"),
     "xformers": ("flag", "attention always uses PyTorch's scaled_dot_product_attention (memory-efficient)"),
     "lowram": ("flag", "models are read with memory-mapped safetensors, straight to their device"),
