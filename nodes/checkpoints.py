@@ -50,7 +50,10 @@ class FluxLoraTrainerCheckpoints(io.ComfyNode):
             checkpoints = _checked(checkpoints, len(values))
         models, clips = [], []
         for checkpoint in checkpoints:
-            lora = comfy.utils.load_torch_file(checkpoint.path, safe_load=True)
+            try:
+                lora = comfy.utils.load_torch_file(checkpoint.path, safe_load=True)
+            except Exception as e:  # a damaged or foreign file: say which, not a traceback
+                raise ValueError(f"LoRA checkpoint {checkpoint.path}: cannot be read as a LoRA ({e})") from None
             for strength in values:
                 patched_model, patched_clip = apply_lora(model, clip, lora, strength, strength)
                 models.append(patched_model)

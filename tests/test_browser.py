@@ -200,12 +200,23 @@ def shot(page, folder: Path, name: str, nodes: list, scale: float, x: int = 30, 
 # ------------------------------------------------------------------------------------------------ tests
 
 
+def _provide_loaded_images(workflow: dict, input_dir: Path) -> None:
+    """The pictures a workflow's LoadImage nodes name, as a user who loads it has them (the frontend fetches each
+    one to show it; a missing one is a 404 in the console)."""
+    from PIL import Image
+
+    for node in workflow["nodes"]:
+        if node["type"] == "LoadImage" and not (input_dir / node["widgets_values"][0]).is_file():
+            Image.new("RGB", (64, 64), (200, 40, 40)).save(input_dir / node["widgets_values"][0])
+
+
 def test_example_workflows_load_with_every_node_and_convert_like_the_tests_converter(comfyui, ui):
     page, console = ui
     files = sorted(EXAMPLES.glob("*.json"))
     assert files
     for path in files:
         workflow = json.loads(path.read_text(encoding="utf-8"))
+        _provide_loaded_images(workflow, comfyui.base_dir / "input")
         load(page, workflow)
         dialogs = page.evaluate("() => [...document.querySelectorAll('.p-dialog')].map((d) => d.innerText)")
         assert not [d for d in dialogs if "missing" in d.lower()], (path.name, dialogs)

@@ -116,6 +116,15 @@ def test_the_train_nodes_auto_keeps_block_swap_within_the_hosts_free_memory(imag
                               cache_dir=tmp_path / "cache").config
 
     roomy = planned(None)
+    assert roomy.blocks_to_swap  # 11.6 GiB needs swapped blocks
     tight = pinned_host_bytes(roomy.blocks_to_swap, roomy.fp8_base, FLUX_DEV) - 1
     lean = planned(tight)
     assert not lean.blocks_to_swap or pinned_host_bytes(lean.blocks_to_swap, lean.fp8_base, FLUX_DEV) <= tight
+
+
+def test_memory_auto_never_swaps_blocks_under_cudagraphs(images, tmp_path, monkeypatch):
+    """cudagraphs replays need fixed device addresses, which block swap changes: the plan does not swap then
+    (before, the plan's own swap count was refused as if the user had given it)."""
+    compiled = "--torch_compile --dynamo_backend cudagraphs"
+    for config in (node_config(images, tmp_path, compiled), cli_config(images, tmp_path, monkeypatch, compiled)):
+        assert config.torch_compile and not config.blocks_to_swap

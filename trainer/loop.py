@@ -118,7 +118,7 @@ def _release_block_runner(flux: torch.nn.Module, failed: bool) -> None:
     its slots and pinned host copies are freed, also after a failed step. A failure to release while the run is
     already failing must not hide why it failed."""
     try:
-        memory.teardown(flux, device="cpu" if failed else None)  # a failed run's model is dropped: no copy back
+        memory.teardown(flux, device="cpu")  # the model is dropped after the run: never copy blocks back to the GPU
     except Exception:
         if not failed:
             raise
@@ -369,7 +369,6 @@ class Loop:
     def _optimizer_step(self) -> CappedNorms | None:
         """Clip, step, schedule; the max-norm cap's figures stay on the device for `_check_weights_finite`."""
         cfg, s = self.config, self.session
-        self.where.optimizer_step = True  # from here until the step's end the weights and optimizer state change
         params = [p for group in s.optimizer.param_groups for p in group["params"]]
         if self.scaler is not None:
             self.scaler.unscale_(s.optimizer)
@@ -378,6 +377,7 @@ class Loop:
         elif cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         s.network.update_ggpo_norms()  # GGPO reads the final gradients and the weights before the step
+        self.where.optimizer_step = True  # from here until the step's end the weights and optimizer state change
         if self.scaler is not None:
             self.scaler.step(s.optimizer)
             self.scaler.update()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import TrainConfig, resolve_datasets
+from .config.memory_auto import allowed_settings
 from .config.memory_plan import GIB, TransformerSize, available_host_bytes, leaner_options, step_down
 from .errors import OutOfMemoryError
 
@@ -99,8 +100,8 @@ def resident(config: TrainConfig, session, device: torch.device) -> str:
 
 
 def _allowed(config: TrainConfig) -> dict:
-    return dict(allow_swap=not config.cpu_offload_checkpointing,
-                allow_fp8=config.mixed_precision != "no" and not config.base_weights)
+    return allowed_settings({name: getattr(config, name) for name in (
+        "base_weights", "mixed_precision", "cpu_offload_checkpointing", "torch_compile", "dynamo_backend")})
 
 
 def _shape(config: TrainConfig) -> tuple[tuple[int, int], int]:

@@ -10,6 +10,17 @@ from typing import Any
 from .memory_plan import FLUX_DEV, MemoryPlan, TransformerSize, drop_impossible_caches, plan_memory
 
 
+def allowed_settings(options: Mapping[str, Any]) -> dict[str, bool]:
+    """What a plan or a step-down may turn on, given the user's options (name -> value): no fp8 base with
+    `base_weights` (merged weights are not fp8) or `mixed_precision` "no"; no block swap with
+    `cpu_offload_checkpointing` (two ways of moving the same blocks) or a cudagraphs-compiled model (its replays
+    need fixed device addresses)."""
+    no_fp8 = bool(options.get("base_weights")) or options.get("mixed_precision") == "no"
+    no_swap = bool(options.get("cpu_offload_checkpointing")) or (
+        bool(options.get("torch_compile")) and options.get("dynamo_backend") == "cudagraphs")
+    return {"allow_fp8": not no_fp8, "allow_swap": not no_swap}
+
+
 @dataclass(frozen=True)
 class AutoMemory:
     plan: MemoryPlan
@@ -26,13 +37,11 @@ def auto_memory(free_bytes: float, device_type: str, *, datasets: Sequence, give
     whose pinned host memory exceeds it. Caches the plan would turn on are turned off where a dataset or
     a trained T5 changes what would be cached."""
     largest = max(datasets, key=lambda d: d.resolution[0] * d.resolution[1] * d.batch_size)
-    no_fp8 = bool(given.get("base_weights")) or given.get("mixed_precision") == "no"
-    offload = bool(given.get("cpu_offload_checkpointing"))
+    allowed = allowed_settings(given)
     plan = plan_memory(free_bytes, device_type, resolution=tuple(largest.resolution), batch_size=largest.batch_size,
-                       size=size, allow_fp8=not no_fp8, allow_swap=not offload,
-                       host_free_bytes=host_free_bytes)
+                       size=size, host_free_bytes=host_free_bytes, **allowed)
     fields = {name: value for name, value in plan.fields.items() if name not in given}
-    if offload:
+    if not allowed["allow_swap"]:
         fields.pop("blocks_to_swap", None)
     notes = drop_impossible_caches(fields, datasets, train_t5xxl)
     return AutoMemory(plan, fields, (*plan.lines, *notes))
