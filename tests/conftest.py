@@ -33,6 +33,24 @@ def tiny_files(tmp_path_factory) -> dict[str, Path]:
 
     return write_model_set(tmp_path_factory.mktemp("tiny_models"))
 
+@pytest.fixture
+def flux_refs(monkeypatch):
+    """Weak references to every transformer a run loads (to prove none outlives it)."""
+    import weakref
+
+    from trainer import session as session_module
+
+    refs, original = [], session_module.load_flux
+
+    def load_flux(*args, **kwargs):
+        model = original(*args, **kwargs)
+        refs.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(session_module, "load_flux", load_flux)
+    return refs
+
+
 # the live ComfyUI server fixture `comfyui` (skips with one line where no ComfyUI is set up; fails under CI)
 pytest_plugins = ["comfyui_server"]
 

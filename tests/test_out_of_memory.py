@@ -5,14 +5,12 @@ leaner and ends with the LoRA a run resumed with that setting gives. The fault h
 (trainer/oom.py) raises torch's own error at a chosen phase and step, on the CPU."""
 
 import gc
-import weakref
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from trainer import memory, oom
-from trainer import session as session_module
 from trainer.errors import OutOfMemoryError
 from trainer.events import Message, SilentReporter, StepEnd
 from trainer.loop import train
@@ -34,18 +32,6 @@ def fault(monkeypatch):
     yield lambda spec: monkeypatch.setenv(oom.FAULT_ENV, spec)
     oom._injected.clear()
 
-
-@pytest.fixture
-def flux_refs(monkeypatch):
-    refs, original = [], session_module.load_flux
-
-    def load_flux(*args, **kwargs):
-        model = original(*args, **kwargs)
-        refs.append(weakref.ref(model))
-        return model
-
-    monkeypatch.setattr(session_module, "load_flux", load_flux)
-    return refs
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ where time is spent."""
 
 import gc
 import random
-import weakref
 
 import pytest
 import torch
@@ -22,20 +21,6 @@ from trainspace import config, make_workspace
 def ws(tmp_path_factory):
     return make_workspace(tmp_path_factory.mktemp("ws"))
 
-
-@pytest.fixture
-def flux_refs(monkeypatch):
-    """Weak references to every transformer the run loads."""
-    refs = []
-    original = session_module.load_flux
-
-    def load_flux(*args, **kwargs):
-        model = original(*args, **kwargs)
-        refs.append(weakref.ref(model))
-        return model
-
-    monkeypatch.setattr(session_module, "load_flux", load_flux)
-    return refs
 
 
 class StopWhen(SilentReporter):

@@ -151,29 +151,26 @@ def _bnb(name: str):
                           "pip install -U bitsandbytes") from None
 
 
-def _schedulefree(name: str):
+def _optional_class(name: str, package: str, module_name: str, class_name: str, shown: str):
+    """An optimizer class from an optional package, or one error naming the pip command."""
     try:
-        module = importlib.import_module("schedulefree")
+        module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ConfigError(f"optimizer_type {name} needs schedulefree: pip install schedulefree") from e
+        raise ConfigError(f"optimizer_type {name} needs {package}: pip install {package}") from e
     try:
-        return getattr(module, name)
+        return getattr(module, class_name)
     except AttributeError:
-        raise ConfigError(f"optimizer_type {name}: the installed schedulefree has no {name}; "
-                          "pip install -U schedulefree") from None
+        raise ConfigError(f"optimizer_type {name}: the installed {package} has no {shown}; "
+                          f"pip install -U {package}") from None
+
+
+def _schedulefree(name: str):
+    return _optional_class(name, "schedulefree", "schedulefree", name, name)
 
 
 def _dadaptation(name: str):
     module_name, class_name = _DADAPT_CLASSES[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError(f"optimizer_type {name} needs dadaptation: pip install dadaptation") from e
-    try:
-        return getattr(module, class_name)
-    except AttributeError:
-        raise ConfigError(f"optimizer_type {name}: the installed dadaptation has no {module_name}.{class_name}; "
-                          "pip install -U dadaptation") from None
+    return _optional_class(name, "dadaptation", module_name, class_name, f"{module_name}.{class_name}")
 
 
 def _optimizer_class(name: str, groups: list[dict], args: dict):
