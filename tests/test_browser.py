@@ -3,8 +3,11 @@ fixture of tests/comfyui_server.py): the example workflows load with every node 
 tests' own converter does; the train-then-test workflow trains on the tiny models with the loss chart filling and
 a preview on the train node while it runs; the chart survives a re-opened workflow and a page reload; the block
 picker and the text fields stay in sync and the queued prompt carries the picker's choice; light and dark themes;
-and nothing is logged as an error in the browser console. Screenshots go to a temporary folder; with
-UPDATE_SCREENSHOTS=1 they replace docs/browser_*.png (the README shows them), which a plain run leaves alone.
+and nothing is logged as an error in the browser console; the graph-built dataset example (LoadImage pictures and
+their captions into Dataset from Images) trains with the pre-flight report on the node, and the checkpoint-grid
+example shows its labelled grid (every saved step x strength) on its Save node. Screenshots go to a temporary folder;
+with UPDATE_SCREENSHOTS=1 they replace docs/browser_*.png, docs/image_dataset.png and docs/checkpoint_grid.png (the
+README shows them), which a plain run leaves alone.
 
 Needs `playwright` (pip; only the Python package: its browser download does not work here) and Debian's
 `chromium` at /usr/bin/chromium (or $CHROMIUM). Without either the module is skipped with one line, or fails when
@@ -17,6 +20,7 @@ import random
 import re
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -46,9 +50,16 @@ EXTENSION_URL = f"/extensions/{PACK_NAME}"  # where ComfyUI serves the pack's js
 
 TRAIN, NETWORK, MEMORY, DATASET = ("FluxLoraTrainerTrain", "FluxLoraTrainerNetwork", "FluxLoraTrainerMemory",
                                    "FluxLoraTrainerDataset")
+IMAGE_SET, CHECKPOINTS, LABEL_GRID = ("FluxLoraTrainerImageDataset", "FluxLoraTrainerCheckpoints",
+                                      "FluxLoraTrainerLabelGrid")
 OUR_STATUS_NODES = ("FluxLoraTrainerModels", DATASET, "FluxLoraTrainerDatasetToml", "FluxLoraTrainerImageDataset",
                     NETWORK, "FluxLoraTrainerOptimizer", MEMORY, TRAIN, "FluxLoraTrainerCheckpoints")
 STEPS = 20  # training steps of the browser run (0.05-1 s each on the tiny models, by CPU load), previews every 5
+ENDS = ("execution_success", "execution_error", "execution_interrupted")
+# The pictures the browser test loads into the images example's LoadImage nodes (in their order): a star, the shape
+# the toy models never saw, in three colours, captioned with the example's trigger word.
+STARS = (("red", "white"), ("blue", "gray"), ("yellow", "black"))
+PICTURE_SIZE = 128
 
 # Requests a fresh ComfyUI user directory answers with 404 and the browser logs as "Failed to load resource": the
 # frontend asks for optional files (user.css, the legacy templates file, the saved-workflow and subgraph folders
@@ -210,6 +221,97 @@ def _provide_loaded_images(workflow: dict, input_dir: Path) -> None:
             Image.new("RGB", (64, 64), (200, 40, 40)).save(input_dir / node["widgets_values"][0])
 
 
+def _write_stars(input_dir: Path) -> list[str]:
+    """The STARS as pictures in the server's input folder (names of this test's own, which no other test writes);
+    their names, in order."""
+    from trainer.toy.shapes import named
+
+    names = []
+    for index, (colour, background) in enumerate(STARS):
+        names.append(f"flux_lora_browser_star_{index + 1}.png")
+        named(colour, "star", background, seed=index, size=PICTURE_SIZE).save(input_dir / names[-1])
+    return names
+
+
+def _star_captions() -> str:
+    """The captions text of the STARS, one line per picture as the images example takes them."""
+    return "\n".join(f"a {colour} sks star on a {background} background" for colour, background in STARS)
+
+
+def _check_loaded_cleanly(page, name: str) -> None:
+    """No missing-nodes dialog, and every node known to the frontend and without an error mark."""
+    dialogs = page.evaluate("() => [...document.querySelectorAll('.p-dialog')].map((d) => d.innerText)")
+    assert not [d for d in dialogs if "missing" in d.lower()], (name, dialogs)
+    unknown = page.evaluate("() => app.graph._nodes.filter((n) => !LiteGraph.registered_node_types[n.type]"
+                            " || n.has_errors).map((n) => n.type)")
+    assert unknown == [], (name, unknown)
+
+
+def _swap_in_tiny_models(page) -> dict:
+    """The stock loaders become the test-only tiny loaders (same widgets), inside the page's own graph; the widget
+    values that put the tiny model files and small sizes into the graph's nodes."""
+    page.evaluate("(pairs) => pairs.forEach(([a, b]) => window.__fltTest.swapType(a, b))", list(TINY_LOADERS.items()))
+    tiny = {"flux": TINY_FILES["flux"][1], "clip_l": TINY_FILES["clip_l"][1], "t5xxl": TINY_FILES["t5xxl"][1],
+            "ae": TINY_FILES["ae"][1]}
+    return {
+        "FluxTrainerTestUNETLoader": {"unet_name": tiny["flux"]},
+        "FluxTrainerTestDualCLIPLoader": {"clip_name1": tiny["clip_l"], "clip_name2": tiny["t5xxl"]},
+        "FluxTrainerTestVAELoader": {"vae_name": tiny["ae"]},
+        "FluxLoraTrainerModels": {"transformer": tiny["flux"], "clip_l": tiny["clip_l"], "t5xxl": tiny["t5xxl"],
+                                  "ae": tiny["ae"]},
+        "FluxLoraTrainerOptimizer": {"learning_rate": 0.01},
+        "KSampler": {"steps": 2},
+        "EmptySD3LatentImage": {"width": 128, "height": 128},
+    }
+
+
+def _set_all(page, settings: dict) -> None:
+    """Widget values {node type: {widget: value}} on every node of each type (each type must be in the graph)."""
+    for node_type, values in settings.items():
+        ids = by_type(page, node_type)
+        assert ids, node_type
+        for node_id in ids:
+            page.evaluate("([id, v]) => window.__fltTest.set(id, v)", [node_id, values])
+
+
+def _run(page, timeout_ms: int = 180_000) -> str:
+    """Queue the graph as the Run button does and wait for its end, which must be a success; its prompt id."""
+    seen = page.evaluate("() => window.__fltTest.events.length")
+    queue(page)
+    page.wait_for_function("([n, ends]) => window.__fltTest.events.slice(n).some((e) => ends.includes(e.type))",
+                           arg=[seen, list(ENDS)], timeout=timeout_ms, polling=200)
+    end = page.evaluate("([n, ends]) => window.__fltTest.events.slice(n).find((e) => ends.includes(e.type))",
+                        [seen, list(ENDS)])
+    assert end["type"] == "execution_success", json.dumps(end)[:3000]
+    return end["detail"]["prompt_id"]
+
+
+def _wait_for_pictures(page, node_ids: list[int]) -> list[list[int]]:
+    """Wait until each node shows one loaded picture (the frontend loads them when the node is drawn: frame the
+    nodes first); their natural [width, height]s, one list per node."""
+    page.wait_for_function("(ids) => ids.every((id) => { const imgs = app.graph.getNodeById(id).imgs ?? [];"
+                           " return imgs.length === 1 && imgs[0].complete && imgs[0].naturalWidth > 0; })",
+                           arg=node_ids)
+    return page.evaluate("(ids) => ids.map((id) => app.graph.getNodeById(id).imgs.map((i) =>"
+                         " [i.naturalWidth, i.naturalHeight]))", node_ids)
+
+
+@contextmanager
+def _plain_canvas(page):
+    """No minimap and no canvas statistics (frame time, node counts) over the graph, for a screenshot. (The minimap
+    is hidden by a style sheet: switching it off by its setting after a loadGraphData logs a frontend error.)"""
+    shown = page.evaluate("() => app.extensionManager.setting.get('Comfy.Graph.CanvasInfo')")
+    page.evaluate("() => app.extensionManager.setting.set('Comfy.Graph.CanvasInfo', false)")
+    page.evaluate("() => { const s = document.createElement('style'); s.id = 'flt-test-no-minimap';"
+                  " s.textContent = '.minimap-main-container { display: none !important; }';"
+                  " document.head.appendChild(s); }")
+    try:
+        yield
+    finally:
+        page.evaluate("(shown) => { document.getElementById('flt-test-no-minimap')?.remove();"
+                      " return app.extensionManager.setting.set('Comfy.Graph.CanvasInfo', shown); }", shown)
+
+
 def test_example_workflows_load_with_every_node_and_convert_like_the_tests_converter(comfyui, ui):
     page, console = ui
     files = sorted(EXAMPLES.glob("*.json"))
@@ -218,11 +320,7 @@ def test_example_workflows_load_with_every_node_and_convert_like_the_tests_conve
         workflow = json.loads(path.read_text(encoding="utf-8"))
         _provide_loaded_images(workflow, comfyui.base_dir / "input")
         load(page, workflow)
-        dialogs = page.evaluate("() => [...document.querySelectorAll('.p-dialog')].map((d) => d.innerText)")
-        assert not [d for d in dialogs if "missing" in d.lower()], (path.name, dialogs)
-        unknown = page.evaluate("() => app.graph._nodes.filter((n) => !LiteGraph.registered_node_types[n.type]"
-                                " || n.has_errors).map((n) => n.type)")
-        assert unknown == [], (path.name, unknown)
+        _check_loaded_cleanly(page, path.name)
         # our nodes carry our widgets, and nothing of ours is saved in widgets_values or sent in the prompt
         widgets = page.evaluate("() => Object.fromEntries(app.graph._nodes.map((n) => [n.id, (n.widgets ?? [])"
                                 ".filter((w) => w.name && w.type.startsWith('flux_lora_trainer_'))"
@@ -366,29 +464,13 @@ def test_train_then_test_in_the_browser_chart_preview_status_reload(comfyui, ui,
     workflow = json.loads((EXAMPLES / "flux_lora_train_then_test.json").read_text(encoding="utf-8"))
     load(page, workflow)
     name = f"browser_{uuid.uuid4().hex[:8]}"
-    tiny = {"flux": TINY_FILES["flux"][1], "clip_l": TINY_FILES["clip_l"][1], "t5xxl": TINY_FILES["t5xxl"][1],
-            "ae": TINY_FILES["ae"][1]}
-    # the stock loaders become the test-only tiny loaders (same widgets), inside the page's own graph
-    page.evaluate("(pairs) => pairs.forEach(([a, b]) => window.__fltTest.swapType(a, b))", list(TINY_LOADERS.items()))
-    settings = {
-        "FluxTrainerTestUNETLoader": {"unet_name": tiny["flux"]},
-        "FluxTrainerTestDualCLIPLoader": {"clip_name1": tiny["clip_l"], "clip_name2": tiny["t5xxl"]},
-        "FluxTrainerTestVAELoader": {"vae_name": tiny["ae"]},
-        "FluxLoraTrainerModels": {"transformer": tiny["flux"], "clip_l": tiny["clip_l"], "t5xxl": tiny["t5xxl"],
-                                  "ae": tiny["ae"]},
+    _set_all(page, {
+        **_swap_in_tiny_models(page),
         DATASET: {"image_folder": dataset, "resolution": 64, "num_repeats": 1, "min_bucket_reso": 64},
-        "FluxLoraTrainerOptimizer": {"learning_rate": 0.01},
         TRAIN: {"output_name": name, "max_train_steps": STEPS, "seed": 7, "save_every_n_steps": 0,
                 "sample_prompts": "a red circle on a white background --w 64 --h 64 --s 2 --d 3",
                 "sample_every_n_steps": 5},
-        "KSampler": {"steps": 2},
-        "EmptySD3LatentImage": {"width": 128, "height": 128},
-    }
-    for node_type, values in settings.items():
-        ids = by_type(page, node_type)
-        assert ids, node_type
-        for node_id in ids:
-            page.evaluate("([id, v]) => window.__fltTest.set(id, v)", [node_id, values])
+    })
     train, net, memory, data = (by_type(page, t)[0] for t in (TRAIN, NETWORK, MEMORY, DATASET))
     save_with = page.evaluate("() => app.graph._nodes.find((n) => n.title === 'Save (with LoRA)').id")
     # blocks picked with the mouse go with the queued prompt (the tiny model has 2 double and 2 single blocks)
@@ -539,4 +621,98 @@ def test_light_and_dark_themes(ui, screenshots):
             shot(page, screenshots, "browser_light.png", [], 0.8, 20, 10)
     finally:
         page.evaluate(setting, "dark")
+    console.check()
+
+
+def test_a_dataset_built_in_the_graph_trains_with_its_report_on_the_node(comfyui, ui, screenshots):
+    """The images example as a user runs it: three pictures picked in its LoadImage nodes, one caption line each
+    typed in its text node, queued: Dataset from Images reports the three pictures and the run trains on them."""
+    page, console = ui
+    workflow = json.loads((EXAMPLES / "flux_lora_images_train_then_test.json").read_text(encoding="utf-8"))
+    _provide_loaded_images(workflow, comfyui.base_dir / "input")  # the example's own names, until the user picks
+    load(page, workflow)
+    _check_loaded_cleanly(page, "flux_lora_images_train_then_test.json")
+    pictures = _write_stars(comfyui.base_dir / "input")
+    loaders = sorted(by_type(page, "LoadImage"))
+    assert len(loaders) == len(pictures)
+    for node_id, picture in zip(loaders, pictures):
+        page.evaluate("([id, v]) => window.__fltTest.set(id, v)", [node_id, {"image": picture}])
+    name = f"browser_images_{uuid.uuid4().hex[:8]}"
+    _set_all(page, {
+        **_swap_in_tiny_models(page),
+        "PrimitiveStringMultiline": {"value": _star_captions()},
+        IMAGE_SET: {"class_tokens": "sks star", "resolution": 64, "num_repeats": 1, "min_bucket_reso": 64},
+        TRAIN: {"output_name": name, "max_train_steps": 2, "seed": 7, "save_every_n_steps": 0, "sample_prompts": "",
+                "sample_every_n_steps": 0},
+        "CLIPTextEncode": {"text": "a green sks star on a white background"},
+    })
+    prompt_id = _run(page)
+    image_set, train = by_type(page, IMAGE_SET)[0], by_type(page, TRAIN)[0]
+    report = text_of(page, image_set)
+    for line in (f"images from the graph: 3 (3 x {PICTURE_SIZE}x{PICTURE_SIZE})", "captions: 3 given, 0 missing",
+                 "bucket 64x64: 3 images"):
+        assert line in report, report
+    assert f"LoRA: {name}.safetensors" in text_of(page, train)
+    saves = by_type(page, "SaveImage")
+    outputs = comfyui.history(prompt_id)["outputs"]
+    assert [len(outputs[str(s)]["images"]) for s in saves] == [1, 1]
+
+    # the pictures, their captions, the dataset node and the train node, side by side for the screenshot
+    columns = [loaders, sorted(by_type(page, "ImageBatch")) + by_type(page, "PrimitiveStringMultiline")
+               + [by_type(page, t)[0] for t in ("FluxLoraTrainerModels", NETWORK, "FluxLoraTrainerOptimizer", MEMORY)],
+               [image_set], [train]]
+    width, height = page.evaluate("(id) => [...app.graph.getNodeById(id).size]", image_set)
+    sizes = {**{i: [280, 280] for i in loaders}, by_type(page, "PrimitiveStringMultiline")[0]: [400, 150],
+             image_set: [max(width, 700), height]}  # wide: the report's paths on one line, all of it in view
+    page.evaluate("([columns, sizes]) => window.__fltTest.arrange(columns, sizes)", [columns, sizes])
+    with _plain_canvas(page):
+        frame = [loaders[0]]
+        page.evaluate("(ids) => window.__fltTest.frame(ids, 0.76, 20, 24)", frame)
+        assert _wait_for_pictures(page, loaders) == [[[PICTURE_SIZE, PICTURE_SIZE]]] * len(pictures)
+        assert report == text_of(page, image_set)  # the arranged copy keeps the report
+        shot(page, screenshots, "image_dataset.png", frame, 0.76, 20, 24)
+    console.check()
+
+
+def test_the_checkpoint_grid_shows_every_saved_step_at_each_strength(comfyui, ui, dataset, screenshots):
+    """The checkpoint-grid example queued in the page: the train node saves every 2 of 6 steps, LoRA Checkpoints
+    lists each save at strengths 0.5 and 1.0, and the labelled grid of the six renders shows on its Save node."""
+    page, console = ui
+    workflow = json.loads((EXAMPLES / "flux_lora_checkpoint_grid.json").read_text(encoding="utf-8"))
+    load(page, workflow)
+    _check_loaded_cleanly(page, "flux_lora_checkpoint_grid.json")
+    name = f"browser_grid_{uuid.uuid4().hex[:8]}"
+    _set_all(page, {
+        **_swap_in_tiny_models(page),
+        DATASET: {"image_folder": dataset, "resolution": 64, "num_repeats": 1, "min_bucket_reso": 64},
+        TRAIN: {"output_name": name, "max_train_steps": 6, "seed": 7, "save_every_n_steps": 2},
+    })
+    prompt_id = _run(page)
+    sampler, checkpoints, grid, save = (by_type(page, t)[0] for t in ("KSampler", CHECKPOINTS, LABEL_GRID, "SaveImage"))
+    labels = [f"step {step}, strength {strength}" for step in ("2", "4", "6 (final)") for strength in ("0.5", "1")]
+    assert text_of(page, checkpoints).splitlines() == labels
+
+    saved = comfyui.history(prompt_id)["outputs"][str(save)]["images"]
+    assert len(saved) == 1  # one grid, not one picture per checkpoint
+    from PIL import Image
+
+    with Image.open(comfyui.base_dir / "output" / saved[0]["subfolder"] / saved[0]["filename"]) as picture:
+        width, height = picture.size
+    pad = pack("nodes.grid_image").PAD
+    assert (width - pad) % 2 == (height - pad) % 3 == 0  # 2 strengths a row, 3 checkpoints
+    assert (height - pad) // 3 - pad > 128 and (width - pad) // 2 - pad >= 128  # 128 px renders under their labels
+
+    # the sampling end of the graph, zoomed in (the grid shows at its own size on the node): the sampler, LoRA
+    # Checkpoints with its labels and Label Grid in the next column, the grid on its Save node, sized to the grid
+    page.evaluate("([sampler, checkpoints, grid, save]) => { const g = app.graph; const s = g.getNodeById(sampler);"
+                  " const c = g.getNodeById(checkpoints); c.pos = [s.pos[0] + s.size[0] + 40, s.pos[1]];"
+                  " g.getNodeById(grid).pos = [c.pos[0], c.pos[1] + c.size[1] + 80];"
+                  " const v = g.getNodeById(save); v.setSize([300, 560]);"
+                  " v.pos = [c.pos[0] + c.size[0] + 40, s.pos[1]]; g.setDirtyCanvas(true, true); }",
+                  [sampler, checkpoints, grid, save])
+    with _plain_canvas(page):
+        frame = [sampler, checkpoints, grid, save]
+        page.evaluate("(ids) => window.__fltTest.frame(ids, 1.35, 20, 20)", frame)
+        assert _wait_for_pictures(page, [save]) == [[[width, height]]]
+        shot(page, screenshots, "checkpoint_grid.png", frame, 1.35, 20, 20)
     console.check()

@@ -111,6 +111,34 @@
       }
       await app.loadGraphData(wf);
     },
+    /** the current graph cut down to the nodes `columns` lists (each list one column of node ids, top to bottom),
+     *  groups left out, `sizes` ({id: [width, height]}) applied, reloaded: part of a graph laid out for a
+     *  screenshot, with the pack's status texts and charts (kept in the nodes' properties) */
+    async arrange(columns, sizes = {}, gap = 40) {
+      const wf = JSON.parse(JSON.stringify(app.graph.serialize()));
+      const kept = new Set(columns.flat());
+      wf.nodes = wf.nodes.filter((n) => kept.has(n.id));
+      wf.links = wf.links.filter((l) => kept.has(l[1]) && kept.has(l[3]));
+      const links = new Set(wf.links.map((l) => l[0]));
+      wf.groups = [];
+      const byId = new Map(wf.nodes.map((n) => [n.id, n]));
+      const title = window.LiteGraph.NODE_TITLE_HEIGHT;
+      let x = 0;
+      for (const column of columns) {
+        let y = 0;
+        let width = 0;
+        for (const n of column.map((id) => byId.get(id))) {
+          if (sizes[n.id]) n.size = [...sizes[n.id]];
+          n.pos = [x, y + title];
+          for (const i of n.inputs ?? []) if (!links.has(i.link)) i.link = null;
+          for (const o of n.outputs ?? []) o.links = (o.links ?? []).filter((l) => links.has(l));
+          y += title + (n.flags?.collapsed ? 0 : n.size[1]) + gap;
+          width = Math.max(width, n.flags?.collapsed ? 160 : n.size[0]);
+        }
+        x += width + gap;
+      }
+      await app.loadGraphData(wf);
+    },
     /** push nodes down where a node above them grew over them (the example workflows are laid out for the nodes'
      *  own sizes; the chart, the picker and the status texts make ours taller) */
     makeRoom(gap = 30) {
