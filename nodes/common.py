@@ -15,12 +15,13 @@ from .translate import FROM_CHECKPOINT, NONE
 CATEGORY = "FLUX LoRA Trainer"
 PREFIX = "FluxLoraTrainer"
 
-# our sockets: plain Python values, made by one node and read by the next (nothing in them is loaded)
-Models = io.Custom("FLUX_TRAIN_MODELS")  # dict of TrainConfig fields: absolute model paths, tokenizers, fp8
+# our sockets: frozen, already checked Python values, made by one node and read by the next (nothing in them is
+# loaded); the types are in nodes/pieces.py and the core's config sections
+Models = io.Custom("FLUX_TRAIN_MODELS")  # pieces.ModelFiles: a ModelsConfig and the precisions asked for
 Datasets = io.Custom("FLUX_TRAIN_DATASETS")  # tuple of trainer.config.DatasetConfig
-Network = io.Custom("FLUX_TRAIN_NETWORK")  # {"network": LoRAConfig, "network_weights", ...}
-Optimizer = io.Custom("FLUX_TRAIN_OPTIMIZER")  # dict of TrainConfig fields
-Memory = io.Custom("FLUX_TRAIN_MEMORY")  # {"auto", "fields", "cache_beside_images", "chosen_by_user"}
+Network = io.Custom("FLUX_TRAIN_NETWORK")  # pieces.NetworkChoice: a LoRAConfig, the LoRA to continue from ...
+Optimizer = io.Custom("FLUX_TRAIN_OPTIMIZER")  # trainer.config.sections.OptimizerConfig
+Memory = io.Custom("FLUX_TRAIN_MEMORY")  # pieces.MemoryChoice: auto, or a MemoryConfig and a CachingConfig
 Checkpoints = io.Custom("FLUX_TRAIN_CHECKPOINTS")  # tuple of nodes.checkpoint_list.Checkpoint, oldest first
 
 

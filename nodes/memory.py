@@ -27,26 +27,26 @@ class FluxLoraTrainerMemory(io.ComfyNode):
                                        "models and picks the settings below itself (shown on the train node); if "
                                        "training still runs out of memory it goes on from the last good step with "
                                        "more blocks swapped, then fp8, and says so."),
-                io.Boolean.Input("gradient_checkpointing", default=rec.gradient_checkpointing,
+                io.Boolean.Input("gradient_checkpointing", default=rec.memory.gradient_checkpointing,
                                  tooltip="Recompute activations in the backward pass: far less memory, ~25% slower."),
-                io.Int.Input("blocks_to_swap", default=rec.blocks_to_swap or 0, min=0, max=35,
+                io.Int.Input("blocks_to_swap", default=rec.memory.blocks_to_swap or 0, min=0, max=35,
                              tooltip="Free the GPU memory of this many transformer blocks (0 = off; sd-scripts' "
                                      "--blocks_to_swap): their weights stay in pinned CPU memory and stream in "
                                      "while the blocks before them compute. The guide: 16 for 12 GB, 22 for 10 GB, "
                                      "28 for 8 GB."),
-                io.Boolean.Input("cpu_offload_checkpointing", default=rec.cpu_offload_checkpointing,
+                io.Boolean.Input("cpu_offload_checkpointing", default=rec.memory.cpu_offload_checkpointing,
                                  tooltip="Keep checkpointed activations in CPU memory (needs gradient "
                                          "checkpointing; saves about 1 GiB at 1024², much slower: block swap first)."),
-                io.Boolean.Input("fp8_base", default=rec.fp8_base,
+                io.Boolean.Input("fp8_base", default=rec.memory.fp8_base,
                                  tooltip="Transformer block weights in fp8 (also set by the models node's "
                                          "base_precision; either turns it on)."),
                 io.Combo.Input("latent_cache", options=list(CACHE_MODES),
-                               default=cache_mode(rec.cache_latents, rec.cache_latents_to_disk),
+                               default=cache_mode(rec.caching.cache_latents, rec.caching.cache_latents_to_disk),
                                tooltip="Encode every image once before training: in memory, on disk (reused by "
                                        f"later runs; in output/{OUR_FOLDER}/{CACHE_FOLDER}) or off."),
                 io.Combo.Input("text_cache", options=list(CACHE_MODES),
-                               default=cache_mode(rec.cache_text_encoder_outputs,
-                                                  rec.cache_text_encoder_outputs_to_disk),
+                               default=cache_mode(rec.caching.cache_text_encoder_outputs,
+                                                  rec.caching.cache_text_encoder_outputs_to_disk),
                                tooltip="Encode every caption once, then free the text encoders: in memory, on disk "
                                        "or off (off when captions change each step or T5 is trained)."),
                 io.Boolean.Input("cache_beside_images", default=False,
@@ -60,15 +60,15 @@ class FluxLoraTrainerMemory(io.ComfyNode):
     @classmethod
     def execute(cls, **widgets) -> io.NodeOutput:
         with node_errors():
-            values = memory_fields(**widgets)
-        if values["auto"]:
+            choice = memory_fields(**widgets)
+        if choice.auto:
             text = _auto_preview()
         else:
-            f = values["fields"]
-            text = (f"checkpointing {'on' if f['gradient_checkpointing'] else 'off'}, blocks to swap "
-                    f"{f['blocks_to_swap'] or 0}, fp8 base {'on' if f['fp8_base'] else 'off'}, latents "
+            memory = choice.memory
+            text = (f"checkpointing {'on' if memory.gradient_checkpointing else 'off'}, blocks to swap "
+                    f"{memory.blocks_to_swap or 0}, fp8 base {'on' if memory.fp8_base else 'off'}, latents "
                     f"{widgets['latent_cache']}, text {widgets['text_cache']}")
-        return io.NodeOutput(values, ui={"text": [text]})
+        return io.NodeOutput(choice, ui={"text": [text]})
 
 
 def _auto_preview() -> str:

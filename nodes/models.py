@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..trainer.config import TrainConfig
+from ..trainer.config.sections import MemoryConfig
 from .common import (
     CATEGORY,
     PREFIX,
@@ -17,7 +17,7 @@ from .common import (
     node_errors,
     optional_file_choices,
 )
-from .translate import BASE_PRECISIONS, T5_FP8_FIELD, default, model_fields
+from .translate import BASE_PRECISIONS, default, for_transformer, model_fields
 
 
 class FluxLoraTrainerModels(io.ComfyNode):
@@ -26,7 +26,7 @@ class FluxLoraTrainerModels(io.ComfyNode):
         transformers = model_choices("diffusion_models")
         encoders = model_choices("text_encoders")
         vaes = model_choices("vae")
-        precision_default = next(k for k, v in BASE_PRECISIONS.items() if v == default(TrainConfig, "fp8_base"))
+        precision_default = next(k for k, v in BASE_PRECISIONS.items() if v == default(MemoryConfig, "fp8_base"))
         return io.Schema(
             node_id=f"{PREFIX}Models", display_name="FLUX LoRA Trainer: Models", category=CATEGORY,
             description="The FLUX.1 files to train on, from ComfyUI's model folders. Nothing loads until the train "
@@ -65,22 +65,22 @@ class FluxLoraTrainerModels(io.ComfyNode):
 
         with node_errors():
             from ..trainer.models import check_model_file, read_flux_params
-            from .translate import comfy_tokenizers
+            from .paths import comfy_tokenizers
 
-            values = model_fields(transformer=transformer, clip_l=clip_l, t5xxl=t5xxl, ae=ae, checkpoint=checkpoint,
-                                  base_precision=base_precision, t5xxl_fp8=t5xxl_fp8,
-                                  full_path=folder_paths.get_full_path,
-                                  tokenizers=comfy_tokenizers(comfy_package_dir()))
-            params = read_flux_params(values["pretrained_model_name_or_path"])
-            values = fields_for_transformer(values, params)
+            files = model_fields(transformer=transformer, clip_l=clip_l, t5xxl=t5xxl, ae=ae, checkpoint=checkpoint,
+                                 base_precision=base_precision, t5xxl_fp8=t5xxl_fp8,
+                                 full_path=folder_paths.get_full_path,
+                                 tokenizers=comfy_tokenizers(comfy_package_dir()))
+            params = read_flux_params(files.models.pretrained_model_name_or_path)
+            files = for_transformer(files, params.variant)
             for slot in ("clip_l", "t5xxl", "ae"):
-                if slot in values:
-                    check_model_file(values[slot], slot)
+                if getattr(files.models, slot) is not None:
+                    check_model_file(getattr(files.models, slot), slot)
         text = (f"{transformer_label(params)}: {params.depth} double + {params.depth_single_blocks} single blocks, "
                 f"hidden {params.hidden_size}; base {base_precision}"
-                + ("; T5-XXL in fp8" if values.get(T5_FP8_FIELD) else "")
-                + ("; CLIP-L not used" if "clip_l" not in values else ""))
-        return io.NodeOutput(values, ui={"text": [text]})
+                + ("; T5-XXL in fp8" if files.t5xxl_fp8 else "")
+                + ("; CLIP-L not used" if files.models.clip_l is None else ""))
+        return io.NodeOutput(files, ui={"text": [text]})
 
 
 def transformer_label(params) -> str:
@@ -88,16 +88,6 @@ def transformer_label(params) -> str:
     if params.variant == "chroma":
         return "Chroma"
     return f"FLUX.1 {'dev' if params.guidance_embed else 'schnell'}"
-
-
-def fields_for_transformer(values: dict, params) -> dict:
-    """The node's output for the transformer found in the file: for Chroma, `model_type` chroma and no CLIP-L (the
-    slot's file is neither checked nor passed on); a FLUX file's values unchanged."""
-    if params.variant != "chroma":
-        return values
-    out = {k: v for k, v in values.items() if k != "clip_l"}
-    out["model_type"] = "chroma"
-    return out
 
 
 NODES = [FluxLoraTrainerModels]

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..trainer.config import IN_DIM_TARGETS, TRAIN_BLOCKS, TYPE_DIM_OPTIONS, LoRAConfig, TrainConfig
+from ..trainer.config import IN_DIM_TARGETS, TRAIN_BLOCKS, TYPE_DIM_OPTIONS, LoRAConfig
+from ..trainer.config.sections import ModelsConfig
 from .common import CATEGORY, PREFIX, Network, node_errors, optional_file_choices
 from .translate import BLOCK_PRESETS, NONE, default, network_fields, recommended
 
@@ -62,9 +63,9 @@ class FluxLoraTrainerNetwork(io.ComfyNode):
                                  tooltip="Also train a LoRA on T5-XXL (lora_te3_ keys; its outputs are then not "
                                          "cached, which costs memory and time)."),
                 io.Float.Input("clip_l_lr", default=0.0, min=0.0, max=1.0, step=LR_STEP,
-                               tooltip="Learning rate of the CLIP-L LoRA; 0 = the optimizer node's learning rate."),
+                               tooltip="Learning rate of the CLIP-L LoRA; 0 = the run's learning rate."),
                 io.Float.Input("t5xxl_lr", default=0.0, min=0.0, max=1.0, step=LR_STEP,
-                               tooltip="Learning rate of the T5-XXL LoRA; 0 = the optimizer node's learning rate."),
+                               tooltip="Learning rate of the T5-XXL LoRA; 0 = the run's learning rate."),
                 io.Float.Input("loraplus_lr_ratio", default=rec.loraplus_lr_ratio or 0.0, min=0.0, max=64.0,
                                step=0.5, tooltip="LoRA+: the up weights learn this many times faster (0 = off; "
                                                  "16 is common)."),
@@ -82,7 +83,7 @@ class FluxLoraTrainerNetwork(io.ComfyNode):
                                step=0.01, tooltip="Skips whole LoRA layers at random for a step (0 = off)."),
                 io.Combo.Input("continue_from", options=optional_file_choices("loras"), default=NONE,
                                tooltip="Start from this LoRA (models/loras) instead of from zero."),
-                io.Boolean.Input("dim_from_weights", default=default(TrainConfig, "dim_from_weights"),
+                io.Boolean.Input("dim_from_weights", default=default(ModelsConfig, "dim_from_weights"),
                                  tooltip="Take ranks and layers from the LoRA above instead of these widgets."),
                 io.String.Input("network_args", multiline=True, default="",
                                 tooltip="More sd-scripts network_args, key=value, one per line, e.g. "
@@ -107,7 +108,7 @@ class FluxLoraTrainerNetwork(io.ComfyNode):
                 from ..trainer.lora import read_lora
 
                 read_lora(weights)  # a file that is no LoRA fails here, with the core's message
-            values = network_fields(
+            choice = network_fields(
                 network_dim=network_dim, network_alpha=network_alpha, block_preset=block_preset,
                 train_double_block_indices=double_blocks, train_single_block_indices=single_blocks,
                 train_blocks=train_blocks, split_qkv=split_qkv, in_dims=in_dims,
@@ -117,14 +118,14 @@ class FluxLoraTrainerNetwork(io.ComfyNode):
                 loraplus_text_encoder_lr_ratio=loraplus_text_encoder_lr_ratio, network_dropout=network_dropout,
                 rank_dropout=rank_dropout, module_dropout=module_dropout, network_args=network_args,
                 network_weights=weights, dim_from_weights=dim_from_weights)
-        net = values["network"]
+        net = choice.network
         text = (f"rank {net.network_dim}, alpha {net.network_alpha:g}; double blocks "
                 f"{net.train_double_block_indices or 'all'}, single blocks {net.train_single_block_indices or 'all'}"
                 f" ({net.train_blocks}); text encoders: "
                 + (", ".join(n for n, on in (("CLIP-L", not net.network_train_unet_only and train_clip_l),
                                              ("T5-XXL", net.train_t5xxl)) if on) or "none")
                 + (f"; continues from {continue_from}" if weights else ""))
-        return io.NodeOutput(values, ui={"text": [text]})
+        return io.NodeOutput(choice, ui={"text": [text]})
 
 
 NODES = [FluxLoraTrainerNetwork]

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..trainer.config import OPTIMIZERS, SCHEDULERS, TrainConfig, canonical_optimizer
+from ..trainer.config import OPTIMIZERS, SCHEDULERS, canonical_optimizer
 from .common import CATEGORY, PREFIX, Optimizer, node_errors
-from .translate import default, optimizer_fields, recommended
+from .translate import optimizer_fields, recommended
 
 LR_STEP = 0.000001
 
@@ -15,12 +15,13 @@ LR_STEP = 0.000001
 class FluxLoraTrainerOptimizer(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        rec = recommended()
+        rec = recommended().optimizer
         needs = ", ".join(f"{name} needs {package}" for name, package in OPTIMIZERS.items() if package)
         return io.Schema(
             node_id=f"{PREFIX}Optimizer", display_name="FLUX LoRA Trainer: Optimizer", category=CATEGORY,
             description="Optimizer and learning-rate schedule. Without this node the train node uses "
-                        f"{canonical_optimizer(rec.optimizer_type)} at {rec.learning_rate:g}, {rec.lr_scheduler}.",
+                        f"{canonical_optimizer(rec.optimizer_type)} at {rec.learning_rate:g}, "
+                        f"{rec.lr_scheduler}.",
             inputs=[
                 io.Combo.Input("optimizer_type", options=list(OPTIMIZERS),
                                default=canonical_optimizer(rec.optimizer_type),
@@ -43,7 +44,7 @@ class FluxLoraTrainerOptimizer(io.ComfyNode):
                                        "warmup_stable_decay)."),
                 io.Float.Input("max_grad_norm", default=rec.max_grad_norm, min=0.0, max=100.0, step=0.1,
                                tooltip="Gradient clipping (0 = off; the Adafactor recipe uses 0)."),
-                io.Int.Input("gradient_accumulation_steps", default=default(TrainConfig, "gradient_accumulation_steps"),
+                io.Int.Input("gradient_accumulation_steps", default=rec.gradient_accumulation_steps,
                              min=1, max=1024, tooltip="Batches summed into one optimizer step."),
                 io.String.Input("optimizer_args", multiline=True, default="",
                                 tooltip="key=value arguments for the optimizer, one per line, e.g. weight_decay=0.01 "
@@ -57,9 +58,9 @@ class FluxLoraTrainerOptimizer(io.ComfyNode):
     @classmethod
     def execute(cls, **widgets) -> io.NodeOutput:
         with node_errors():
-            values, notes = optimizer_fields(**widgets)
-        text = f"{values['optimizer_type']} at {values['learning_rate']:g}, {values['lr_scheduler']}"
-        return io.NodeOutput(values, ui={"text": ["\n".join([text, *notes])]})
+            section, notes = optimizer_fields(**widgets)
+        text = f"{section.optimizer_type} at {section.learning_rate:g}, {section.lr_scheduler}"
+        return io.NodeOutput(section, ui={"text": ["\n".join([text, *notes])]})
 
 
 NODES = [FluxLoraTrainerOptimizer]

@@ -162,3 +162,16 @@ def image_set_root(comfy_output_dir: str | os.PathLike) -> Path:
     """Where the image-set node writes the graph's images (one folder per content hash), beside the disk caches:
     never under ComfyUI's input folder, and not under temp, which ComfyUI empties at start-up."""
     return cache_folder(comfy_output_dir) / IMAGE_SETS_FOLDER
+
+
+def comfy_tokenizers(comfy_package_dir: str | os.PathLike) -> tuple[str, str]:
+    """ComfyUI's own CLIP-L and T5 tokenizer folders (`comfy/sd1_tokenizer`, `comfy/text_encoders/t5_tokenizer`),
+    checked for the files the core's tokenizer loader needs."""
+    base = Path(comfy_package_dir)
+    clip, t5 = base / "sd1_tokenizer", base / "text_encoders" / "t5_tokenizer"
+    for folder, needed in ((clip, ("vocab.json", "merges.txt")), (t5, ("tokenizer.json",))):
+        missing = [n for n in needed if not (folder / n).is_file()]
+        if missing:
+            raise ConfigError(f"ComfyUI's tokenizer folder {folder} lacks {', '.join(missing)}: is this ComfyUI "
+                              "complete?")
+    return str(clip), str(t5)

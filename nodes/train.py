@@ -59,31 +59,32 @@ class FluxLoraTrainerTrain(io.ComfyNode):
                 Network.Input("network", optional=True, tooltip="From the network node; default: rank "
                                                                 f"{rec.network.network_dim} on every block."),
                 Optimizer.Input("optimizer", optional=True, tooltip="From the optimizer node; default: AdamW at "
-                                                                    f"{rec.learning_rate:g}."),
+                                                                    f"{rec.optimizer.learning_rate:g}."),
                 Memory.Input("memory", optional=True, tooltip="From the memory node; default: gradient "
                                                               "checkpointing, caches in memory."),
                 io.String.Input("output_name", default=DEFAULT_NAME,
                                 tooltip="Name of the LoRA file (models/loras/<name>.safetensors; an existing file is "
                                         "never replaced: _2, _3 ... are added) and of the run folder "
                                         "output/flux_lora_trainer/<name>. No folders, no '..'."),
-                io.Int.Input("max_train_steps", default=rec.max_train_steps, min=1, max=1_000_000,
+                io.Int.Input("max_train_steps", default=rec.run.max_train_steps, min=1, max=1_000_000,
                              tooltip="Optimizer steps to train (unless epochs are set)."),
-                io.Int.Input("max_train_epochs", default=rec.max_train_epochs or 0, min=0, max=100_000,
+                io.Int.Input("max_train_epochs", default=rec.run.max_train_epochs or 0, min=0, max=100_000,
                              tooltip="Epochs to train instead of steps; 0 = use the steps."),
                 # control_after_generate=False: without it the frontend adds its "randomize" control to any INT
                 # named seed, which reseeds after every queue, so the next queue would train again
-                io.Int.Input("seed", default=-1 if rec.seed is None else rec.seed, min=-1, max=2**31 - 1,
+                io.Int.Input("seed", default=-1 if rec.run.seed is None else rec.run.seed, min=-1, max=2**31 - 1,
                              control_after_generate=False,
                              tooltip="Seed of noise, timesteps and LoRA initialisation; -1 = a new random seed "
                                      "each run (it is written in the LoRA's metadata)."),
-                io.Int.Input("save_every_n_steps", default=rec.save_every_n_steps or 0, min=0, max=1_000_000,
+                io.Int.Input("save_every_n_steps", default=rec.saving.save_every_n_steps or 0, min=0, max=1_000_000,
                              tooltip="Also save the LoRA every N steps in the run folder (0 = only at the end)."),
-                io.Boolean.Input("save_state", default=rec.save_state,
+                io.Boolean.Input("save_state", default=rec.saving.save_state,
                                  tooltip="Save a resumable state with each save (a Cancel always saves one)."),
                 io.String.Input("sample_prompts", multiline=True, default="",
                                 tooltip="Preview prompts, one per line, sd-scripts syntax: 'a photo of sks dog --w "
                                         "512 --h 512 --s 20 --d 42 --g 3.5'. Empty = no previews."),
-                io.Int.Input("sample_every_n_steps", default=rec.sample_every_n_steps or 0, min=0, max=1_000_000,
+                io.Int.Input("sample_every_n_steps", default=rec.previews.sample_every_n_steps or 0, min=0,
+                             max=1_000_000,
                              tooltip="Render the previews every N steps (0 = only at the end)."),
                 io.Combo.Input("timestep_sampling", options=list(TIMESTEP_SAMPLINGS), default=flow.timestep_sampling,
                                tooltip="How noise levels are drawn: flux_shift (resolution-dependent shift, "
@@ -101,9 +102,9 @@ class FluxLoraTrainerTrain(io.ComfyNode):
                 io.Combo.Input("loss_type", options=list(LOSS_TYPES), default=flow.loss_type,
                                tooltip="l2 (usual), l1, huber, smooth_l1 (huber needs --huber_schedule constant or "
                                        "exponential in extra_options)."),
-                io.Boolean.Input("apply_t5_attn_mask", default=rec.apply_t5_attn_mask,
+                io.Boolean.Input("apply_t5_attn_mask", default=rec.models.apply_t5_attn_mask,
                                  tooltip="Mask T5's padding tokens in T5 and in every attention."),
-                io.Int.Input("t5xxl_max_token_length", default=rec.t5xxl_max_token_length or 0, min=0, max=512,
+                io.Int.Input("t5xxl_max_token_length", default=rec.models.t5xxl_max_token_length or 0, min=0, max=512,
                              tooltip="T5 tokens per caption; 0 = 512 for dev, 256 for schnell."),
                 io.Combo.Input("resume", options=[NONE, *states], default=NONE,
                                tooltip="Continue a run from a state saved in output/flux_lora_trainer (a Cancel "
@@ -151,7 +152,7 @@ class FluxLoraTrainerTrain(io.ComfyNode):
         device = mm.get_torch_device()
         mm.unload_all_models()
         mm.soft_empty_cache()
-        auto = bool(memory and memory.get("auto"))
+        auto = memory is not None and getattr(memory, "auto", False)
         with node_errors():
             plan = train_config(
                 models=models, datasets=datasets, network=network, optimizer=optimizer, memory=memory,
@@ -163,7 +164,7 @@ class FluxLoraTrainerTrain(io.ComfyNode):
                 transformer=_transformer_size(models) if auto else None, **widgets)
         run_dir.mkdir(parents=True, exist_ok=True)
         if plan.prompts:
-            Path(plan.config.sample_prompts).write_text(plan.prompts + "\n", encoding="utf-8")
+            Path(plan.config.previews.sample_prompts).write_text(plan.prompts + "\n", encoding="utf-8")
         reporter = ComfyReporter.for_node(cls.hidden.unique_id if cls.hidden else None)
         for note in plan.notes:
             reporter.emit(Message(note))
@@ -225,9 +226,13 @@ def _blank():
 NODES = [FluxLoraTrainerTrain]
 
 
-def _transformer_size(models: dict):
-    """The chosen transformer's parameter counts, from its file's header, for the memory plan."""
+def _transformer_size(models):
+    """The chosen transformer's parameter counts, from its file's header, for the memory plan (None for anything
+    but the models node's output, which train_config refuses by name)."""
     from ..trainer.config.memory_plan import TransformerSize
     from ..trainer.models import read_flux_params
+    from .pieces import ModelFiles
 
-    return TransformerSize.of(read_flux_params(models["pretrained_model_name_or_path"]))
+    if not isinstance(models, ModelFiles):
+        return None
+    return TransformerSize.of(read_flux_params(models.models.pretrained_model_name_or_path))

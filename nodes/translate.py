@@ -9,9 +9,7 @@ TrainerError, whose message names the option.
 
 from __future__ import annotations
 
-import argparse
 import os
-import shlex
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
@@ -19,30 +17,24 @@ from typing import Any, Callable, Mapping
 
 from ..trainer.config import (
     ADAFACTOR_RECOMMENDED_ARGS,
+    RECOMMENDED,
     DatasetConfig,
-    FlowConfig,
     LoRAConfig,
-    SubsetConfig,
     TrainConfig,
     canonical_optimizer,
     datasets_from_dict,
     load_dataset_config,
     single_folder_dataset,
 )
-from ..trainer.config.memory_auto import auto_memory
-from ..trainer.config.memory_plan import (  # noqa: F401
-    FLUX_DEV,
-    GUIDE_ROWS,
-    MemoryPlan,
-    TransformerSize,
-    drop_impossible_caches,
-    plan_memory,
-)
-from ..trainer.config.model_type import chroma_node_fields
+from ..trainer.config.combine import Machine, Source, combine
+from ..trainer.config.extra_options import option_lines, split_line
+from ..trainer.config.extra_options import parse_extra_options as extra_options_source
+from ..trainer.config.memory_plan import FLUX_DEV, MemoryPlan, TransformerSize, plan_memory  # noqa: F401
 from ..trainer.config.optim import check_named_only
-from ..trainer.config.resolve import DATASET_LAYER_OPTIONS
-from ..trainer.errors import ConfigError, DatasetConfigError, TrainerError
-from .paths import resolve_input_file, resolve_input_folder
+from ..trainer.config.sections import ModelsConfig, OptimizerConfig
+from ..trainer.errors import ConfigError, DatasetConfigError
+from .paths import comfy_tokenizers, resolve_input_file, resolve_input_folder  # noqa: F401
+from .pieces import MemoryChoice, ModelFiles, NetworkChoice, for_transformer, piece_sources  # noqa: F401
 
 NONE = "(none)"
 FROM_CHECKPOINT = "(from checkpoint)"
@@ -50,7 +42,6 @@ PLACEHOLDER = "-"  # stands in for the model files where only datasets are looke
 BASE_PRECISIONS = {"bf16": False, "fp8_e4m3fn": True}  # the models node's choice -> TrainConfig.fp8_base
 CACHE_MODES = ("memory", "disk", "off")
 MEMORY_MODES = ("manual", "auto")
-T5_FP8_FIELD = "t5xxl_fp8"  # the models node's T5 precision switch -> TrainConfig.t5xxl_fp8
 # Block-index presets for the network node: (double blocks, single blocks) in the core's syntax; "custom" uses the
 # two text widgets as typed.
 BLOCK_PRESETS: dict[str, tuple[str, str] | None] = {
@@ -92,18 +83,14 @@ def _none_if(value, *empty):
     return None if value in empty else value
 
 
-def _lines(text: str) -> list[str]:
-    return [ln.strip() for ln in (text or "").splitlines() if ln.strip() and not ln.strip().startswith("#")]
-
-
 # ------------------------------------------------------------------------------------------ models
 
 def model_fields(*, transformer: str, clip_l: str, t5xxl: str, ae: str, checkpoint: str = NONE,
                  base_precision: str = "bf16", t5xxl_fp8: bool = False,
-                 full_path: Callable[[str, str], str | None], tokenizers: tuple[str, str] | None = None) -> dict:
-    """The models node: file names from ComfyUI's folder lists -> absolute paths (TrainConfig field names).
-    `full_path(folder, name)` is folder_paths.get_full_path; a slot set to FROM_CHECKPOINT reads its part of the
-    full checkpoint chosen in `checkpoint`. Nothing is loaded."""
+                 full_path: Callable[[str, str], str | None], tokenizers: tuple[str, str] | None = None) -> ModelFiles:
+    """The models node: file names from ComfyUI's folder lists -> absolute paths in a ModelsConfig, and the
+    precisions asked for. `full_path(folder, name)` is folder_paths.get_full_path; a slot set to FROM_CHECKPOINT
+    reads its part of the full checkpoint chosen in `checkpoint`. Nothing is loaded."""
     if base_precision not in BASE_PRECISIONS:
         raise ConfigError(f"base_precision: expected one of {', '.join(BASE_PRECISIONS)}, not {base_precision!r}")
     checkpoint_path = None
@@ -111,40 +98,28 @@ def model_fields(*, transformer: str, clip_l: str, t5xxl: str, ae: str, checkpoi
         checkpoint_path = full_path("checkpoints", checkpoint)
         if checkpoint_path is None:
             raise ConfigError(f"checkpoint: {checkpoint!r} is not in ComfyUI's checkpoints folder")
-    out = {}
+    files = {}
     slots = (("pretrained_model_name_or_path", "transformer", transformer, "diffusion_models"),
              ("clip_l", "clip_l", clip_l, "text_encoders"), ("t5xxl", "t5xxl", t5xxl, "text_encoders"),
              ("ae", "ae", ae, "vae"))
     for slot, option, name, folder in slots:
-        if name == FROM_CHECKPOINT:
-            if checkpoint_path is None:
-                raise ConfigError(f"{option}: {FROM_CHECKPOINT} needs a full checkpoint chosen in 'checkpoint'")
-            out[slot] = checkpoint_path
-            continue
-        if not name or name == NONE:
-            raise ConfigError(f"{option}: choose a file (ComfyUI's {folder} folder) or {FROM_CHECKPOINT}")
-        path = full_path(folder, name)
-        if path is None:
-            raise ConfigError(f"{option}: {name!r} is not in ComfyUI's {folder} folder")
-        out[slot] = path
-    out["fp8_base"] = BASE_PRECISIONS[base_precision]
-    out[T5_FP8_FIELD] = bool(t5xxl_fp8)
+        files[slot] = _model_file(option, name, folder, checkpoint_path, full_path)
     if tokenizers is not None:
-        out["clip_l_tokenizer"], out["t5xxl_tokenizer"] = (str(t) for t in tokenizers)
-    return out
+        files["clip_l_tokenizer"], files["t5xxl_tokenizer"] = (str(t) for t in tokenizers)
+    return ModelFiles(ModelsConfig(**files), fp8_base=BASE_PRECISIONS[base_precision], t5xxl_fp8=bool(t5xxl_fp8))
 
 
-def comfy_tokenizers(comfy_package_dir: str | os.PathLike) -> tuple[str, str]:
-    """ComfyUI's own CLIP-L and T5 tokenizer folders (`comfy/sd1_tokenizer`, `comfy/text_encoders/t5_tokenizer`),
-    checked for the files the core's tokenizer loader needs."""
-    base = Path(comfy_package_dir)
-    clip, t5 = base / "sd1_tokenizer", base / "text_encoders" / "t5_tokenizer"
-    for folder, needed in ((clip, ("vocab.json", "merges.txt")), (t5, ("tokenizer.json",))):
-        missing = [n for n in needed if not (folder / n).is_file()]
-        if missing:
-            raise ConfigError(f"ComfyUI's tokenizer folder {folder} lacks {', '.join(missing)}: is this ComfyUI "
-                              "complete?")
-    return str(clip), str(t5)
+def _model_file(option: str, name: str, folder: str, checkpoint_path: str | None, full_path) -> str:
+    if name == FROM_CHECKPOINT:
+        if checkpoint_path is None:
+            raise ConfigError(f"{option}: {FROM_CHECKPOINT} needs a full checkpoint chosen in 'checkpoint'")
+        return checkpoint_path
+    if not name or name == NONE:
+        raise ConfigError(f"{option}: choose a file (ComfyUI's {folder} folder) or {FROM_CHECKPOINT}")
+    path = full_path(folder, name)
+    if path is None:
+        raise ConfigError(f"{option}: {name!r} is not in ComfyUI's {folder} folder")
+    return path
 
 
 # ------------------------------------------------------------------------------------------ datasets
@@ -290,11 +265,11 @@ def network_fields(*, network_dim: int, network_alpha: float, block_preset: str 
                    loraplus_lr_ratio: float = 0.0, loraplus_unet_lr_ratio: float = 0.0,
                    loraplus_text_encoder_lr_ratio: float = 0.0, network_dropout: float = 0.0,
                    rank_dropout: float = 0.0, module_dropout: float = 0.0, network_args: str = "",
-                   network_weights: str | None = None, dim_from_weights: bool = False) -> dict:
-    """The network node -> {network: LoRAConfig, network_weights, dim_from_weights, text_encoder_lr}.
+                   network_weights: str | None = None, dim_from_weights: bool = False) -> NetworkChoice:
+    """The network node -> its LoRAConfig, the LoRA it continues from and the text encoders' learning rates.
 
     Sentinels: a per-type rank of -1 is the main rank (the core's None), 0 is no LoRA there; a ratio, dropout or
-    learning rate of 0 is "not set" (None; for the text-encoder rates: the optimizer node's learning rate).
+    learning rate of 0 is "not set" (None; for the text-encoder rates: the learning rate).
     `in_dims` ("4,0,0,0,4") and `network_args` (key=value lines: network_reg_dims ...) are read by the core's
     own --network_args parser, so they take the CLI's syntax and give its messages."""
     if block_preset not in BLOCK_PRESETS:
@@ -313,7 +288,7 @@ def network_fields(*, network_dim: int, network_alpha: float, block_preset: str 
     }
     for name, value in (type_dims or {}).items():
         typed[name] = None if value is None or value < 0 else int(value)
-    args = _lines(network_args)
+    args = option_lines(network_args)
     if (in_dims or "").strip():
         args.append(f"in_dims={in_dims.strip()}")
     network = LoRAConfig.from_network_args(args, network_dim=int(network_dim), network_alpha=float(network_alpha),
@@ -321,8 +296,7 @@ def network_fields(*, network_dim: int, network_alpha: float, block_preset: str 
     te_lr = None
     if train_clip_l or train_t5xxl:
         te_lr = ((_none_if(clip_l_lr, 0, 0.0) if train_clip_l else 0.0), _none_if(t5xxl_lr, 0, 0.0))
-    return {"network": network, "network_weights": network_weights, "dim_from_weights": bool(dim_from_weights),
-            "text_encoder_lr": te_lr}
+    return NetworkChoice(network, network_weights or None, bool(dim_from_weights), te_lr)
 
 
 def _blocks(text: str) -> str | None:
@@ -335,148 +309,72 @@ def _blocks(text: str) -> str | None:
 def optimizer_fields(*, optimizer_type: str, learning_rate: float, lr_scheduler: str, lr_warmup_steps: float = 0,
                      lr_scheduler_num_cycles: int = 1, lr_scheduler_power: float = 1.0,
                      lr_scheduler_min_lr_ratio: float = 0.0, max_grad_norm: float = 1.0,
-                     gradient_accumulation_steps: int = 1, optimizer_args: str = "") -> tuple[dict, list[str]]:
-    """The optimizer node -> (TrainConfig fields, notes). Warmup below 1 is a fraction of the steps, from 1 a step
+                     gradient_accumulation_steps: int = 1,
+                     optimizer_args: str = "") -> tuple[OptimizerConfig, list[str]]:
+    """The optimizer node -> (its OptimizerConfig, notes). Warmup below 1 is a fraction of the steps, from 1 a step
     count (sd-scripts). `optimizer_args`: key=value, one per line or separated by spaces; empty with Adafactor
     means the guide's recipe (ADAFACTOR_RECOMMENDED_ARGS)."""
     name = canonical_optimizer(optimizer_type)
     check_named_only(name, "", "optimizer node")
-    args = tuple(token for line in _lines(optimizer_args) for token in _split(line, "optimizer_args"))
+    args = tuple(token for line in option_lines(optimizer_args) for token in split_line(line, "optimizer_args"))
     notes = []
     if name == "Adafactor" and not args:
         args = tuple(ADAFACTOR_RECOMMENDED_ARGS)
         notes.append(f"Adafactor with the guide's arguments: {' '.join(args)}")
     warmup = float(lr_warmup_steps)
-    values = {"optimizer_type": name, "learning_rate": float(learning_rate), "optimizer_args": args,
-              "lr_scheduler": lr_scheduler, "lr_warmup_steps": warmup if warmup < 1 else int(warmup),
-              "lr_scheduler_num_cycles": int(lr_scheduler_num_cycles), "lr_scheduler_power": float(lr_scheduler_power),
-              "lr_scheduler_min_lr_ratio": _none_if(lr_scheduler_min_lr_ratio, 0, 0.0),
-              "max_grad_norm": float(max_grad_norm), "gradient_accumulation_steps": int(gradient_accumulation_steps)}
-    _check_fields(values)
-    return values, notes
-
-
-def _split(line: str, option: str) -> list[str]:
-    try:
-        return shlex.split(line)
-    except ValueError as e:
-        raise ConfigError(f"{option}: {line!r} cannot be read ({e})") from None
-
-
-def _check_fields(values: dict) -> None:
-    """Run TrainConfig's own checks on a piece now, so the node that holds the widgets shows the message."""
-    replace(recommended(), **values)
+    section = replace(recommended().optimizer, optimizer_type=name, learning_rate=float(learning_rate),
+                      optimizer_args=args, lr_scheduler=lr_scheduler,
+                      lr_warmup_steps=warmup if warmup < 1 else int(warmup),
+                      lr_scheduler_num_cycles=int(lr_scheduler_num_cycles),
+                      lr_scheduler_power=float(lr_scheduler_power),
+                      lr_scheduler_min_lr_ratio=_none_if(lr_scheduler_min_lr_ratio, 0, 0.0),
+                      max_grad_norm=float(max_grad_norm), gradient_accumulation_steps=int(gradient_accumulation_steps))
+    return section, notes
 
 
 # ------------------------------------------------------------------------------------------ memory
 
 def memory_fields(*, mode: str = "manual", gradient_checkpointing: bool, blocks_to_swap: int = 0,
                   cpu_offload_checkpointing: bool = False, fp8_base: bool = False, latent_cache: str = "memory",
-                  text_cache: str = "memory", cache_beside_images: bool = False) -> dict:
-    """The memory node -> {"auto": bool, "fields": TrainConfig fields, "cache_beside_images": bool}. With auto
-    the train node plans after it has unloaded ComfyUI's models (plan_memory) and the other widgets are unused."""
+                  text_cache: str = "memory", cache_beside_images: bool = False) -> MemoryChoice:
+    """The memory node -> its sections, or `auto` (the train node plans after it has unloaded ComfyUI's models,
+    and the other widgets are unused)."""
     if mode not in MEMORY_MODES:
         raise ConfigError(f"memory mode: expected one of {', '.join(MEMORY_MODES)}, not {mode!r}")
     for option, value in (("latent_cache", latent_cache), ("text_cache", text_cache)):
         if value not in CACHE_MODES:
             raise ConfigError(f"{option}: expected one of {', '.join(CACHE_MODES)}, not {value!r}")
-    values = {"gradient_checkpointing": bool(gradient_checkpointing),
-              "blocks_to_swap": _none_if(int(blocks_to_swap), 0),
-              "cpu_offload_checkpointing": bool(cpu_offload_checkpointing), "fp8_base": bool(fp8_base),
-              "cache_latents": latent_cache != "off", "cache_latents_to_disk": latent_cache == "disk",
-              "cache_text_encoder_outputs": text_cache != "off",
-              "cache_text_encoder_outputs_to_disk": text_cache == "disk"}
-    if mode == "manual":
-        _check_fields(values)
-    return {"auto": mode == "auto", "fields": values, "cache_beside_images": bool(cache_beside_images),
-            "chosen_by_user": mode == "manual"}
+    if mode == "auto":
+        return MemoryChoice(auto=True, cache_beside_images=bool(cache_beside_images))
+    rec = recommended()
+    memory = replace(rec.memory, gradient_checkpointing=bool(gradient_checkpointing),
+                     blocks_to_swap=_none_if(int(blocks_to_swap), 0),
+                     cpu_offload_checkpointing=bool(cpu_offload_checkpointing), fp8_base=bool(fp8_base))
+    caching = replace(rec.caching, cache_latents=latent_cache != "off", cache_latents_to_disk=latent_cache == "disk",
+                      cache_text_encoder_outputs=text_cache != "off",
+                      cache_text_encoder_outputs_to_disk=text_cache == "disk")
+    return MemoryChoice(False, memory, caching, bool(cache_beside_images))
 
 
 # ------------------------------------------------------------------------------------------ train
 
-# TrainConfig fields the nodes own: never taken from the train node's extra options (files and folders stay inside
-# ComfyUI's, datasets and the network come from their nodes)
-NODE_OWNED = ("pretrained_model_name_or_path", "clip_l", "t5xxl", "ae", "clip_l_tokenizer", "t5xxl_tokenizer",
-              "device", "output_dir", "output_name", "logging_dir", "cache_dir", "resume", "network", "flow",
-              "network_weights", "dim_from_weights", "sample_prompts", "network_dim", "network_alpha",
-              "network_dropout", "network_train_unet_only")
+# options the nodes set: never taken from the train node's extra options (files and folders stay inside ComfyUI's,
+# the network comes from its node); every dataset option is refused as well (the datasets are typed)
+NODE_OWNED = {
+    **dict.fromkeys(("pretrained_model_name_or_path", "clip_l", "t5xxl", "ae", "clip_l_tokenizer", "t5xxl_tokenizer",
+                     "model_type"), "the models node (from ComfyUI's model folders and the transformer file)"),
+    **dict.fromkeys(("network_dim", "network_alpha", "network_dropout", "network_train_unet_only", "network_args",
+                     "network_module", "network_weights", "dim_from_weights"), "the network node"),
+    **dict.fromkeys(("output_dir", "output_name", "logging_dir", "cache_dir", "resume", "sample_prompts", "device"),
+                    "the train node (its widgets and ComfyUI's folders)"),
+}
 FLOW_WIDGETS = ("timestep_sampling", "discrete_flow_shift", "sigmoid_scale", "model_prediction_type",
                 "guidance_scale", "loss_type")
 
 
-def parse_extra_options(text: str) -> tuple[dict, dict]:
-    """The train node's `extra_options`: any other sd-scripts option, in command-line syntax
-    (`--weighting_scheme logit_normal --huber_c 0.2 --save_last_n_steps 2`), read by the core's CLI parser ->
-    (TrainConfig fields, FlowConfig fields). Options the nodes own (files, folders, datasets, network) are
-    refused."""
-    tokens = [t for line in _lines(text) for t in _split(line, "extra_options")]
-    if not tokens:
-        return {}, {}
-    from ..trainer.cli import build_parser
-
-    parser = build_parser()
-    parser.allow_abbrev = False  # `--output_d x` must not reach output_dir
-
-    def fail(message: str):
-        raise ConfigError(f"extra_options: {message}")
-
-    parser.error = fail
-    short = [t for t in tokens if t.startswith("-") and not t.startswith("--") and not _is_number(t)]
-    if short:
-        fail(f"{short[0]}: write options in full, e.g. --huber_c 0.2")
-    given = [t[2:].split("=", 1)[0] for t in tokens if t.startswith("--")]
-    train_names = {f.name for f in fields(TrainConfig)}
-    flow_names = {f.name for f in fields(FlowConfig)}
-    for name in given:
-        if name in DATASET_LAYER_OPTIONS:
-            fail(f"--{name} is a dataset option: set it on the dataset node (a widget, or `{name} = ...` in its "
-                 "extra_options) or in a dataset TOML; here it would reach no dataset")
-        if name in NODE_OWNED:
-            fail(f"--{name} is set by the nodes (models, dataset, network or the train node's own widgets), not here")
-        if name not in train_names and name not in flow_names:
-            fail(f"--{name} is not a training option the train node takes")
-    placeholders = ["--pretrained_model_name_or_path", PLACEHOLDER, "--clip_l", PLACEHOLDER, "--t5xxl", PLACEHOLDER,
-                    "--ae", PLACEHOLDER]
-    try:
-        namespace = parser.parse_args(placeholders + tokens)
-    except argparse.ArgumentError as e:
-        fail(str(e))
-    values = vars(namespace)
-    train = {n: values[n] for n in given if n in train_names}
-    flow = {n: values[n] for n in given if n in flow_names}
-    check_named_only(train.get("optimizer_type", ""), train.get("lr_scheduler_type", ""), "extra_options")
-    for name in ("text_encoder_lr", "optimizer_args"):
-        if name in train:
-            train[name] = tuple(train[name]) or None if name == "text_encoder_lr" else tuple(train[name])
-    return train, flow
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def flow_config(extra_flow: Mapping | None = None, **widgets) -> FlowConfig:
-    """Recommended flow options, the train node's flow widgets over them, then the extra options."""
-    unknown = set(widgets) - set(FLOW_WIDGETS)
-    if unknown:
-        raise TypeError(f"unknown flow widgets: {sorted(unknown)}")
-    return FlowConfig(**{**asdict(recommended().flow), **widgets, **(extra_flow or {})})
-
-
-
-
-def _drop_impossible_caches(values: dict, datasets: tuple, network: LoRAConfig) -> list[str]:
-    """Caching picked by default (no memory node, or auto) is turned off where a dataset changes images or captions
-    every step, instead of failing after the models have loaded; a cache the user chose keeps the core's error."""
-    rec = recommended()
-    for key in ("cache_latents", "cache_latents_to_disk", "cache_text_encoder_outputs",
-                "cache_text_encoder_outputs_to_disk"):
-        values.setdefault(key, getattr(rec, key))
-    return drop_impossible_caches(values, datasets, network.train_t5xxl)
+def parse_extra_options(text: str) -> Source:
+    """The train node's `extra_options`: any other sd-scripts option in command-line syntax, read by the core."""
+    return extra_options_source(text, refused=NODE_OWNED, typed_datasets=True)
 
 
 @dataclass(frozen=True)
@@ -484,11 +382,11 @@ class RunPlan:
     config: TrainConfig
     notes: tuple[str, ...]
     memory: MemoryPlan | None
-    prompts: str | None  # the sample prompts text to write to config.sample_prompts before training
+    prompts: str | None  # the sample prompts text to write to config.previews.sample_prompts before training
 
 
-def train_config(*, models: Mapping, datasets: tuple, network: Mapping | None = None,
-                 optimizer: Mapping | None = None, memory: Mapping | None = None, flow: Mapping,
+def train_config(*, models: ModelFiles, datasets: tuple, network: NetworkChoice | None = None,
+                 optimizer: OptimizerConfig | None = None, memory: MemoryChoice | None = None, flow: Mapping,
                  max_train_steps: int, max_train_epochs: int = 0, seed: int = -1, save_every_n_steps: int = 0,
                  save_state: bool = False, sample_prompts: str = "", sample_every_n_steps: int = 0,
                  apply_t5_attn_mask: bool = False, t5xxl_max_token_length: int = 0, extra_options: str = "",
@@ -496,75 +394,52 @@ def train_config(*, models: Mapping, datasets: tuple, network: Mapping | None = 
                  resume: str | os.PathLike | None = None, device: str | None = None,
                  free_memory: float | None = None, device_type: str = "cuda", free_host: float | None = None,
                  transformer: TransformerSize | None = None) -> RunPlan:
-    """Every piece -> one TrainConfig, built on TrainConfig.recommended(). Later pieces win: recommended <
-    memory (or its auto plan from `free_memory`) < models (fp8_base is on when either asks) < optimizer < network <
-    the train node's widgets < its extra options."""
+    """The nodes' pieces, in order (memory, models, optimizer, network, datasets, the train node's widgets, its
+    extra options), resolved by the core over the recommended values (`combine`); with the memory node's auto, the
+    plan for `free_memory` fills what none of them set."""
     if not datasets:
         raise ConfigError("datasets: connect a dataset node (or the TOML node) to the train node")
-    extra_train, extra_flow = parse_extra_options(extra_options)
-    notes: list[str] = []
-    values: dict[str, Any] = {}
-    plan = None
-    memory = memory or {"auto": False, "fields": {}, "cache_beside_images": False, "chosen_by_user": False}
-    if memory["auto"]:
-        if free_memory is None:
-            raise ConfigError("memory auto: the free memory is unknown")
-        trained_t5 = network is not None and network["network"].train_t5xxl
-        auto = auto_memory(free_memory, device_type, datasets=datasets, given=extra_train, train_t5xxl=trained_t5,
-                           size=transformer or FLUX_DEV, host_free_bytes=free_host)
-        plan = auto.plan
-        values.update(auto.fields)
-        notes += auto.notes
-    else:
-        values.update(memory["fields"])
-    model_values = dict(models)
-    t5_fp8 = model_values.pop(T5_FP8_FIELD, False)
-    model_values["fp8_base"] = bool(model_values.get("fp8_base")) or bool(values.get("fp8_base"))
-    values.update(model_values)
-    values[T5_FP8_FIELD] = bool(t5_fp8) or bool(values.get(T5_FP8_FIELD))  # asked for, or the plan needs it
-    opt_values = dict(optimizer or {})
-    values.update(opt_values)
-    if network is not None:
-        values["network"] = network["network"]
-        if network.get("network_weights"):
-            values["network_weights"] = str(network["network_weights"])
-            values["dim_from_weights"] = bool(network.get("dim_from_weights"))
-        te = network.get("text_encoder_lr")
-        if te is not None:
-            lr = values.get("learning_rate", recommended().learning_rate)
-            values["text_encoder_lr"] = tuple(lr if v is None else float(v) for v in te)
-    values.update({
-        "max_train_steps": int(max_train_steps), "max_train_epochs": _none_if(int(max_train_epochs), 0),
-        "seed": None if int(seed) < 0 else int(seed), "save_every_n_steps": _none_if(int(save_every_n_steps), 0),
-        "save_state": bool(save_state), "sample_every_n_steps": _none_if(int(sample_every_n_steps), 0),
-        "apply_t5_attn_mask": bool(apply_t5_attn_mask),
-        "t5xxl_max_token_length": _none_if(int(t5xxl_max_token_length), 0),
-        "output_dir": str(output_dir), "output_name": output_name, "device": device,
-        "cache_dir": None if memory.get("cache_beside_images") or cache_dir is None else str(cache_dir),
-        "resume": None if resume is None else str(resume),
-    })
-    prompts = "\n".join(_lines(sample_prompts)) or None
-    if prompts:
-        values["sample_prompts"] = str(Path(output_dir) / "sample_prompts.txt")
-    if memory.get("chosen_by_user") is False or memory["auto"]:
-        notes += _drop_impossible_caches(values, datasets, values.get("network", recommended().network))
-    values.update(extra_train)
-    check_named_only(values.get("optimizer_type", ""), values.get("lr_scheduler_type", ""), "train node")
-    flow = dict(flow)
-    if values.get("model_type") == "chroma":  # the models node found a Chroma transformer
-        chroma, chroma_notes = chroma_node_fields({**flow, **values}, {**extra_train, **extra_flow},
-                                                  recommended().flow.guidance_scale)
-        notes += chroma_notes
-        flow.update({k: v for k, v in chroma.items() if k in FLOW_WIDGETS})
-        values.update({k: v for k, v in chroma.items() if k not in FLOW_WIDGETS})
-    flow_cfg = flow_config(extra_flow, **flow)
-    config = TrainConfig.recommended(flow=flow_cfg, datasets=tuple(datasets), **values)
-    notes += config.advice()
-    return RunPlan(config, tuple(notes), plan, prompts)
+    pieces = piece_sources(models=models, network=network, optimizer=optimizer, memory=memory)
+    prompts = "\n".join(option_lines(sample_prompts)) or None
+    widgets = _train_widgets(flow, max_train_steps=int(max_train_steps), max_train_epochs=int(max_train_epochs),
+                             seed=int(seed), save_every_n_steps=int(save_every_n_steps), save_state=bool(save_state),
+                             sample_every_n_steps=int(sample_every_n_steps), apply_t5_attn_mask=apply_t5_attn_mask,
+                             t5xxl_max_token_length=int(t5xxl_max_token_length))
+    folders = {"output_dir": str(output_dir), "output_name": output_name, "device": device,
+               "cache_dir": None if (memory and memory.cache_beside_images) or cache_dir is None else str(cache_dir),
+               "resume": None if resume is None else str(resume),
+               "sample_prompts": str(Path(output_dir) / "sample_prompts.txt") if prompts else None}
+    widgets.update({k: v for k, v in folders.items() if v is not None})
+    sources = [*pieces, Source("the dataset nodes", {"datasets": tuple(datasets)}), Source("the train node", widgets),
+               parse_extra_options(extra_options)]
+    measure = None
+    if memory is not None and memory.auto:
+        measure = _measured(Machine(free_memory, device_type, free_host, transformer or FLUX_DEV))
+    resolved = combine(sources, defaults=RECOMMENDED, measure=measure)
+    config = resolved.config
+    check_named_only(config.optimizer.optimizer_type, config.optimizer.lr_scheduler_type, "train node")
+    return RunPlan(config, (*resolved.notes, *config.advice()), resolved.memory, prompts)
 
 
-__all__ = ["TrainerError", "NONE", "FROM_CHECKPOINT", "BLOCK_PRESETS", "CACHE_MODES", "MEMORY_MODES",
-           "BASE_PRECISIONS", "recommended", "default", "model_fields", "comfy_tokenizers", "dataset_config",
-           "toml_datasets", "chain", "preview_config", "report_lines", "network_fields", "optimizer_fields",
-           "memory_fields", "plan_memory", "MemoryPlan", "parse_extra_options", "flow_config", "train_config",
-           "RunPlan", "SubsetConfig"]
+def _measured(machine: Machine):
+    """The train node measured the machine itself, after unloading ComfyUI's models."""
+    if machine.free_bytes is None:
+        raise ConfigError("memory auto: the free memory is unknown")
+    return lambda draft: machine
+
+
+def _train_widgets(flow: Mapping, **widgets) -> dict:
+    """The train node's own widgets as options: sentinels (0, -1) are "not set", and a widget left at its default
+    is no choice (so --model_type chroma may still set its own guidance and T5 mask)."""
+    unknown = set(flow) - set(FLOW_WIDGETS)
+    if unknown:
+        raise TypeError(f"unknown flow widgets: {sorted(unknown)}")
+    values = {**widgets, **flow}
+    values["max_train_epochs"] = _none_if(values["max_train_epochs"], 0)
+    values["seed"] = None if values["seed"] < 0 else values["seed"]
+    for name in ("save_every_n_steps", "sample_every_n_steps", "t5xxl_max_token_length"):
+        values[name] = _none_if(values[name], 0)
+    values["apply_t5_attn_mask"] = bool(values["apply_t5_attn_mask"])
+    rec = recommended()
+    current = {**rec.flags(), **asdict(rec.flow)}
+    return {name: value for name, value in values.items() if value != current[name]}

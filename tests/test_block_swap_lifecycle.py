@@ -323,5 +323,5 @@ def test_cudagraphs_with_swap_or_offload_is_refused_before_anything_loads(option
 
     files = dict(pretrained_model_name_or_path="f", clip_l="c", t5xxl="t", ae="a", train_data_dir="d")
     with pytest.raises(ConfigError, match="dynamo_backend cudagraphs cannot be used with blocks_to_swap"):
-        TrainConfig(**files, torch_compile=True, dynamo_backend="cudagraphs", **options)
-    TrainConfig(**files, torch_compile=True, dynamo_backend="inductor", **options)
+        TrainConfig.from_flags(**files, torch_compile=True, dynamo_backend="cudagraphs", **options)
+    TrainConfig.from_flags(**files, torch_compile=True, dynamo_backend="inductor", **options)

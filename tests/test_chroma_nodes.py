@@ -38,9 +38,9 @@ def run(node, transformer, clip_l):
 
 def test_a_chroma_file_gives_model_type_chroma_and_no_clip_l(models_node, tiny_files):
     out = run(models_node, "chroma.safetensors", clip_l="ae.safetensors")  # not a CLIP-L: Chroma never reads it
-    (models,) = out.args
-    assert models["model_type"] == "chroma" and "clip_l" not in models
-    assert models["pretrained_model_name_or_path"] == str(tiny_files["flux"].parent / "chroma.safetensors")
+    (files,) = out.args
+    assert files.models.model_type == "chroma" and files.models.clip_l is None
+    assert files.models.pretrained_model_name_or_path == str(tiny_files["flux"].parent / "chroma.safetensors")
     assert out.ui["text"][0].startswith("Chroma: 2 double + 2 single blocks, hidden 64")
     assert "CLIP-L not used" in out.ui["text"][0]
     with pytest.raises(ValueError, match="t5xxl"):  # the slots Chroma uses are still checked
@@ -50,6 +50,6 @@ def test_a_chroma_file_gives_model_type_chroma_and_no_clip_l(models_node, tiny_f
 
 def test_a_flux_file_gives_what_it_gave(models_node, tiny_files):
     out = run(models_node, "flux.safetensors", clip_l="clip_l.safetensors")
-    (models,) = out.args
-    assert "model_type" not in models and models["clip_l"] == str(tiny_files["clip_l"])
+    (files,) = out.args
+    assert files.models.model_type == "flux" and files.models.clip_l == str(tiny_files["clip_l"])
     assert out.ui["text"][0].startswith("FLUX.1 dev: 2 double + 2 single blocks") and "CLIP-L" not in out.ui["text"][0]

@@ -82,7 +82,7 @@ def assert_a_trained_sd_scripts_chroma_lora(path):
 
 def test_the_library_trains_a_chroma_lora_in_sd_scripts_layout(ws, tokenizer_dirs, tmp_path):
     cfg = chroma_config(ws, tokenizer_dirs, tmp_path)
-    assert cfg.apply_t5_attn_mask  # sd-scripts requires the mask for Chroma: turned on, not left off
+    assert cfg.models.apply_t5_attn_mask  # sd-scripts requires the mask for Chroma: turned on, not left off
     finished = train(cfg, SilentReporter())
     assert finished.steps == 3 and all(np.isfinite(finished.losses))
     meta = assert_a_trained_sd_scripts_chroma_lora(finished.lora)
@@ -114,7 +114,7 @@ def test_an_explicit_guidance_scale_is_kept_for_chroma(ws, tokenizer_dirs, tmp_p
     warned = []
     cfg = config_from_args(parse_command_line(chroma_args(ws, tokenizer_dirs, tmp_path) + ["--guidance_scale", "2"]),
                            warn=warned.append)
-    assert cfg.flow.guidance_scale == 2.0 and cfg.model_type == "chroma" and cfg.clip_l is None
+    assert cfg.flow.guidance_scale == 2.0 and cfg.models.model_type == "chroma" and cfg.models.clip_l is None
     assert not any("guidance_scale" in line for line in warned)  # said once, by the advice every front end gives
     assert "guidance_scale 2.0 is used as given; Chroma is trained with 0.0 (sd-scripts' guide)" in cfg.advice()
 
@@ -148,7 +148,8 @@ def test_the_preflight_plans_the_chroma_network_and_skips_clip_l(ws, tokenizer_d
 
 def test_an_unknown_model_type_is_refused():
     with pytest.raises(ConfigError, match="model_type: expected one of flux, chroma, not 'sd3'"):
-        TrainConfig(pretrained_model_name_or_path="m", t5xxl="t", ae="a", train_data_dir="d", model_type="sd3")
+        TrainConfig.from_flags(pretrained_model_name_or_path="m", t5xxl="t", ae="a", train_data_dir="d",
+                               model_type="sd3")
 
 
 # ------------------------------------------------------------------------------------------- previews
@@ -224,8 +225,8 @@ def test_the_node_path_builds_a_chroma_config(ws, tmp_path):
     from packimport import pack
 
     t = pack("nodes.translate")
-    models = {"pretrained_model_name_or_path": str(ws["chroma"]), "t5xxl": str(ws["t5xxl"]), "ae": str(ws["ae"]),
-              "fp8_base": False, "t5xxl_fp8": False, "model_type": "chroma"}  # what the models node gives for Chroma
+    models = t.ModelFiles(pack("trainer.config.sections").ModelsConfig(  # what the models node gives for Chroma
+        pretrained_model_name_or_path=str(ws["chroma"]), t5xxl=str(ws["t5xxl"]), ae=str(ws["ae"]), model_type="chroma"))
     flow = {"timestep_sampling": "flux_shift", "discrete_flow_shift": 3.0, "sigmoid_scale": 1.0,
             "model_prediction_type": "raw", "guidance_scale": t.recommended().flow.guidance_scale, "loss_type": "l2"}
     toml = t.toml_datasets("", ws["toml"].read_text(), tmp_path)
@@ -233,7 +234,9 @@ def test_the_node_path_builds_a_chroma_config(ws, tmp_path):
                   output_name="lora", cache_dir=tmp_path / "cache")
     plan = t.train_config(**common)
     c = plan.config
-    assert (c.model_type, c.clip_l, c.apply_t5_attn_mask, c.flow.guidance_scale) == ("chroma", None, True, 0.0)
+    models = c.models
+    assert (models.model_type, models.clip_l, models.apply_t5_attn_mask, c.flow.guidance_scale) == (
+        "chroma", None, True, 0.0)
     assert any("--apply_t5_attn_mask is on" in n for n in plan.notes)
     assert t.train_config(**common, extra_options="--guidance_scale 2").config.flow.guidance_scale == 2.0
     assert t.train_config(**{**common, "flow": {**flow, "guidance_scale": 0.5}}).config.flow.guidance_scale == 0.5

@@ -80,7 +80,7 @@ def test_options_that_do_not_apply_warn(ws, tokenizer_dirs, tmp_path):
     config = config_from_args(ns, warn=warnings.append)
     assert any("--v2" in w for w in warnings) and any("--clip_skip" in w for w in warnings)
     assert any("--max_token_length" in w for w in warnings)
-    assert any("split_mode is deprecated" in w for w in warnings) and config.blocks_to_swap == 18
+    assert any("split_mode is deprecated" in w for w in warnings) and config.memory.blocks_to_swap == 18
 
 
 def test_sd_scripts_defaults(ws, tokenizer_dirs, tmp_path):
@@ -88,9 +88,11 @@ def test_sd_scripts_defaults(ws, tokenizer_dirs, tmp_path):
     assert (c.flow.guidance_scale, c.flow.timestep_sampling,
             c.flow.model_prediction_type) == (3.5, "sigma", "sigma_scaled")
     assert (c.flow.discrete_flow_shift, c.flow.weighting_scheme, c.flow.loss_type) == (3.0, "uniform", "l2")
-    assert (c.network.network_dim, c.network.network_alpha, c.learning_rate) == (4, 1.0, 2e-6)
-    assert (c.max_train_steps, c.max_grad_norm, c.lr_scheduler, c.mixed_precision) == (1600, 1.0, "constant", "no")
-    assert c.caption_extension == ".caption" and c.optimizer_type == ""
+    o = c.optimizer
+    assert (c.network.network_dim, c.network.network_alpha, o.learning_rate) == (4, 1.0, 2e-6)
+    assert (c.run.max_train_steps, o.max_grad_norm, o.lr_scheduler, c.memory.mixed_precision) == (
+        1600, 1.0, "constant", "no")
+    assert c.data.caption_extension == ".caption" and o.optimizer_type == ""
 
 
 def test_option_families_map_to_the_config(ws, tokenizer_dirs, tmp_path):
@@ -108,13 +110,14 @@ def test_option_families_map_to_the_config(ws, tokenizer_dirs, tmp_path):
     assert (f.timestep_sampling, f.discrete_flow_shift, f.sigmoid_scale) == ("shift", 3.1582, 2.0)
     assert (f.weighting_scheme, f.logit_mean, f.logit_std, f.mode_scale) == ("logit_normal", 0.3, 1.2, 1.1)
     assert (f.loss_type, f.huber_schedule, f.huber_c, f.huber_scale) == ("smooth_l1", "exponential", 0.2, 1.5)
-    assert c.apply_t5_attn_mask and c.t5xxl_max_token_length == 256
-    assert c.optimizer_type == "Adafactor" and c.optimizer_args == ("relative_step=False", "scale_parameter=False")
-    assert c.lr_scheduler == "cosine_with_restarts" and c.lr_warmup_steps == 0.1 and c.lr_scheduler_num_cycles == 3
-    assert c.text_encoder_lr == (1e-5, 2e-5) and c.unet_lr == 3e-4 and c.network.img_attn_dim == 8
-    assert c.gradient_accumulation_steps == 4 and c.save_every_n_steps == 50 and c.save_state
-    assert c.full_bf16 and c.save_precision == "bf16" and c.seed == 9
-    assert c.cache_latents and c.cache_text_encoder_outputs  # the _to_disk forms imply them
+    assert c.models.apply_t5_attn_mask and c.models.t5xxl_max_token_length == 256
+    o = c.optimizer
+    assert o.optimizer_type == "Adafactor" and o.optimizer_args == ("relative_step=False", "scale_parameter=False")
+    assert o.lr_scheduler == "cosine_with_restarts" and o.lr_warmup_steps == 0.1 and o.lr_scheduler_num_cycles == 3
+    assert o.text_encoder_lr == (1e-5, 2e-5) and o.unet_lr == 3e-4 and c.network.img_attn_dim == 8
+    assert o.gradient_accumulation_steps == 4 and c.saving.save_every_n_steps == 50 and c.saving.save_state
+    assert c.memory.full_bf16 and c.saving.save_precision == "bf16" and c.run.seed == 9
+    assert c.caching.cache_latents and c.caching.cache_text_encoder_outputs  # the _to_disk forms imply them
 
 
 def run_with_spies(ws, tokenizer_dirs, tmp_path, monkeypatch, *extra):

@@ -166,8 +166,8 @@ def test_tokenizer_cache_dir_uses_sd_scripts_folder_names(ws, tokenizer_dirs, tm
 
     warnings = []
     config = config_from_args(parse_command_line(argv + ["--tokenizer_cache_dir", str(cache)]), warn=warnings.append)
-    assert config.clip_l_tokenizer == str(cache / "openai_clip-vit-large-patch14")
-    assert config.t5xxl_tokenizer == str(tokenizer_dirs["t5xxl"])  # given explicitly: kept
+    assert config.models.clip_l_tokenizer == str(cache / "openai_clip-vit-large-patch14")
+    assert config.models.t5xxl_tokenizer == str(tokenizer_dirs["t5xxl"])  # given explicitly: kept
     assert warnings == []
 
 
@@ -191,7 +191,7 @@ def test_dataset_config_wins_over_folder_options_with_a_warning(ws, tokenizer_di
     warnings = []
     config = config_from_args(parse_command_line(cli_args(ws, tokenizer_dirs, tmp_path) + [
         "--train_data_dir", "images", "--reg_data_dir", "reg"]), warn=warnings.append)
-    assert config.train_data_dir is None and config.reg_data_dir is None and config.dataset_config
+    assert config.data.train_data_dir is None and config.data.reg_data_dir is None and config.data.dataset_config
     assert warnings == ["--dataset_config is given, so --train_data_dir, --reg_data_dir are ignored (as sd-scripts "
                         "does)"]
 

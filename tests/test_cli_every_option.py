@@ -11,7 +11,7 @@ import pytest
 
 from trainer.cli import ACTING, build_parser, config_from_args
 from trainer.cli_options import NO_EFFECT, REFUSED, SD_SCRIPTS_GROUPS
-from trainer.config import FlowConfig, LoRAConfig, TrainConfig
+from trainer.config import FLAG_SECTIONS, FlowConfig, LoRAConfig, TrainConfig
 from trainer.errors import ConfigError
 
 OPTIONS = json.loads((Path(__file__).parent / "reference" / "sd_scripts_flux_train_network_options.json")
@@ -44,12 +44,12 @@ COMPANIONS = {"fp8_base": ["--mixed_precision", "bf16"], "fp8_base_unet": ["--mi
                   "huggingface_repo_visibility", "save_state_to_huggingface", "async_upload")}}
 # what an acting command-line option does to the config
 ACTS = {
-    "caption_extention": lambda c: c.caption_extension == "v",
-    "use_8bit_adam": lambda c: c.optimizer_type == "AdamW8bit",
-    "use_lion_optimizer": lambda c: c.optimizer_type == "Lion",
+    "caption_extention": lambda c: c.data.caption_extension == "v",
+    "use_8bit_adam": lambda c: c.optimizer.optimizer_type == "AdamW8bit",
+    "use_lion_optimizer": lambda c: c.optimizer.optimizer_type == "Lion",
     "network_args": lambda c: c.network.train_blocks == "single",
     "network_module": lambda c: isinstance(c.network, LoRAConfig),
-    "split_mode": lambda c: c.blocks_to_swap == 18,
+    "split_mode": lambda c: c.memory.blocks_to_swap == 18,
 }
 TYPED = {"int": "3", "float": "0.5", "str": "v"}
 
@@ -66,14 +66,16 @@ def value_words(option: dict) -> list[str]:
 
 
 def where(config: TrainConfig, name: str):
-    for holder in (config, config.flow, config.network):
+    if name in FLAG_SECTIONS:
+        return getattr(getattr(config, FLAG_SECTIONS[name]), name)
+    for holder in (config.flow, config.network):
         if name in {f.name for f in dataclasses.fields(holder)}:
             return getattr(holder, name)
     raise AssertionError(f"{name} is not a config field")
 
 
 def field_names() -> set[str]:
-    return {f.name for cls in (TrainConfig, FlowConfig, LoRAConfig) for f in dataclasses.fields(cls)}
+    return {*FLAG_SECTIONS, *(f.name for cls in (FlowConfig, LoRAConfig) for f in dataclasses.fields(cls))}
 
 
 def test_the_reference_list_is_sd_scripts_whole_parser():

@@ -10,6 +10,7 @@ import pytest
 
 from trainer.cli import CLI_ONLY, build_parser, config_from_args, option_fields
 from trainer.config import (
+    FLAG_SECTIONS,
     DatasetConfig,
     FlowConfig,
     LoRAConfig,
@@ -39,7 +40,7 @@ REQUIRED_ARGV = [f"--{k}={v}" for k, v in MODELS.items()] + ["--dataset_config",
 
 
 def make(**overrides) -> TrainConfig:
-    return TrainConfig(**{**MODELS, "dataset_config": "d.toml", **overrides})
+    return TrainConfig.from_flags(**{**MODELS, "dataset_config": "d.toml", **overrides})
 
 
 def test_config_and_cli_parser_import_no_torch():
@@ -53,8 +54,7 @@ def test_every_field_has_a_flag_and_every_flag_a_field_or_a_reason():
     parser = build_parser()
     flags = {a.dest for a in parser._actions if a.dest != "help"}
     fields = {f.name for f in option_fields()}
-    nested = {"network", "flow", "datasets"}
-    assert {f.name for f in dataclasses.fields(TrainConfig)} - nested <= fields
+    assert set(FLAG_SECTIONS) - {"datasets"} <= fields
     assert {f.name for f in dataclasses.fields(FlowConfig)} <= fields
     assert fields <= flags, f"fields without a flag: {sorted(fields - flags)}"
     assert flags - fields == set(CLI_ONLY), f"flags without a field: {sorted(flags - fields - set(CLI_ONLY))}"
@@ -69,12 +69,12 @@ def test_defaults_are_written_once_in_the_dataclasses():
     changed = config_from_args(build_parser().parse_args(REQUIRED_ARGV + [
         "--network_dim", "8", "--guidance_scale", "1", "--learning_rate", "1e-4", "--network_args", "split_qkv=True"]))
     assert (changed.network.network_dim, changed.network.network_alpha, changed.network.split_qkv) == (8, 1.0, True)
-    assert changed.flow.guidance_scale == 1.0 and changed.learning_rate == 1e-4
+    assert changed.flow.guidance_scale == 1.0 and changed.optimizer.learning_rate == 1e-4
 
 
 def test_model_files_are_required():
     with pytest.raises(TypeError):
-        TrainConfig(dataset_config="d.toml")
+        TrainConfig.from_flags(dataset_config="d.toml")
     with pytest.raises(ConfigError, match="ae: a model file is required"):
         make(ae=" ")
 
@@ -96,10 +96,10 @@ def test_mistakes_that_need_no_file_fail_at_construction(overrides, message):
 
 
 def test_optimizer_names_are_case_blind_and_dotted_paths_pass():
-    assert make(optimizer_type="adamw8bit").optimizer_type == "adamw8bit"
-    assert make(optimizer_type="torch.optim.RAdam", lr_scheduler="cosine").lr_scheduler == "cosine"
+    assert make(optimizer_type="adamw8bit").optimizer.optimizer_type == "adamw8bit"
+    assert make(optimizer_type="torch.optim.RAdam", lr_scheduler="cosine").optimizer.lr_scheduler == "cosine"
     assert make(optimizer_type="Adafactor", lr_scheduler="adafactor",
-                optimizer_args=("relative_step=True",)).optimizer_args == ("relative_step=True",)
+                optimizer_args=("relative_step=True",)).optimizer.optimizer_args == ("relative_step=True",)
 
 
 def test_flow_options_are_checked_with_the_error_root():

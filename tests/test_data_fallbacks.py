@@ -51,7 +51,7 @@ EXPECTED_DATASET = dict(batch_size=5, resolution=(512, 512), enable_bucket=True,
 
 
 def make(**overrides) -> TrainConfig:
-    return TrainConfig(**{**MODELS, **overrides})
+    return TrainConfig.from_flags(**{**MODELS, **overrides})
 
 
 def values(config, names):

@@ -161,7 +161,7 @@ def test_masked_loss_is_not_listed_as_without_effect():
     args = ["--pretrained_model_name_or_path", "f", "--clip_l", "c", "--t5xxl", "t", "--ae", "a", "--train_data_dir",
             "d", "--resolution", "64", "--masked_loss"]
     config = config_from_args(build_parser().parse_args(args), warn=said.append)
-    assert config.masked_loss and not any("masked_loss" in s for s in said)
+    assert config.data.masked_loss and not any("masked_loss" in s for s in said)
     entry = build_parser().format_help().split("\n  --masked_loss", 1)[1].split("\n  --", 1)[0]
     assert "R channel" in entry and "no effect" not in entry
 

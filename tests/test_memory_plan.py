@@ -2,6 +2,8 @@
 on every block Linear, AdamW, batch 1, one H200; DESIGN.md), its parameter count against the model itself, and the
 CLI's --memory auto."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -50,19 +52,25 @@ def test_cli_memory_auto_fills_what_the_command_line_leaves_open(tmp_path, token
     ns = cli.parse_command_line(cli_args(ws, tokenizer_dirs, tmp_path) + ["--memory", "auto", "--mixed_precision",
                                                                           "bf16", "--blocks_to_swap", "30"])
     messages = []
-    config = cli.config_with_memory_plan(ns, messages.append)
-    assert config.fp8_base and config.gradient_checkpointing and config.t5xxl_fp8 and config.cache_latents
-    assert config.blocks_to_swap == 30  # given on the command line: kept
+    config = planned(cli, ns, messages)
+    assert config.memory.fp8_base and config.memory.gradient_checkpointing and config.memory.t5xxl_fp8
+    assert config.caching.cache_latents
+    assert config.memory.blocks_to_swap == 30  # given on the command line: kept
     monkeypatch.undo()
     monkeypatch.setattr(cli, "free_device_memory", lambda device: ("cuda", 9.6 * GIB))
     monkeypatch.setattr(cli, "free_host_memory", lambda device_type: None)  # not this machine's RAM
-    tiny = cli.config_with_memory_plan(cli.parse_command_line(
-        cli_args(ws, tokenizer_dirs, tmp_path) + ["--memory", "auto", "--mixed_precision", "bf16"]), messages.append)
-    assert not tiny.fp8_base and not tiny.blocks_to_swap  # the tiny transformer of the files fits in bf16
+    tiny = planned(cli, cli.parse_command_line(
+        cli_args(ws, tokenizer_dirs, tmp_path) + ["--memory", "auto", "--mixed_precision", "bf16"]), messages)
+    assert not tiny.memory.fp8_base and not tiny.memory.blocks_to_swap  # the tiny transformer fits in bf16
     assert "auto: 9.6 GiB free; at 64x64, batch 2" in messages[0]
     monkeypatch.setattr("trainer.models.read_flux_params", lambda path: FluxParams())
     ns = cli.parse_command_line(cli_args(ws, tokenizer_dirs, tmp_path) + ["--memory", "auto"])
-    assert cli.config_with_memory_plan(ns, messages.append).mixed_precision == "bf16"  # fp8 base computes in bf16
+    assert planned(cli, ns, messages).memory.mixed_precision == "bf16"  # fp8 base computes in bf16
+
+
+def planned(cli, ns, messages: list):
+    """--memory auto as main() runs it: one config, planned on the machine the draft would train on."""
+    return cli.config_from_args(ns, messages.append, measure=cli.measure_machine, inform=messages.append)
 
 
 @pytest.mark.parametrize("extra,check", [
@@ -88,9 +96,8 @@ def test_cli_memory_auto_respects_what_the_other_options_rule_out(tmp_path, toke
     args[args.index("--dataset_config"):args.index("--dataset_config") + 2] = [
         "--train_data_dir", str(ws["root"] / "dataset"), "--resolution", "64"]
     messages = []
-    config = cli.config_with_memory_plan(cli.parse_command_line(args + ["--memory", "auto"] + extra),
-                                         messages.append)
-    assert check(config), messages
+    config = planned(cli, cli.parse_command_line(args + ["--memory", "auto"] + extra), messages)
+    assert check(SimpleNamespace(**config.flags())), messages
 
 
 def test_estimate_follows_the_slots_cap_of_block_swap():

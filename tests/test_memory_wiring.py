@@ -21,7 +21,7 @@ def ws(tmp_path):
 def test_a_swap_count_the_host_cannot_pin_is_refused_in_the_preflight(ws, tokenizer_dirs, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU run: block swap would pin
     swapped = config(ws, tokenizer_dirs, tmp_path / "out", device=None, blocks_to_swap=3)
-    size = memory_plan.TransformerSize.of(read_flux_params(swapped.pretrained_model_name_or_path))
+    size = memory_plan.TransformerSize.of(read_flux_params(swapped.models.pretrained_model_name_or_path))
     pinned = memory_plan.pinned_host_bytes(3, False, size)
     monkeypatch.setattr(memory_plan, "available_host_bytes", lambda: pinned - 1)
     with pytest.raises(ConfigError, match="blocks_to_swap 3: block swap pins"):
@@ -52,4 +52,4 @@ def test_no_half_vae_keeps_the_autoencoder_in_float32(ws, tokenizer_dirs, tmp_pa
     assert autoencoder_dtype(torch.bfloat16, "cuda", no_half_vae=True) == torch.float32
     assert autoencoder_dtype(torch.bfloat16, "cpu") == autoencoder_dtype(torch.float16, "cuda") == torch.float32
     ns = cli.parse_command_line(cli_args(ws, tokenizer_dirs, tmp_path / "out") + ["--no_half_vae"])
-    assert cli.config_from_args(ns).no_half_vae
+    assert cli.config_from_args(ns).memory.no_half_vae

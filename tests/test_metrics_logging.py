@@ -19,8 +19,8 @@ NOW = 1_800_000_000.0  # a fixed clock for the run folder's time stamp
 
 
 def config(**options) -> TrainConfig:
-    return TrainConfig(pretrained_model_name_or_path="f.safetensors", clip_l="c.safetensors", t5xxl="t.safetensors",
-                       ae="a.safetensors", train_data_dir="images", **options)
+    return TrainConfig.from_flags(pretrained_model_name_or_path="f.safetensors", clip_l="c.safetensors",
+                                  t5xxl="t.safetensors", ae="a.safetensors", train_data_dir="images", **options)
 
 
 class FakeWriter:

@@ -20,11 +20,13 @@ NODE_IDS = ["FluxLoraTrainerModels", "FluxLoraTrainerDataset", "FluxLoraTrainerD
             "FluxLoraTrainerMemory", "FluxLoraTrainerTrain", "FluxLoraTrainerApplyLora", "FluxLoraTrainerCheckpoints",
             "FluxLoraTrainerLabelGrid"]
 # pack modules that building every schema may load: the nodes and the torch-free option vocabularies
-TORCH_FREE = {"", ".nodes", ".nodes.common", ".nodes.paths", ".nodes.translate", ".trainer", ".trainer.config",
+TORCH_FREE = {"", ".nodes", ".nodes.common", ".nodes.paths", ".nodes.pieces", ".nodes.translate", ".trainer",
+              ".trainer.config",
               ".trainer.errors", *(f".nodes.{n}" for n in ("models", "dataset", "network", "optimizer", "memory",
                                                             "train", "apply", "checkpoints", "checkpoint_list")),
-              *(f".trainer.config.{n}" for n in ("data", "finite", "flow", "lora", "memory_auto", "memory_plan",
-                                                  "model_type", "names", "optim", "resolve", "safe_regex", "train"))}
+              *(f".trainer.config.{n}" for n in ("combine", "data", "extra_options", "finite", "flow", "lora",
+                                                  "memory_auto", "memory_plan", "model_type", "names", "optim",
+                                                  "resolve", "safe_regex", "sections", "swap_split", "train"))}
 
 MEASURE = """
 import asyncio, importlib.util, json, sys
@@ -96,7 +98,7 @@ def test_schemas_use_our_prefix_types_and_the_cores_defaults(comfy):
     train = {p.id: p for p in schemas["FluxLoraTrainerTrain"].inputs}
     assert (train["guidance_scale"].default, train["model_prediction_type"].default,
             train["timestep_sampling"].default, train["max_train_steps"].default) == \
-        (rec.flow.guidance_scale, rec.flow.model_prediction_type, rec.flow.timestep_sampling, rec.max_train_steps)
+        (rec.flow.guidance_scale, rec.flow.model_prediction_type, rec.flow.timestep_sampling, rec.run.max_train_steps)
     assert train["timestep_sampling"].options == list(pack("trainer.config").TIMESTEP_SAMPLINGS)
     assert schemas["FluxLoraTrainerTrain"].is_output_node and not schemas["FluxLoraTrainerTrain"].not_idempotent
     assert io.Hidden.unique_id in schemas["FluxLoraTrainerTrain"].hidden
@@ -105,7 +107,7 @@ def test_schemas_use_our_prefix_types_and_the_cores_defaults(comfy):
     assert network["network_dim"].default == rec.network.network_dim
     optimizer = {p.id: p for p in schemas["FluxLoraTrainerOptimizer"].inputs}
     assert optimizer["optimizer_type"].options == list(pack("trainer.config").OPTIMIZERS)
-    assert optimizer["learning_rate"].default == rec.learning_rate
+    assert optimizer["learning_rate"].default == rec.optimizer.learning_rate
     outputs = [o.get_io_type() for o in schemas["FluxLoraTrainerTrain"].outputs]
     assert outputs == ["LORA_MODEL", "STRING", "IMAGE", "IMAGE", "FLUX_TRAIN_CHECKPOINTS"]
 
@@ -156,8 +158,9 @@ def test_models_node_checks_each_slot_with_the_cores_message(comfy, tiny_files):
     out = node.execute(transformer="flux.safetensors", clip_l="clip_l.safetensors", t5xxl="t5xxl_fp16.safetensors",
                        ae="ae.safetensors", checkpoint="(none)", base_precision="fp8_e4m3fn", t5xxl_fp8=False)
     (models,) = out.args
-    assert models["pretrained_model_name_or_path"] == str(files["flux"]) and models["fp8_base"] is True
-    assert Path(models["clip_l_tokenizer"]).name == "sd1_tokenizer" and "FLUX.1 dev" in out.ui["text"][0]
+    assert isinstance(models, pack("nodes.pieces").ModelFiles)  # the socket carries a typed, checked value
+    assert models.models.pretrained_model_name_or_path == str(files["flux"]) and models.fp8_base is True
+    assert Path(models.models.clip_l_tokenizer).name == "sd1_tokenizer" and "FLUX.1 dev" in out.ui["text"][0]
     with pytest.raises(ValueError, match="clip_l") as e:
         node.execute(transformer="flux.safetensors", clip_l="ae.safetensors", t5xxl="t5xxl_fp16.safetensors",
                      ae="ae.safetensors", checkpoint="(none)", base_precision="bf16", t5xxl_fp8=False)
@@ -165,13 +168,16 @@ def test_models_node_checks_each_slot_with_the_cores_message(comfy, tiny_files):
 
 
 def test_light_nodes_return_node_output_with_status_text(comfy):
-    for module, node_id, changes in (("optimizer", "FluxLoraTrainerOptimizer", {"optimizer_type": "Adafactor"}),
-                                     ("memory", "FluxLoraTrainerMemory", {}),
-                                     ("network", "FluxLoraTrainerNetwork", {"double_blocks": "0-3"})):
+    pieces, sections = pack("nodes.pieces"), pack("trainer.config.sections")
+    for module, node_id, changes, typed in (
+            ("optimizer", "FluxLoraTrainerOptimizer", {"optimizer_type": "Adafactor"}, sections.OptimizerConfig),
+            ("memory", "FluxLoraTrainerMemory", {}, pieces.MemoryChoice),
+            ("network", "FluxLoraTrainerNetwork", {"double_blocks": "0-3"}, pieces.NetworkChoice)):
         node = getattr(pack(f"nodes.{module}"), node_id)
         widgets = {p.id: p.default for p in node.GET_SCHEMA().inputs}
         out = node.execute(**{**widgets, **changes})
         assert len(out.args) == 1 and out.ui["text"][0], node_id
+        assert isinstance(out.args[0], typed), node_id  # one typed value per socket
     node = pack("nodes.network").FluxLoraTrainerNetwork
     widgets = {p.id: p.default for p in node.GET_SCHEMA().inputs}
     with pytest.raises(ValueError, match="train_double_block_indices: 'x' in 'x' is not an index"):

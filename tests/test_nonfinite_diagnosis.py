@@ -12,7 +12,7 @@ USUAL = dict(learning_rate=1e-4, network=LoRAConfig(network_dim=16, network_alph
 
 
 def config(**overrides) -> TrainConfig:
-    return TrainConfig(**{**FILES, **USUAL, **overrides})
+    return TrainConfig.from_flags(**{**FILES, **USUAL, **overrides})
 
 
 def test_full_fp16_with_adamw_blames_the_fp16_moments_not_the_learning_rate():

@@ -23,7 +23,7 @@ FILES = dict(pretrained_model_name_or_path="flux.safetensors", clip_l="clip_l.sa
 
 
 def config(**overrides) -> TrainConfig:
-    return TrainConfig(**{**FILES, **overrides})
+    return TrainConfig.from_flags(**{**FILES, **overrides})
 
 
 def target() -> torch.Tensor:

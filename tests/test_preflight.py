@@ -19,9 +19,10 @@ def test_report_counts_images_captions_skips_buckets_and_steps(tmp_path, tiny_fi
                             max_bucket_reso=256, bucket_reso_steps=32,
                             subsets=(SubsetConfig(image_dir=str(folder), num_repeats=3, class_tokens="sks",
                                                   caption_extension=".txt"),))
-    config = TrainConfig(pretrained_model_name_or_path=str(tiny_files["flux"]), clip_l=str(tiny_files["clip_l"]),
-                         t5xxl=str(tiny_files["t5xxl"]), ae=str(tiny_files["ae"]), datasets=(dataset,),
-                         max_train_epochs=2, gradient_accumulation_steps=2)
+    config = TrainConfig.from_flags(pretrained_model_name_or_path=str(tiny_files["flux"]),
+                                    clip_l=str(tiny_files["clip_l"]),
+                                    t5xxl=str(tiny_files["t5xxl"]), ae=str(tiny_files["ae"]), datasets=(dataset,),
+                                    max_train_epochs=2, gradient_accumulation_steps=2)
     report = preflight_report(config)
     (d,) = report.datasets
     assert (d.images, d.training_images, d.captioned) == (3, 9, 2)

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from trainer.atomic import atomic_path, save_safetensors
+from trainer.cadence import Cadence, Moment, due
 from trainer.checkpoint import Position, capture_rng, load_state, save_state
 from trainer.data.npz import write_npz
 from trainer.errors import SaveError
@@ -187,22 +188,33 @@ def test_atomic_path_removes_its_temporary_when_the_writer_fails(tmp_path):
 # ------------------------------------------------------------------------------------------ rotation
 
 
-@pytest.mark.parametrize("name", ["my[lora]", "a*b", "what?", "plain"])
-def test_save_last_n_steps_matches_the_output_name_literally(tmp_path, name):
-    session = SimpleNamespace(config=SimpleNamespace(output_dir=str(tmp_path), name=name, save_last_n_steps=4,
-                                                     save_last_n_steps_state=None, save_every_n_epochs=None,
-                                                     save_n_epoch_ratio=None),
-                              world=SimpleNamespace(is_main=True), epochs=1)
+def _writer(tmp_path, name="lora"):
+    session = SimpleNamespace(config=SimpleNamespace(saving=SimpleNamespace(output_dir=str(tmp_path), name=name)),
+                              world=SimpleNamespace(is_main=True))
     writer = LoRAWriter(session)
     writer._save = lambda path, step, epoch, reporter: path.write_bytes(b"lora")
+    return writer
+
+
+def _save_due(writer, cadence, moment):
+    """What the loop does with the save the cadence says is due: the LoRA, then its state folder (a stand-in)."""
+    save = due(cadence, moment, writer.written).save
+    writer.save(save, SilentReporter())
+    if save.state:
+        (writer.folder / save.state).mkdir()
+        writer.state_saved(save)
+
+
+@pytest.mark.parametrize("name", ["my[lora]", "a*b", "what?", "plain"])
+def test_save_last_n_steps_matches_the_output_name_literally(tmp_path, name):
+    writer = _writer(tmp_path, name)
+    cadence = Cadence(stem=name, save_every_n_steps=2, save_last_n_steps=4, save_state=True)
     unrelated = [tmp_path / f"{name}-step00000002-copy.safetensors", tmp_path / f"{name}x-step00000002.safetensors",
                  tmp_path / f"{name}-step00000002.safetensors.bak", tmp_path / f"{name}-step2-state"]
     for path in unrelated:
         path.write_bytes(b"keep") if "." in path.name else path.mkdir()
     for step in (2, 4, 6, 8):
-        writer.save_step(step, 1, SilentReporter())
-        writer.state_folder_for_step(step).mkdir()
-        writer.rotate_states_for_step(step)
+        _save_due(writer, cadence, Moment.after_step(step, 1))
     assert sorted(p.name for p in tmp_path.iterdir() if p not in unrelated) == [
         f"{name}-step00000004-state", f"{name}-step00000004.safetensors",
         f"{name}-step00000006-state", f"{name}-step00000006.safetensors",
@@ -249,32 +261,19 @@ def test_the_metrics_log_is_cut_back_to_the_resumed_step(tmp_path):
     again.close()
 
 
-def _writer(tmp_path, **options):
-    settings = dict(output_dir=str(tmp_path), name="lora", save_last_n_steps=None, save_last_n_steps_state=None,
-                    save_every_n_epochs=None, save_n_epoch_ratio=None, save_last_n_epochs=None,
-                    save_last_n_epochs_state=None)
-    session = SimpleNamespace(config=SimpleNamespace(**{**settings, **options}), world=SimpleNamespace(is_main=True),
-                              epochs=8)
-    writer = LoRAWriter(session)
-    writer._save = lambda path, step, epoch, reporter: path.write_bytes(b"lora")
-    return writer
-
-
 def test_rotation_deletes_only_what_this_training_wrote(tmp_path):
     """An earlier run's step and epoch files and states in the same folder are not this run's to delete."""
     earlier = [tmp_path / "lora-step00000001.safetensors", tmp_path / "lora-step00000003-state",
                tmp_path / "lora-000001.safetensors", tmp_path / "lora-000001-state"]
     for path in earlier:
         path.write_bytes(b"earlier run") if path.suffix else path.mkdir()
-    writer = _writer(tmp_path, save_last_n_steps=1, save_every_n_epochs=1, save_last_n_epochs=1)
+    writer = _writer(tmp_path)
+    cadence = Cadence(stem="lora", save_every_n_steps=2, save_last_n_steps=1, save_every_n_epochs=1,
+                      save_last_n_epochs=1, save_state=True)
     for step in (2, 4, 6):
-        writer.save_step(step, 1, SilentReporter())
-        writer.state_folder_for_step(step).mkdir()
-        writer.rotate_states_for_step(step)
+        _save_due(writer, cadence, Moment.after_step(step, 1))
     for epoch in (2, 3):
-        writer.save_epoch(epoch, 6, SilentReporter())
-        writer.state_folder_for_epoch(epoch).mkdir()
-        writer.rotate_states_for_epoch(epoch)
+        _save_due(writer, cadence, Moment.epoch_end(epoch, 6, final=False))
     assert all(path.exists() for path in earlier)
     assert sorted(p.name for p in tmp_path.iterdir() if p not in earlier) == [
         "lora-000003-state", "lora-000003.safetensors", "lora-step00000006-state", "lora-step00000006.safetensors"]
@@ -283,14 +282,15 @@ def test_rotation_deletes_only_what_this_training_wrote(tmp_path):
 
 
 def test_a_resumed_training_rotates_what_its_state_lists(tmp_path):
-    first = _writer(tmp_path, save_last_n_steps=2)
+    cadence = Cadence(stem="lora", save_every_n_steps=2, save_last_n_steps=2)
+    first = _writer(tmp_path)
     for step in (2, 4):
-        first.save_step(step, 1, SilentReporter())
+        _save_due(first, cadence, Moment.after_step(step, 1))
     (tmp_path / "lora-step00000003.safetensors").write_bytes(b"another run")
-    resumed = _writer(tmp_path, save_last_n_steps=2)
+    resumed = _writer(tmp_path)
     resumed.adopt(first.written + ["../outside.safetensors", 7])  # what the state lists (only plain names count)
     for step in (6, 8):
-        resumed.save_step(step, 1, SilentReporter())
+        _save_due(resumed, cadence, Moment.after_step(step, 1))
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "lora-step00000003.safetensors", "lora-step00000006.safetensors", "lora-step00000008.safetensors"]
 

@@ -85,9 +85,8 @@ def test_text_encoder_caching_is_refused_when_t5_is_trained(ws, tokenizer_dirs, 
 def test_the_network_nodes_train_t5xxl_passes_the_preflight(ws, tokenizer_dirs, tmp_path):
     from packimport import pack
 
-    fields = pack("nodes.translate").network_fields(network_dim=4, network_alpha=4, train_t5xxl=True)
-    network = fields["network"]
+    network = pack("nodes.translate").network_fields(network_dim=4, network_alpha=4, train_t5xxl=True).network
     assert network.train_t5xxl and not network.network_train_unet_only
-    packed = pack("trainer.config").TrainConfig(**{**vars(config(ws, tokenizer_dirs, tmp_path)), "network": network,
-                                                   "cache_text_encoder_outputs": False})
+    packed = pack("trainer.config").TrainConfig.from_flags(**{**config(ws, tokenizer_dirs, tmp_path).flags(),
+                                                              "network": network, "cache_text_encoder_outputs": False})
     pack("trainer.preflight").check(packed)

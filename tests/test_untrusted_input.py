@@ -18,7 +18,7 @@ ARGV = ["--pretrained_model_name_or_path", "f.safetensors", "--clip_l", "c.safet
 
 
 def config(**overrides) -> TrainConfig:
-    return TrainConfig(**{**FILES, **overrides})
+    return TrainConfig.from_flags(**{**FILES, **overrides})
 
 
 # ------------------------------------------------------------------------------------------ regular expressions
@@ -137,8 +137,8 @@ def test_seeds_past_64_bits_are_refused_by_name(option):
     with pytest.raises(ConfigError, match=rf"^{option}: expected a whole number from -9223372036854775808 to "
                                           "9223372036854775807"):
         config(**{option: 2**64})
-    assert getattr(config(**{option: 2**63 - 1}), option) == 2**63 - 1
-    assert config(seed=-1).seed == -1  # negative seeds work in torch and stay accepted
+    assert config(**{option: 2**63 - 1}).flags()[option] == 2**63 - 1
+    assert config(seed=-1).run.seed == -1  # negative seeds work in torch and stay accepted
 
 
 def test_a_dataset_validation_seed_past_64_bits_is_refused():
@@ -159,8 +159,8 @@ def test_warmup_written_as_sd_scripts_refuses_it_is_refused(text):
 def test_warmup_sd_scripts_accepts_is_kept(text, value):
     c = config_from_args(build_parser().parse_args(ARGV + ["--lr_warmup_steps", text, "--lr_decay_steps", text]),
                          warn=lambda text: None)
-    assert c.lr_warmup_steps == pytest.approx(value) and type(c.lr_warmup_steps) is type(value)
-    assert c.lr_decay_steps == pytest.approx(value)
+    assert c.optimizer.lr_warmup_steps == pytest.approx(value) and type(c.optimizer.lr_warmup_steps) is type(value)
+    assert c.optimizer.lr_decay_steps == pytest.approx(value)
 
 
 def test_warmup_message_says_what_to_write():
@@ -181,4 +181,4 @@ def test_whole_numbers_past_64_bits_are_refused_by_name(option):
 def test_a_ddp_timeout_the_clock_cannot_hold_is_refused():
     with pytest.raises(ConfigError, match="ddp_timeout: at most 1000000 minutes"):
         config(ddp_timeout=2**62)
-    assert config(ddp_timeout=1_000_000).ddp_timeout == 1_000_000
+    assert config(ddp_timeout=1_000_000).distributed.ddp_timeout == 1_000_000

@@ -83,19 +83,23 @@ def test_a_forged_optimizer_piece_is_refused_by_the_train_node(probe, inputs, tm
     dataset = t.dataset_config("faces", inputs, 64, caption_extension=".txt")
     flow = {"timestep_sampling": "flux_shift", "discrete_flow_shift": 3.0, "sigmoid_scale": 1.0,
             "model_prediction_type": "raw", "guidance_scale": 1.0, "loss_type": "l2"}
-    models = {"pretrained_model_name_or_path": "/m/f.safetensors", "clip_l": "/m/c.safetensors",
-              "t5xxl": "/m/t.safetensors", "ae": "/m/a.safetensors", "fp8_base": False, "t5xxl_fp8": False}
+    sections = pack("trainer.config.sections")
+    models = t.ModelFiles(sections.ModelsConfig(pretrained_model_name_or_path="/m/f.safetensors",
+                                                clip_l="/m/c.safetensors", t5xxl="/m/t.safetensors",
+                                                ae="/m/a.safetensors"))
+    common = dict(models=models, datasets=(dataset,), flow=flow, max_train_steps=2, output_dir=tmp_path / "out",
+                  output_name="lora", cache_dir=None)
     with pytest.raises(errors.ConfigError, match=f"train node: optimizer_type '{PROBE}.Opt' is not one of"):
-        t.train_config(models=models, datasets=(dataset,), flow=flow, max_train_steps=2,
-                       optimizer={"optimizer_type": f"{PROBE}.Opt", "learning_rate": 1e-4},
-                       output_dir=tmp_path / "out", output_name="lora", cache_dir=None)
+        t.train_config(**common, optimizer=sections.OptimizerConfig(optimizer_type=f"{PROBE}.Opt"))
+    with pytest.raises(errors.ConfigError, match="optimizer: expected the optimizer node's output"):
+        t.train_config(**common, optimizer={"optimizer_type": f"{PROBE}.Opt", "learning_rate": 1e-4})
     assert_not_imported(probe)
 
 
 def test_named_optimizers_and_torch_schedulers_pass_on_the_node_path():
-    train, _ = t.parse_extra_options("--optimizer_type DAdaptAdam --lr_scheduler_type CosineAnnealingLR "
-                                     "--lr_scheduler_args T_max=10")
-    assert train["optimizer_type"] == "DAdaptAdam" and train["lr_scheduler_type"] == "CosineAnnealingLR"
+    flags = t.parse_extra_options("--optimizer_type DAdaptAdam --lr_scheduler_type CosineAnnealingLR "
+                                  "--lr_scheduler_args T_max=10").flags
+    assert flags["optimizer_type"] == "DAdaptAdam" and flags["lr_scheduler_type"] == "CosineAnnealingLR"
 
 
 def test_the_command_line_keeps_class_paths(probe):
@@ -103,8 +107,9 @@ def test_the_command_line_keeps_class_paths(probe):
     from trainer.config import TrainConfig
     from trainer.optim import build_optimizer_and_scheduler
 
-    c = TrainConfig(pretrained_model_name_or_path="f", clip_l="c", t5xxl="t", ae="a", train_data_dir="images",
-                    optimizer_type=f"{PROBE}.Opt", lr_scheduler_type=f"{PROBE}.Sched")
+    c = TrainConfig.from_flags(pretrained_model_name_or_path="f", clip_l="c", t5xxl="t", ae="a",
+                               train_data_dir="images",
+                               optimizer_type=f"{PROBE}.Opt", lr_scheduler_type=f"{PROBE}.Sched")
     param = torch.nn.Parameter(torch.zeros(2))
     optimizer, scheduler = build_optimizer_and_scheduler(c, [{"params": [param]}], 10)
     assert type(optimizer).__name__ == "Opt" and type(scheduler).__name__ == "Sched" and probe.exists()

@@ -30,9 +30,8 @@ def ws(tmp_path_factory):
 
 
 def with_validation(session):
-    session.validation_datasets = build_validation_datasets(dataset_configs(session.config, session.world),
-                                                            session.seed)
-    return session
+    return replace(session, validation_datasets=build_validation_datasets(
+        dataset_configs(session.config, session.world), session.seed))
 
 
 @pytest.fixture(scope="module")
@@ -130,17 +129,14 @@ def test_every_batch_is_evaluated_at_the_fixed_sigmas(session, monkeypatch):
     assert {c[3] for c in calls} == {session.seed}  # no validation_seed: the training seed
 
 
-def test_max_validation_steps_and_validation_seed(session, monkeypatch):
-    monkeypatch.setattr(session, "config", session.config.__class__(**{
-        **{f: getattr(session.config, f) for f in session.config.__dataclass_fields__},
-        "max_validation_steps": 1, "validation_seed": 99}))
-    validator = Validator.from_session(session)
+def test_max_validation_steps_and_validation_seed(session):
+    changed = replace(session, config=session.config.with_flags(max_validation_steps=1, validation_seed=99))
+    validator = Validator.from_session(changed)
     assert validator.steps == 1 and validator.seed == 99
 
 
-def test_no_validator_without_held_out_images(session, monkeypatch):
-    monkeypatch.setattr(session, "validation_datasets", None)
-    assert Validator.from_session(session) is None
+def test_no_validator_without_held_out_images(session):
+    assert Validator.from_session(replace(session, validation_datasets=None)) is None
 
 
 def test_schedule_is_sd_scripts():
@@ -157,11 +153,10 @@ class ValidatingLoop(Loop):
 
     def __init__(self, session, reporter, *rest):
         super().__init__(with_validation(session), reporter, *rest)
-        self.validator = Validator.from_session(session, self.step_module.context)
 
-    def _step_cadence(self, epoch):
+    def _after_step(self, epoch_number):
         ValidatingLoop.losses_seen.append(self.validator.loss())
-        super()._step_cadence(epoch)
+        super()._after_step(epoch_number)
 
 
 def test_training_with_validation_trains_the_same_lora(ws, tokenizer_dirs, tmp_path, monkeypatch):

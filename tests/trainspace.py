@@ -29,7 +29,7 @@ def config(ws: dict[str, Path], tokenizers: dict[str, Path], out: Path, **overri
                 learning_rate=2e-3, max_train_steps=8, seed=3, cache_latents=True, cache_text_encoder_outputs=True,
                 output_dir=str(out), output_name="test_lora")
     base.update(overrides)
-    return TrainConfig(**base)
+    return TrainConfig.from_flags(**base)
 
 
 def cli_args(ws: dict[str, Path], tokenizers: dict[str, Path], out: Path) -> list[str]:

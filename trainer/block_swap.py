@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-MAX_DOUBLE, MAX_SINGLE = 17, 36
+from .config.swap_split import freed_blocks
 
 
 @dataclass(frozen=True)
@@ -53,10 +53,7 @@ def swap_plan(blocks_to_swap: int, depth: int, depth_single: int, slots: int = 0
     device. sd-scripts brings each block into the memory of the one going out; here the blocks that stream share
     `slots` device slots per kind, so `slots` more blocks of each kind stream and the device holds what it holds in
     sd-scripts. Capped so that at least one block of each kind stays resident on a model smaller than FLUX.1."""
-    if not 0 <= blocks_to_swap <= 35:
-        raise ValueError(f"blocks_to_swap: expected 0-35, not {blocks_to_swap}")
-    freed_double = min(blocks_to_swap // 2, MAX_DOUBLE)
-    freed_single = min((blocks_to_swap - blocks_to_swap // 2) * 2, MAX_SINGLE)
+    freed_double, freed_single = freed_blocks(blocks_to_swap)
     wanted_double = freed_double + slots if freed_double else 0
     wanted_single = freed_single + slots if freed_single else 0
     double, single = min(wanted_double, max(depth - 1, 0)), min(wanted_single, max(depth_single - 1, 0))

@@ -135,8 +135,8 @@ def save_state(folder: Path, network_tensors: dict[str, torch.Tensor], parts: di
                optimizer: str | None = None, network_config: Mapping[str, Any] | None = None) -> Path:
     """Write a complete state folder next to its final name, then move it into place.
 
-    `optimizer` (its --optimizer_type name, `canonical_optimizer(config.optimizer_type)`) and `network_config` (the
-    LoRA options, `asdict(config.network)`) go into the manifest. A save
+    `optimizer` (its --optimizer_type name, `canonical_optimizer(config.optimizer.optimizer_type)`) and
+    `network_config` (the LoRA options, `asdict(config.network)`) go into the manifest. A save
     that fails (disk full, read-only folder) removes what it wrote, leaves the previous state under `folder` as it
     was and raises `SaveError`."""
     folder = Path(folder)

@@ -19,8 +19,10 @@ from .cli_config_file import read_config_file, write_config_file
 from .cli_help import describe_options
 from .cli_options import CHOICES, NO_EFFECT, NO_EFFECT_DEFAULTS, OURS_TITLE, REFUSED, SD_SCRIPTS_GROUPS
 from .config import FlowConfig, LoRAConfig, TrainConfig
-from .config.model_type import MODEL_TYPES, chroma_fields
-from .config.train import DYNAMO_BACKENDS, RESIZE_INTERPOLATIONS
+from .config.combine import FLOW_FIELDS, Machine, Source, combine
+from .config.model_type import MODEL_TYPES
+from .config.sections import DYNAMO_BACKENDS, RESIZE_INTERPOLATIONS
+from .config.train import FLAG_SECTIONS, SECTIONS
 from .console import MOSTLY_SKIPPED_EXIT, ConsoleReporter, configure_logging, mostly_skipped
 from .errors import ConfigError, Stopped, TrainerError
 from .events import Message
@@ -110,7 +112,7 @@ def _flag_for(field: dataclasses.Field) -> dict:
 
 def option_fields() -> list[dataclasses.Field]:
     """Every field that has a flag of its name: TrainConfig's, FlowConfig's and four of LoRAConfig's."""
-    train = [f for f in dataclasses.fields(TrainConfig) if f.name not in NOT_FLAGS]
+    train = [f for cls in SECTIONS.values() for f in dataclasses.fields(cls) if f.name not in NOT_FLAGS]
     lora = [f for f in dataclasses.fields(LoRAConfig) if f.name in LORA_FLAGS]
     return train + list(dataclasses.fields(FlowConfig)) + lora
 
@@ -181,7 +183,21 @@ def _acts_in_sd_scripts(name: str, given: dict) -> bool:
     return True
 
 
-def config_from_args(ns: argparse.Namespace, warn=print) -> TrainConfig:
+def config_from_args(ns: argparse.Namespace, warn=print, measure=None, inform=None) -> TrainConfig:
+    """The command line's options -> the config, resolved by the core's `combine` (as the nodes' are); `measure`
+    (--memory auto) reads the machine the draft config would train on, and the plan fills what the command line
+    leaves unset. The plan's explanation goes to `inform` (default `warn`), everything else combine notes to
+    `warn`."""
+    resolved = combine([command_line_source(ns, warn)], measure=measure)
+    explained = set(resolved.memory.lines) if resolved.memory else set()
+    for line in resolved.notes:
+        (inform or warn if line in explained else warn)(line)
+    return resolved.config
+
+
+def command_line_source(ns: argparse.Namespace, warn=print) -> Source:
+    """Every option the command line set, under the config's names: sd-scripts' old spellings and deprecated flags
+    translated, options without effect warned about, refused ones refused."""
     given = dict(vars(ns))
     for name, (_, why) in NO_EFFECT.items():
         if _requested(name, given.get(name)) and _acts_in_sd_scripts(name, given):
@@ -189,11 +205,6 @@ def config_from_args(ns: argparse.Namespace, warn=print) -> TrainConfig:
     for name, (_, why) in REFUSED.items():
         if _requested(name, given.get(name)):
             raise ConfigError(f"--{name} is not supported: {why}")
-    if given.get("model_type") == "chroma":
-        fields, notes = chroma_fields(given)
-        for line in notes:
-            warn(line)
-        given.update(fields)
     if given.get("network_module", "networks.lora_flux") != "networks.lora_flux":
         raise ConfigError(f"network_module: only networks.lora_flux is supported, not {given['network_module']!r}")
     if given.get("sample_sampler", "euler").lower() not in ("euler", "k_euler"):
@@ -209,7 +220,7 @@ def config_from_args(ns: argparse.Namespace, warn=print) -> TrainConfig:
                 del given[name]
     _old_optimizer_flags(given)
     _tokenizer_cache(given, warn)
-    values = {f.name: given[f.name] for f in dataclasses.fields(TrainConfig) if f.name in given}
+    values = {name: given[name] for name in FLAG_SECTIONS if name in given}
     if given.get("split_mode"):
         if "blocks_to_swap" not in values:
             warn("--split_mode is deprecated: using --blocks_to_swap 18")
@@ -217,14 +228,14 @@ def config_from_args(ns: argparse.Namespace, warn=print) -> TrainConfig:
         else:
             warn("--split_mode is deprecated and ignored because --blocks_to_swap is given")
     lora = {name: given[name] for name in LORA_FLAGS if name in given}
-    network = LoRAConfig.from_network_args(given.get("network_args", []), unknown_key=warn, **lora)
-    flow = FlowConfig(**{f.name: given[f.name] for f in dataclasses.fields(FlowConfig) if f.name in given})
+    values["network"] = LoRAConfig.from_network_args(given.get("network_args", []), unknown_key=warn, **lora)
+    values.update({name: given[name] for name in FLOW_FIELDS if name in given})
     if "text_encoder_lr" in values:
         values["text_encoder_lr"] = tuple(values["text_encoder_lr"]) or None
     for name, value in values.items():
         if isinstance(value, list):
             values[name] = tuple(value)
-    return TrainConfig(network=network, flow=flow, **values)
+    return Source("the command line", values)
 
 
 def free_device_memory(device: str | None) -> tuple[str, float]:
@@ -246,29 +257,15 @@ def free_host_memory(device_type: str) -> float | None:
     return available_host_bytes() if device_type == "cuda" else None
 
 
-def config_with_memory_plan(ns: argparse.Namespace, warn=print) -> TrainConfig:
-    """--memory auto: the plan's fields for every option the command line leaves unset; the plan's explanation goes
-    to `warn` (as information)."""
-    from .config import resolve_datasets
-    from .config.memory_auto import auto_memory
+def measure_machine(draft: TrainConfig) -> Machine:
+    """--memory auto's inputs: the free memory of the device the run would use, the host memory block swap may
+    pin there, and the transformer's size from its file's header."""
     from .config.memory_plan import TransformerSize
     from .models import read_flux_params
 
-    if getattr(ns, "split_mode", False) and not hasattr(ns, "blocks_to_swap"):
-        ns.blocks_to_swap = 18  # the deprecated flag's count is the user's, not the plan's
-        del ns.split_mode
-        warn("--split_mode is deprecated: using --blocks_to_swap 18")
-    draft = config_from_args(ns, warn=lambda text: None)
-    given = {name: getattr(draft, name) for name in vars(ns) if hasattr(draft, name)}
-    device_type, free = free_device_memory(draft.device)
-    auto = auto_memory(free, device_type, datasets=resolve_datasets(draft), given=given,
-                       train_t5xxl=draft.network.train_t5xxl, host_free_bytes=free_host_memory(device_type),
-                       size=TransformerSize.of(read_flux_params(draft.pretrained_model_name_or_path)))
-    for line in auto.notes:
-        warn(line)
-    for name, value in auto.fields.items():
-        setattr(ns, name, value)
-    return config_from_args(ns, warn=warn)
+    device_type, free = free_device_memory(draft.memory.device)
+    size = TransformerSize.of(read_flux_params(draft.models.pretrained_model_name_or_path))
+    return Machine(free, device_type, free_host_memory(device_type), size)
 
 
 def _require_output_dir(ns: argparse.Namespace) -> None:
@@ -321,10 +318,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("--output_config writes the options to --config_file: give its path")
             print(f"options written to {write_config_file(ns.config_file, ns, build_parser())}")
             return 0
-        if getattr(ns, "memory", None) == "auto":
-            config = config_with_memory_plan(ns, lambda text: reporter.emit(Message(text)))
-        else:
-            config = config_from_args(ns, warn=warn)
+        auto = getattr(ns, "memory", None) == "auto"
+        config = config_from_args(ns, warn=warn, measure=measure_machine if auto else None,
+                                  inform=lambda text: reporter.emit(Message(text)))
         if getattr(ns, "check_only", False) or getattr(ns, "debug_dataset", False):
             from .preflight import check, preflight_report
 

@@ -14,7 +14,7 @@ from .cli_options import CHOICES
 from .config import FlowConfig, LoRAConfig, TrainConfig
 from .config.flow import HUBER_SCHEDULES, LOSS_TYPES, PREDICTION_TYPES, TIMESTEP_SAMPLINGS, WEIGHTING_SCHEMES
 from .config.optim import SCHEDULERS
-from .config.train import DYNAMO_BACKENDS, LOG_WITH, MIXED_PRECISION, RESIZE_INTERPOLATIONS, SAVE_PRECISION
+from .config.sections import DYNAMO_BACKENDS, LOG_WITH, MIXED_PRECISION, RESIZE_INTERPOLATIONS, SAVE_PRECISION
 
 _SAMPLE = "previews: "
 _SAVE = "saving: "

@@ -265,7 +265,7 @@ def demo_config(out: Path, files: dict[str, Path], tokenizers: dict[str, Path], 
     prompts = out / "prompts.txt"
     prompts.write_text(f"{PROMPT} --w {RESOLUTION} --h {RESOLUTION} --d {SAMPLE_SEED} --s {SAMPLE_STEPS} --g 1.0\n",
                        encoding="utf-8")
-    return TrainConfig(
+    return TrainConfig.from_flags(
         pretrained_model_name_or_path=str(files["flux"]), clip_l=str(files["clip_l"]), t5xxl=str(files["t5xxl"]),
         ae=str(files["ae"]), clip_l_tokenizer=str(tokenizers["clip_l"]), t5xxl_tokenizer=str(tokenizers["t5xxl"]),
         t5xxl_max_token_length=32, device="cpu", dataset_config=str(toml),

@@ -262,23 +262,23 @@ def install(flux: Flux, runner: BlockRunner | None) -> None:
     flux.block_runner = runner
 
 
-def setup_for_training(flux: Flux, config, device: torch.device | str, emit: Callable[[str], None]) -> BlockRunner:
-    """Build the runner `config` asks for (gradient_checkpointing, cpu_offload_checkpointing, blocks_to_swap,
+def setup_for_training(flux: Flux, memory, device: torch.device | str, emit: Callable[[str], None]) -> BlockRunner:
+    """Build the runner the memory section asks for (gradient_checkpointing, cpu_offload_checkpointing, blocks_to_swap,
     torch_compile + dynamo_backend), install it on `flux` and say in one message what it does."""
     device = torch.device(device)
     backend = None
-    if getattr(config, "torch_compile", False):
-        backend = str(getattr(config, "dynamo_backend", None) or "inductor").lower()
+    if getattr(memory, "torch_compile", False):
+        backend = str(getattr(memory, "dynamo_backend", None) or "inductor").lower()
         backend = "inductor" if backend == "no" else backend
-    runner = runner_for(config.gradient_checkpointing, config.cpu_offload_checkpointing, config.blocks_to_swap,
+    runner = runner_for(memory.gradient_checkpointing, memory.cpu_offload_checkpointing, memory.blocks_to_swap,
                         compute_device=device, host_device="cpu", compile_backend=backend)
     install(flux, runner)
-    swapping_or_offloading = bool(config.blocks_to_swap) or config.cpu_offload_checkpointing
+    swapping_or_offloading = bool(memory.blocks_to_swap) or memory.cpu_offload_checkpointing
     if hasattr(runner, "describe"):
         text = runner.describe()
     else:
         text = ("gradient checkpointing: each block's activations are recomputed in backward"
-                if config.gradient_checkpointing else "blocks run plainly (no checkpointing, swap or offload)")
+                if memory.gradient_checkpointing else "blocks run plainly (no checkpointing, swap or offload)")
     if swapping_or_offloading and device.type == "cpu":
         text += "; training on the CPU, so this saves no memory (host and compute device are the same)"
     emit(text)

@@ -37,9 +37,9 @@ _GROUP_PREFIXES = {"lora_unet": "unet", "lora_te1": "textencoder 1 ", "lora_te3"
 
 def resolve_log_with(config) -> str | None:
     """sd-scripts' rule: no --log_with but a --logging_dir means TensorBoard."""
-    if config.log_with is None:
-        return "tensorboard" if config.logging_dir is not None else None
-    return config.log_with
+    if config.logging.log_with is None:
+        return "tensorboard" if config.logging.logging_dir is not None else None
+    return config.logging.log_with
 
 
 def _installed(module: str) -> bool:
@@ -76,17 +76,17 @@ def check_trackers(config) -> None:
     """What sd-scripts refuses before training, as one ConfigError: TensorBoard without --logging_dir, wandb not
     installed, an unreadable --log_tracker_config. Cheap; call it before any model loads."""
     log_with = resolve_log_with(config)
-    if log_with in ("tensorboard", "all") and config.logging_dir is None:
+    if log_with in ("tensorboard", "all") and config.logging.logging_dir is None:
         raise ConfigError(f"log_with {log_with}: TensorBoard needs --logging_dir (the folder its runs go in)")
     if log_with in ("wandb", "all") and not _installed("wandb"):
         raise ConfigError(f"log_with {log_with}: Weights & Biases is not installed: pip install wandb (or log with "
                           "--log_with tensorboard)")
-    read_tracker_config(config.log_tracker_config)
+    read_tracker_config(config.logging.log_tracker_config)
 
 
 def config_hparams(config) -> dict | None:
     """--log_config: the options as flat, loggable values (sd-scripts' get_sanitized_config_or_none), or None."""
-    if not config.log_config:
+    if not config.logging.log_config:
         return None
     flat: dict = {}
     for f in dataclasses.fields(config):
@@ -121,17 +121,18 @@ class TrackerPlan:
     def from_config(cls, config, now: float | None = None) -> "TrackerPlan":
         log_with = resolve_log_with(config)
         run_dir = None
-        if config.logging_dir is not None:
+        if config.logging.logging_dir is not None:
             stamp = time.strftime("%Y%m%d%H%M%S", time.localtime(now))
-            run_dir = Path(config.logging_dir) / f"{config.log_prefix or ''}{stamp}"
-        init_kwargs = {"wandb": {"name": config.wandb_run_name}} if config.wandb_run_name else {}
-        for name, kwargs in read_tracker_config(config.log_tracker_config).items():
+            run_dir = Path(config.logging.logging_dir) / f"{config.logging.log_prefix or ''}{stamp}"
+        init_kwargs = {"wandb": {"name": config.logging.wandb_run_name}} if config.logging.wandb_run_name else {}
+        for name, kwargs in read_tracker_config(config.logging.log_tracker_config).items():
             # sd-scripts lets the file replace --wandb_run_name entirely; here the file's keys win over it
             init_kwargs[name] = {**init_kwargs.get(name, {}), **kwargs} if isinstance(kwargs, dict) else kwargs
         return cls(tensorboard=log_with in ("tensorboard", "all"), wandb=log_with in ("wandb", "all"),
-                   run_dir=run_dir, project=config.log_tracker_name or DEFAULT_TRACKER_NAME, init_kwargs=init_kwargs,
-                   hparams=config_hparams(config), wandb_api_key=config.wandb_api_key,
-                   optimizer_type=config.optimizer_type or "")
+                   run_dir=run_dir, project=config.logging.log_tracker_name or DEFAULT_TRACKER_NAME,
+                   init_kwargs=init_kwargs,
+                   hparams=config_hparams(config), wandb_api_key=config.logging.wandb_api_key,
+                   optimizer_type=config.optimizer.optimizer_type or "")
 
 
 def lr_description(name: str) -> str:
@@ -198,7 +199,7 @@ class MetricsLog:
     @classmethod
     def from_config(cls, config, warn, now: float | None = None) -> "MetricsLog":
         """The log of a run: jsonl in --logging_dir (else --output_dir), the trackers the options ask for."""
-        return cls(Path(config.logging_dir or config.output_dir), config.name, warn=warn,
+        return cls(Path(config.logging.logging_dir or config.saving.output_dir), config.saving.name, warn=warn,
                    plan=TrackerPlan.from_config(config, now))
 
     def _open_trackers(self) -> None:

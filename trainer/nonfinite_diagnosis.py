@@ -45,8 +45,8 @@ def likely_causes(config: "TrainConfig", facts: NonFiniteFacts) -> list[str]:
     if facts.stage != "weights":
         causes.append(f"a broken image or cached latent in this batch ({_files(facts.batch_files)})")
     elif not causes:
-        causes.append(f"a learning rate too high for this data ({config.learning_rate:g}), though it is in the usual "
-                      "range")
+        causes.append(f"a learning rate too high for this data ({config.optimizer.learning_rate:g}), though it is in "
+                      "the usual range")
     return causes
 
 
@@ -56,13 +56,13 @@ def describe(config: "TrainConfig", facts: NonFiniteFacts) -> str:
 
 
 def _precision(config: "TrainConfig", facts: NonFiniteFacts) -> list[str]:
-    optimizer = canonical_optimizer(config.optimizer_type)
-    if config.full_fp16 and optimizer not in STATE_OUTSIDE_FP16:
+    optimizer = canonical_optimizer(config.optimizer.optimizer_type)
+    if config.memory.full_fp16 and optimizer not in STATE_OUTSIDE_FP16:
         return [f"full_fp16 keeps the LoRA weights, and so {optimizer}'s moments, in fp16: eps (1e-8) rounds to 0 "
                 "there and squared gradients below ~6e-8 underflow to 0, so an update can divide 0 by 0 - the "
                 "learning rate is not the cause; use --mixed_precision bf16 (with --full_bf16 for the same memory), "
                 "or an optimizer whose state is not fp16 (AdamW8bit, PagedAdamW32bit)"]
-    if config.mixed_precision == "fp16" and facts.stage != "weights":
+    if config.memory.mixed_precision == "fp16" and facts.stage != "weights":
         return ["fp16 overflow in the model's activations (FLUX.1 was trained in bf16, whose range fp16 lacks; use "
                 "--mixed_precision bf16)"]
     return []
@@ -78,13 +78,13 @@ def _network(config: "TrainConfig") -> list[str]:
 
 
 def _learning_rates(config: "TrainConfig") -> list[str]:
-    optimizer = canonical_optimizer(config.optimizer_type)
-    if optimizer == "Adafactor" and adafactor_relative_step(parse_optimizer_args(config.optimizer_args)):
+    optimizer = canonical_optimizer(config.optimizer.optimizer_type)
+    if optimizer == "Adafactor" and adafactor_relative_step(parse_optimizer_args(config.optimizer.optimizer_args)):
         return []  # it sets its own step size
     limit, usual = ((HIGH_LR_MULTIPLIER, "a multiplier around 1.0") if is_learning_rate_free(optimizer)
                     else (HIGH_LR, "1e-4 to 1e-3 for a FLUX.1 LoRA"))
-    rates = {"learning_rate": config.learning_rate, "unet_lr": config.unet_lr}
-    rates.update({f"text_encoder_lr[{i}]": lr for i, lr in enumerate(config.text_encoder_lr or ())})
+    rates = {"learning_rate": config.optimizer.learning_rate, "unet_lr": config.optimizer.unet_lr}
+    rates.update({f"text_encoder_lr[{i}]": lr for i, lr in enumerate(config.optimizer.text_encoder_lr or ())})
     label = {"learning_rate": "a learning rate"}
     return [f"{label.get(name, name)} too high ({lr:g}) for {optimizer} (usually {usual})"
             for name, lr in rates.items() if lr is not None and lr > limit]
@@ -92,12 +92,12 @@ def _learning_rates(config: "TrainConfig") -> list[str]:
 
 def _starting_weights(config: "TrainConfig") -> list[str]:
     causes = []
-    if config.network_weights:
-        causes.append(f"the LoRA starts from --network_weights {Path(config.network_weights).name} (NaN or very "
+    if config.models.network_weights:
+        causes.append(f"the LoRA starts from --network_weights {Path(config.models.network_weights).name} (NaN or very "
                       "large values there carry into every step)")
-    if config.base_weights:
-        multipliers = config.base_weights_multiplier or (1.0,) * len(config.base_weights)
-        merged = ", ".join(f"{Path(p).name} x{m:g}" for p, m in zip(config.base_weights, multipliers))
+    if config.models.base_weights:
+        multipliers = config.models.base_weights_multiplier or (1.0,) * len(config.models.base_weights)
+        merged = ", ".join(f"{Path(p).name} x{m:g}" for p, m in zip(config.models.base_weights, multipliers))
         causes.append(f"--base_weights merged into the transformer ({merged}; a merged LoRA with NaN or very large "
                       "values breaks every forward pass)")
     return causes
@@ -107,10 +107,11 @@ def _weight_rescaling(config: "TrainConfig", facts: NonFiniteFacts) -> list[str]
     if facts.stage != "weights":
         return []
     causes = []
-    if config.scale_weight_norms:
-        causes.append(f"--scale_weight_norms {config.scale_weight_norms:g} rescales the LoRA after every step")
-    optimizer = canonical_optimizer(config.optimizer_type)
-    if config.max_grad_norm == 0 and optimizer != "Adafactor" and facts.loss is not None and math.isfinite(facts.loss):
+    options = config.optimizer
+    if options.scale_weight_norms:
+        causes.append(f"--scale_weight_norms {options.scale_weight_norms:g} rescales the LoRA after every step")
+    optimizer = canonical_optimizer(options.optimizer_type)
+    if options.max_grad_norm == 0 and optimizer != "Adafactor" and facts.loss is not None and math.isfinite(facts.loss):
         causes.append("gradient clipping is off (--max_grad_norm 0), so one large gradient reaches the weights whole")
     return causes
 

@@ -1,7 +1,8 @@
 """Out of memory, handled: a `torch.OutOfMemoryError` in any phase of a run (loading, caching, a training step,
 previews, validation, saving) becomes one `OutOfMemoryError` (a TrainerError) whose message says where it happened,
 what was resident, peak and free memory and the setting to change; the LoRA and a resumable state of the last good
-step are saved first and the device memory is given back. `leaner_config` is what `--memory auto` continues with.
+step are saved first and the device memory is given back. `stepping_down` is `--memory auto`'s way on: the run
+again with `leaner_config`, one setting leaner.
 
 `inject` is the test hook: FLUX_TRAINER_FAULT_OOM="<phase>@<step>[*<times>]" raises torch.OutOfMemoryError when the
 run reaches that phase at that step (a step's number while it trains; the last finished step for previews,
@@ -11,11 +12,13 @@ validation and saving; 0 while loading and caching), the first <times> times (1)
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import os
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -23,10 +26,12 @@ from .config import TrainConfig, resolve_datasets
 from .config.memory_auto import allowed_settings
 from .config.memory_plan import GIB, TransformerSize, available_host_bytes, leaner_options, step_down
 from .errors import OutOfMemoryError
+from .events import Message
 
 PHASES = ("loading", "caching", "step", "previews", "validation", "saving")
 FAULT_ENV = "FLUX_TRAINER_FAULT_OOM"
 _injected: dict[str, int] = {}  # fault spec -> times it fired in this process
+T = TypeVar("T")
 
 
 @dataclass
@@ -86,10 +91,11 @@ def resident(config: TrainConfig, session, device: torch.device) -> str:
     """What the run held on the device, in words."""
     if session is None:
         return f"the models loaded so far for a run on {device}"
-    base = "fp8" if config.fp8_base or config.fp8_base_unet else str(session.weight_dtype).removeprefix("torch.")
-    swap = f"{config.blocks_to_swap} blocks swapped" if config.blocks_to_swap else "no blocks swapped"
-    check = ("CPU-offloaded checkpointing" if config.cpu_offload_checkpointing else
-             "gradient checkpointing" if config.gradient_checkpointing else "no gradient checkpointing")
+    memory = config.memory
+    base = "fp8" if memory.fp8 else str(session.weight_dtype).removeprefix("torch.")
+    swap = f"{memory.blocks_to_swap} blocks swapped" if memory.blocks_to_swap else "no blocks swapped"
+    check = ("CPU-offloaded checkpointing" if memory.cpu_offload_checkpointing else
+             "gradient checkpointing" if memory.gradient_checkpointing else "no gradient checkpointing")
     parts = [f"transformer ({base} weights, {swap}, {check}) on {device}"]
     encoders = [name for name, model in (("CLIP-L", session.clip_l), ("T5-XXL", session.t5)) if model is not None]
     parts.append(f"{' and '.join(encoders)} loaded" if encoders else "text encoders freed (their outputs cached)")
@@ -100,7 +106,7 @@ def resident(config: TrainConfig, session, device: torch.device) -> str:
 
 
 def _allowed(config: TrainConfig) -> dict:
-    return allowed_settings({name: getattr(config, name) for name in (
+    return allowed_settings({name: config.flags()[name] for name in (
         "base_weights", "mixed_precision", "cpu_offload_checkpointing", "torch_compile", "dynamo_backend")})
 
 
@@ -117,7 +123,7 @@ def _size(config: TrainConfig) -> TransformerSize:
     from .models import read_flux_params
 
     try:
-        return TransformerSize.of(read_flux_params(config.pretrained_model_name_or_path))
+        return TransformerSize.of(read_flux_params(config.models.pretrained_model_name_or_path))
     except Exception:
         return FLUX_DEV
 
@@ -142,14 +148,14 @@ def handled(error: BaseException, where: Where, config: TrainConfig, device: tor
     phase = _where_text(where, step, total)
     lora = state = None
     if loop is not None:
-        lora, state, why_not = loop.save_after_out_of_memory(where)
+        lora, state, why_not = _save_last_good_step(loop, where)
         give_back(device)
     else:
         why_not = "nothing was trained yet"
     figures, usable = memory_figures(device)
     resolution, batch = _shape(config)
-    fp8 = config.fp8_base or config.fp8_base_unet
-    options = leaner_options(usable, config.blocks_to_swap, fp8, resolution=resolution, batch_size=batch,
+    fp8 = config.memory.fp8_base or config.memory.fp8_base_unet
+    options = leaner_options(usable, config.memory.blocks_to_swap, fp8, resolution=resolution, batch_size=batch,
                              size=_size(config), host_free_bytes=available_host_bytes() if device.type == "cuda"
                              else None, **_allowed(config))
     if state is not None:
@@ -159,8 +165,40 @@ def handled(error: BaseException, where: Where, config: TrainConfig, device: tor
         kept = f"Nothing new was saved: {why_not}."
     text = (f"out of memory while {phase}. Resident: {resident(config, session, device)}. Memory: {figures}. "
             f"Next: {options}. {kept} The device memory was given back. (torch: {torch_text})")
-    seed = session.seed if session is not None else config.seed
+    seed = session.seed if session is not None else config.run.seed
     return OutOfMemoryError(text, phase=phase, step=step, lora=lora, state=state, seed=seed)
+
+
+def _save_last_good_step(loop, where: Where) -> tuple[Path | None, Path | None, str]:
+    """After out of memory, what a stop saves: the LoRA and a resumable state of the last good step. Returns
+    (LoRA, state folder, why nothing was saved)."""
+    step = loop.position.global_step
+    if where.optimizer_step:
+        return None, None, (f"the optimizer step after step {step} was cut short, so the weights are half "
+                            "updated; the files saved before are kept")
+    if step == 0:
+        return None, None, "no step was trained yet"
+    loop.session.optimizer.zero_grad(set_to_none=True)  # the failed step's partial gradients
+    try:
+        lora = loop.save_final_files(stopped=True)
+    except torch.OutOfMemoryError:
+        return None, None, "saving ran out of memory too; the files saved before are kept"
+    return lora, loop.writer.final_state_folder() if loop.session.world.is_main else None, ""
+
+
+def stepping_down(config: TrainConfig, run_once: Callable[[TrainConfig], T], step_down: bool,
+                  emit: Callable[[Message], None]) -> T:
+    """`run_once(config)`; with `step_down` (--memory auto) an OutOfMemoryError runs it again one setting leaner
+    (`leaner_config`), saying what changed, until it finishes or nothing leaner is left."""
+    while True:
+        try:
+            return run_once(config)
+        except OutOfMemoryError as e:
+            leaner = leaner_config(config, e) if step_down else None
+            if leaner is None:
+                raise
+            config, change = leaner
+            emit(Message(change, "warning"))
 
 
 def leaner_config(config: TrainConfig, error: OutOfMemoryError) -> tuple[TrainConfig, str] | None:
@@ -169,16 +207,16 @@ def leaner_config(config: TrainConfig, error: OutOfMemoryError) -> tuple[TrainCo
     is left, or trained steps could not be saved."""
     if error.state is None and error.step > 0:
         return None
-    fp8 = config.fp8_base or config.fp8_base_unet
-    change = step_down(config.blocks_to_swap, fp8, size=_size(config),
-                       host_free_bytes=available_host_bytes() if config.device != "cpu" else None, **_allowed(config))
+    memory = config.memory
+    change = step_down(memory.blocks_to_swap, memory.fp8, size=_size(config),
+                       host_free_bytes=available_host_bytes() if memory.device != "cpu" else None, **_allowed(config))
     if change is None:
         return None
     fields, what = change
-    fields["seed"] = error.seed if error.seed is not None else config.seed
+    fields["seed"] = error.seed if error.seed is not None else config.run.seed
     if error.state is not None:
         fields.update(resume=str(error.state), initial_step=None, initial_epoch=None, skip_until_initial_step=False,
                       sample_at_first=False)
     where = f"from step {error.step}" if error.state is not None else "from the start (nothing was trained yet)"
-    return dataclasses.replace(config, **fields), (f"out of memory while {error.phase}: memory auto continues "
-                                                    f"{where} with {what}")
+    return config.with_flags(**fields), (f"out of memory while {error.phase}: memory auto continues {where} "
+                                         f"with {what}")

@@ -29,6 +29,7 @@ from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .config import TrainConfig
+    from .config.sections import OptimizerConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,19 +57,19 @@ def build_optimizer_and_scheduler(config: "TrainConfig", groups: list[dict], tot
     """The optimizer over `groups` (network.param_groups(...), changed in place where the optimizer needs it) and
     its learning-rate schedule for a run of `total_steps` optimizer steps, as sd-scripts makes them from the same
     options; every option changed or ignored on the way is told through `emit(text)`."""
-    name = canonical_optimizer(config.optimizer_type)
-    args = parse_optimizer_args(config.optimizer_args)
-    schedule = config.lr_scheduler
+    name = canonical_optimizer(config.optimizer.optimizer_type)
+    args = parse_optimizer_args(config.optimizer.optimizer_args)
+    schedule = config.optimizer.lr_scheduler
     if name == "Adafactor":
-        schedule = _adafactor_notes(config, args, emit)
+        schedule = _adafactor_notes(config.optimizer, args, emit)
     elif is_learning_rate_free(name):
-        _adaptive_notes(name, groups, config.learning_rate, emit)
+        _adaptive_notes(name, groups, config.optimizer.learning_rate, emit)
     elif name == "SGDNesterov8bit":
         emit("SGDNesterov8bit: bitsandbytes' SGD8bit accepts nesterov=True but steps with plain momentum (so does "
              "sd-scripts'); SGDNesterov is the Nesterov one")
-    optimizer = create_optimizer(name, groups, config.learning_rate, args)
+    optimizer = create_optimizer(name, groups, config.optimizer.learning_rate, args)
     optimizer_train_mode(optimizer)  # schedule-free ones start in training mode (a no-op for the rest)
-    return optimizer, _create_scheduler(config, optimizer, name, schedule, total_steps, emit)
+    return optimizer, _create_scheduler(config.optimizer, optimizer, name, schedule, total_steps, emit)
 
 
 def optimizer_train_mode(optimizer) -> None:
@@ -86,28 +87,28 @@ def optimizer_eval_mode(optimizer) -> None:
         mode()
 
 
-def _adafactor_notes(config: "TrainConfig", args: dict, emit: Emit) -> str:
+def _adafactor_notes(settings: "OptimizerConfig", args: dict, emit: Emit) -> str:
     """sd-scripts' Adafactor rules; returns the schedule to use."""
     if not args.get("relative_step", True) and args.get("warmup_init", False):
         emit("Adafactor: warmup_init=True needs relative_step, so relative_step is set to True")
     if adafactor_relative_step(args):
-        if config.learning_rate != 0:
+        if settings.learning_rate != 0:
             emit(f"Adafactor with relative_step (its default) sets its own step size: learning_rate "
-                 f"{config.learning_rate:g} is only the initial value its schedule reports; for a fixed rate pass "
+                 f"{settings.learning_rate:g} is only the initial value its schedule reports; for a fixed rate pass "
                  "--optimizer_args relative_step=False scale_parameter=False warmup_init=False")
-        if config.unet_lr is not None or config.text_encoder_lr is not None:
+        if settings.unet_lr is not None or settings.text_encoder_lr is not None:
             emit("Adafactor with relative_step: unet_lr and text_encoder_lr are ignored")
-        if config.lr_scheduler != "adafactor":
-            emit(f"Adafactor with relative_step: lr_scheduler {config.lr_scheduler} is replaced by adafactor, which "
+        if settings.lr_scheduler != "adafactor":
+            emit(f"Adafactor with relative_step: lr_scheduler {settings.lr_scheduler} is replaced by adafactor, which "
                  "follows the optimizer's own step size")
         return "adafactor"
-    if config.max_grad_norm != 0:
-        emit(f"Adafactor: max_grad_norm {config.max_grad_norm:g} clips gradients; the recipe uses --max_grad_norm 0")
-    if config.lr_scheduler != "constant_with_warmup" and not config.lr_scheduler_type:
-        emit(f"Adafactor: lr_scheduler constant_with_warmup is the recipe's (not {config.lr_scheduler})")
+    if settings.max_grad_norm != 0:
+        emit(f"Adafactor: max_grad_norm {settings.max_grad_norm:g} clips gradients; the recipe uses --max_grad_norm 0")
+    if settings.lr_scheduler != "constant_with_warmup" and not settings.lr_scheduler_type:
+        emit(f"Adafactor: lr_scheduler constant_with_warmup is the recipe's (not {settings.lr_scheduler})")
     if args.get("clip_threshold", 1.0) != 1.0:
         emit(f"Adafactor: clip_threshold=1.0 is the recipe's (not {args['clip_threshold']})")
-    return config.lr_scheduler
+    return settings.lr_scheduler
 
 
 def _adaptive_notes(name: str, groups: list[dict], lr: float, emit: Emit) -> None:
@@ -222,35 +223,35 @@ def warmup_steps(value: float, total: int) -> int:
     return int(value * total) if isinstance(value, float) and value < 1 else int(value)
 
 
-def _create_scheduler(config: "TrainConfig", optimizer: torch.optim.Optimizer, optimizer_name: str, schedule: str,
+def _create_scheduler(settings: "OptimizerConfig", optimizer: torch.optim.Optimizer, optimizer_name: str, schedule: str,
                       total: int, emit: Emit):
-    warmup = warmup_steps(config.lr_warmup_steps, total)
+    warmup = warmup_steps(settings.lr_warmup_steps, total)
     if is_schedule_free(optimizer_name):
-        if schedule != "constant" or config.lr_scheduler_type or warmup:
+        if schedule != "constant" or settings.lr_scheduler_type or warmup:
             emit(f"{optimizer_name} needs no learning-rate schedule: lr_scheduler, lr_scheduler_type and "
                  "lr_warmup_steps are ignored (its own warmup: --optimizer_args warmup_steps=N)")
         return torch.optim.lr_scheduler.LambdaLR(optimizer, _constant)
     if schedule == "adafactor":
         from transformers.optimization import AdafactorSchedule
 
-        if config.lr_scheduler_type:
-            emit(f"lr_scheduler_type {config.lr_scheduler_type} is ignored: Adafactor with relative_step sets its own "
-                 "step size")
+        if settings.lr_scheduler_type:
+            emit(f"lr_scheduler_type {settings.lr_scheduler_type} is ignored: Adafactor with relative_step sets its "
+                 "own step size")
         if warmup:
             emit("lr_warmup_steps is ignored by the adafactor schedule (Adafactor's own warmup: --optimizer_args "
                  "warmup_init=True)")
-        return AdafactorSchedule(optimizer, config.learning_rate)
-    if config.lr_scheduler_type:
+        return AdafactorSchedule(optimizer, settings.learning_rate)
+    if settings.lr_scheduler_type:
         if warmup:
-            emit(f"lr_warmup_steps is ignored with lr_scheduler_type {config.lr_scheduler_type}")
-        return scheduler_from_class(config.lr_scheduler_type, optimizer,
-                                    scheduler_args(schedule, config.lr_scheduler_type, config.lr_scheduler_args))
-    options = scheduler_args(schedule, "", config.lr_scheduler_args)
+            emit(f"lr_warmup_steps is ignored with lr_scheduler_type {settings.lr_scheduler_type}")
+        return scheduler_from_class(settings.lr_scheduler_type, optimizer,
+                                    scheduler_args(schedule, settings.lr_scheduler_type, settings.lr_scheduler_args))
+    options = scheduler_args(schedule, "", settings.lr_scheduler_args)
     if schedule == "constant" and warmup:
         emit(f"lr_warmup_steps {warmup} does nothing with lr_scheduler constant; constant_with_warmup warms up")
-    factor = lr_lambda(schedule, warmup, total, config.lr_scheduler_num_cycles, config.lr_scheduler_power,
-                       config.lr_scheduler_min_lr_ratio, warmup_steps(config.lr_decay_steps, total),
-                       timescale=config.lr_scheduler_timescale, lr_init=optimizer.defaults.get("lr") or 1.0,
+    factor = lr_lambda(schedule, warmup, total, settings.lr_scheduler_num_cycles, settings.lr_scheduler_power,
+                       settings.lr_scheduler_min_lr_ratio, warmup_steps(settings.lr_decay_steps, total),
+                       timescale=settings.lr_scheduler_timescale, lr_init=optimizer.defaults.get("lr") or 1.0,
                        options=options)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

@@ -27,9 +27,9 @@ def check(config: TrainConfig, warn=None) -> None:
     given, receives what is usable but not as written (a preview prompt's ignored flag)."""
     network = _meta_network(config)  # the transformer's LoRA as this config builds it, without memory
     for slot in ("ae", "clip_l", "t5xxl"):
-        if slot in required_model_files(config.model_type):  # Chroma reads no CLIP-L
-            check_model_file(getattr(config, slot), slot)
-    optimizer = canonical_optimizer(config.optimizer_type)
+        if slot in required_model_files(config.models.model_type):  # Chroma reads no CLIP-L
+            check_model_file(getattr(config.models, slot), slot)
+    optimizer = canonical_optimizer(config.optimizer.optimizer_type)
     package = OPTIMIZERS.get(optimizer)
     if package and importlib.util.find_spec(package) is None:
         raise ConfigError(f"optimizer_type {optimizer} needs {package}: pip install {package}")
@@ -38,17 +38,17 @@ def check(config: TrainConfig, warn=None) -> None:
 
         import_optimizer_class(optimizer)
     _check_optimizer_args(config, optimizer)
-    _check_device(config.device)
+    _check_device(config.memory.device)
     _check_pinned_host_memory(config)
-    if config.sample_prompts:
-        read_prompts(config.sample_prompts, warn=warn)
-    if config.network_weights:
-        weights, _ = read_lora(config.network_weights)
-        if not config.dim_from_weights:
+    if config.previews.sample_prompts:
+        read_prompts(config.previews.sample_prompts, warn=warn)
+    if config.models.network_weights:
+        weights, _ = read_lora(config.models.network_weights)
+        if not config.models.dim_from_weights:
             _check_lora_fits(config, weights, network)
-    for path in config.base_weights:
+    for path in config.models.base_weights:
         read_lora(path)  # a LoRA file in a layout we read (the merge itself waits for the models)
-    if config.resume:
+    if config.saving.resume:
         _check_resume_state(config, optimizer, network)
     datasets = resolve_datasets(config)
     for dataset in datasets:
@@ -69,9 +69,9 @@ def _meta_network(config: TrainConfig):
     from .lora import LoRANetwork
     from .models.text_encoders import t5_encoder_on_meta
 
-    params = read_flux_params(config.pretrained_model_name_or_path)
-    check_transformer_type(config.pretrained_model_name_or_path, params, config.model_type)
-    t5 = t5_encoder_on_meta(config.t5xxl) if config.network.train_t5xxl else None
+    params = read_flux_params(config.models.pretrained_model_name_or_path)
+    check_transformer_type(config.models.pretrained_model_name_or_path, params, config.models.model_type)
+    t5 = t5_encoder_on_meta(config.models.t5xxl) if config.network.train_t5xxl else None
     with torch.device("meta"):
         return LoRANetwork.create(config.network, build_transformer(params), t5=t5)
 
@@ -85,22 +85,23 @@ def _check_optimizer_args(config: TrainConfig, optimizer: str) -> None:
     if optimizer in OPTIMIZERS and OPTIMIZERS[optimizer] not in (None, "bitsandbytes"):
         return  # a package of its own (Prodigy): constructed with the real parameters only
     dummy = [{"params": [torch.zeros(1, requires_grad=True)]}]
-    create_optimizer(config.optimizer_type, dummy, config.learning_rate, parse_optimizer_args(config.optimizer_args))
+    options = config.optimizer
+    create_optimizer(options.optimizer_type, dummy, options.learning_rate, parse_optimizer_args(options.optimizer_args))
 
 
 def _check_pinned_host_memory(config: TrainConfig) -> None:
     """--blocks_to_swap pins the swapped blocks' weights in host memory: refused before loading when that is more
     than the host has available."""
-    if not config.blocks_to_swap:
+    if not config.memory.blocks_to_swap:
         return
     import torch
 
     from .config.memory_plan import TransformerSize, check_pinned_host_memory
 
-    device_type = torch.device(config.device).type if config.device else \
+    device_type = torch.device(config.memory.device).type if config.memory.device else \
         ("cuda" if torch.cuda.is_available() else "cpu")
-    check_pinned_host_memory(config.blocks_to_swap, config.fp8_base or config.fp8_base_unet,
-                             TransformerSize.of(read_flux_params(config.pretrained_model_name_or_path)), device_type)
+    size = TransformerSize.of(read_flux_params(config.models.pretrained_model_name_or_path))
+    check_pinned_host_memory(config.memory.blocks_to_swap, config.memory.fp8, size, device_type)
 
 
 def _check_device(device: str | None) -> None:
@@ -131,31 +132,33 @@ def output_patterns(name: str) -> list[re.Pattern]:
 def _check_outputs_spare_inputs(config: TrainConfig, datasets: list) -> None:
     """No file the run writes may replace one it reads: the model files, --network_weights, the images (previews
     go to <output_dir>/sample), --resume (its own state folder is replaced by the newer state, as intended)."""
-    out = Path(config.output_dir).resolve()
-    patterns = output_patterns(config.name)
-    inputs = [(option, Path(getattr(config, option))) for option in
-              ("pretrained_model_name_or_path", "clip_l", "t5xxl", "ae", "network_weights") if getattr(config, option)]
+    out = Path(config.saving.output_dir).resolve()
+    patterns = output_patterns(config.saving.name)
+    models = config.models
+    inputs = [(option, Path(getattr(models, option))) for option in
+              ("pretrained_model_name_or_path", "clip_l", "t5xxl", "ae", "network_weights") if getattr(models, option)]
     for option, path in inputs:
         path = path.resolve()
         if path.parent == out and any(p.fullmatch(path.name) for p in patterns):
-            raise ConfigError(f"output_name {config.name!r} in output_dir {config.output_dir} would replace "
-                              f"--{option} {path}; choose another output_name or output_dir")
+            raise ConfigError(f"output_name {config.saving.name!r} in output_dir {config.saving.output_dir} would "
+                              f"replace --{option} {path}; choose another output_name or output_dir")
     samples = out / "sample"
     for dataset in datasets:
         for subset in dataset.subsets:
             folder = Path(subset.image_dir or subset.metadata_file or ".").resolve()
             if folder in (out, samples) and subset.image_dir:
-                raise ConfigError(f"output_dir {config.output_dir}: the run writes into {folder}, which holds "
+                raise ConfigError(f"output_dir {config.saving.output_dir}: the run writes into {folder}, which holds "
                                   f"training images (image_dir {subset.image_dir}); choose another output_dir")
 
 
 def _check_writable(config: TrainConfig, network) -> None:
     """The output folder (and the cache folder for disk caches) can be created and written, and has room."""
-    folders = [("output_dir", Path(config.output_dir))]
-    if config.logging_dir:
-        folders.append(("logging_dir", Path(config.logging_dir)))
-    if config.cache_dir and (config.cache_latents_to_disk or config.cache_text_encoder_outputs_to_disk):
-        folders.append(("cache_dir", Path(config.cache_dir)))
+    folders = [("output_dir", Path(config.saving.output_dir))]
+    if config.logging.logging_dir:
+        folders.append(("logging_dir", Path(config.logging.logging_dir)))
+    caching = config.caching
+    if caching.cache_dir and (caching.cache_latents_to_disk or caching.cache_text_encoder_outputs_to_disk):
+        folders.append(("cache_dir", Path(caching.cache_dir)))
     for option, folder in folders:
         existing = folder.absolute()
         while not existing.exists():  # a folder still to be made: its nearest existing parent must take it
@@ -168,9 +171,9 @@ def _check_writable(config: TrainConfig, network) -> None:
         except OSError as e:
             raise ConfigError(f"{option} {folder}: cannot be written ({e.strerror or e})") from None
     outputs = _output_bytes(config, network)
-    needs = {Path(config.output_dir): ("output_dir", "the LoRA files and training states", outputs)}
+    needs = {Path(config.saving.output_dir): ("output_dir", "the LoRA files and training states", outputs)}
     for folder, size in _cache_bytes(config).items():
-        option, what, known = needs.get(folder, ("cache_dir" if config.cache_dir else "image_dir", "", 0))
+        option, what, known = needs.get(folder, ("cache_dir" if config.caching.cache_dir else "image_dir", "", 0))
         needs[folder] = (option, (what + " and " if what else "") + "the disk caches", known + size)
     for folder, (option, what, needed) in needs.items():
         existing = folder.absolute()
@@ -195,13 +198,13 @@ def size_text(size: float) -> str:
 def _cache_bytes(config: TrainConfig) -> dict[Path, int]:
     """What the disk caches of images not cached yet would take, per folder they go to (an upper bound: every
     image counted, flipped latents and a full T5 sequence included)."""
-    latents, text = config.cache_latents_to_disk, config.cache_text_encoder_outputs_to_disk
+    latents, text = config.caching.cache_latents_to_disk, config.caching.cache_text_encoder_outputs_to_disk
     if not (latents or text):
         return {}
     from .data.cache_files import cache_folder, text_npz_path
     from .data.images import list_images
 
-    t5_tokens = config.t5xxl_max_token_length or 512
+    t5_tokens = config.models.t5xxl_max_token_length or 512
     text_bytes = (t5_tokens * 4096 + 768) * 4 + t5_tokens * 8
     out: dict[Path, int] = {}
     for dataset in resolve_datasets(config):
@@ -211,13 +214,13 @@ def _cache_bytes(config: TrainConfig) -> dict[Path, int]:
             if not subset.image_dir or not Path(subset.image_dir).is_dir():
                 continue
             for image in list_images(subset.image_dir):
-                folder = cache_folder(image, config.cache_dir)
+                folder = cache_folder(image, config.caching.cache_dir)
                 size = 0
                 if latents and not any(folder.glob(f"{glob.escape(image.stem)}_*_flux.npz")):
                     size += latent_bytes
-                if text and not text_npz_path(image, config.cache_dir).exists():
+                if text and not text_npz_path(image, config.caching.cache_dir).exists():
                     size += text_bytes
-                root = Path(config.cache_dir) if config.cache_dir else folder
+                root = Path(config.caching.cache_dir) if config.caching.cache_dir else folder
                 out[root] = out.get(root, 0) + size
     return out
 
@@ -226,10 +229,10 @@ def _output_bytes(config: TrainConfig, network) -> int:
     """A generous estimate of what the run writes into output_dir: each LoRA kept, and each state (LoRA in fp32 +
     optimizer moments)."""
     params = sum(p.numel() for p in network.parameters())
-    lora = params * (4 if config.save_precision in (None, "float") else 2)
-    kept_loras = 1 + (config.save_last_n_epochs or config.save_last_n_steps or 4 if (
-        config.save_every_n_epochs or config.save_every_n_steps) else 0)
-    states = (kept_loras if config.save_state else 1) * params * 4 * 3
+    lora = params * (4 if config.saving.save_precision in (None, "float") else 2)
+    kept_loras = 1 + (config.saving.save_last_n_epochs or config.saving.save_last_n_steps or 4 if (
+        config.saving.save_every_n_epochs or config.saving.save_every_n_steps) else 0)
+    states = (kept_loras if config.saving.save_state else 1) * params * 4 * 3
     return lora * kept_loras + states
 
 
@@ -238,9 +241,9 @@ def _check_resume_state(config: TrainConfig, optimizer: str, network) -> None:
     config builds (the transformer's layers; with --dim_from_weights the loop checks them)."""
     from .checkpoint import network_shapes
 
-    expected = None if (config.network_weights and config.dim_from_weights) else {
+    expected = None if (config.models.network_weights and config.models.dim_from_weights) else {
         name: shape for name, shape in network_shapes(network).items() if name.startswith("lora_unet_")}
-    check_state_folder(Path(config.resume), expected, optimizer=optimizer, scope="lora_unet_")
+    check_state_folder(Path(config.saving.resume), expected, optimizer=optimizer, scope="lora_unet_")
 
 
 def _check_lora_fits(config: TrainConfig, weights: dict, network) -> None:
@@ -252,7 +255,7 @@ def _check_lora_fits(config: TrainConfig, weights: dict, network) -> None:
             network.load_kohya({k: v if k.endswith("alpha") else v.to("meta") for k, v in weights.items()
                                 if k.startswith("lora_unet_")})
         except TrainerError as e:
-            raise LoRAWeightsError(f"network_weights {config.network_weights}: {e}") from None
+            raise LoRAWeightsError(f"network_weights {config.models.network_weights}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -336,10 +339,10 @@ def preflight_report(config: TrainConfig, processes: int = 1) -> PreflightReport
     from .session import plan_steps
 
     configs = [replace(c, batch_size=c.batch_size * processes) for c in resolve_datasets(config)]
-    reports, batches = dataset_report(configs, config.seed if config.seed is not None else 0)
+    reports, batches = dataset_report(configs, config.run.seed if config.run.seed is not None else 0)
     steps_per_epoch, total, epochs = plan_steps(batches, config)
     prompt_notes: list[str] = []
-    if config.sample_prompts:
-        read_prompts(config.sample_prompts, warn=prompt_notes.append)
+    if config.previews.sample_prompts:
+        read_prompts(config.previews.sample_prompts, warn=prompt_notes.append)
     return PreflightReport(tuple(reports), batches, steps_per_epoch, total, epochs,
                            (*config.advice(), *prompt_notes))

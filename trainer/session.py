@@ -1,14 +1,17 @@
 """Everything the loop needs, prepared from a TrainConfig: models, datasets, caches, the network and optimizer.
 
 Text encoders and the autoencoder are loaded for caching and released afterwards when their outputs are cached
-(the autoencoder stays on the CPU if previews need it).
+(the autoencoder stays on the CPU if previews need it). The `Session` is immutable once `prepare` returns it: its
+fields are what the run has (a freed encoder is None from the start); what changes while training (the position,
+the weights, the optimizer's state) belongs to the loop and the modules, and a step-down after out of memory
+prepares a new session from a leaner config.
 """
 
 from __future__ import annotations
 
 import gc
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -25,7 +28,7 @@ from .optim import build_optimizer_and_scheduler
 from .sampling import SamplePrompt, read_prompts
 
 
-@dataclass
+@dataclass(frozen=True)
 class Session:
     config: TrainConfig
     world: World
@@ -44,21 +47,21 @@ class Session:
     ae: torch.nn.Module | None = None
     clip_l: torch.nn.Module | None = None
     t5: torch.nn.Module | None = None
-    prompts: list[SamplePrompt] = field(default_factory=list)
-    prompt_conds: list[tuple] = field(default_factory=list)  # (cond, negative) per prompt, pre-encoded
+    prompts: tuple[SamplePrompt, ...] = ()
+    prompt_conds: tuple[tuple, ...] = ()  # (cond, negative) per prompt, pre-encoded
     train_clip: bool = False
     train_t5: bool = False
     validation_datasets: data.DatasetGroup | None = None  # the held-out images (--validation_split), cached alike
 
 
 def _weight_dtype(config: TrainConfig) -> torch.dtype:
-    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.memory.mixed_precision]
 
 
 def plan_steps(batches_per_epoch: int, config: TrainConfig) -> tuple[int, int, int]:
     """(optimizer steps per epoch, total steps, epochs), as sd-scripts counts them."""
-    steps_per_epoch = -(-batches_per_epoch // config.gradient_accumulation_steps)
-    total = config.max_train_epochs * steps_per_epoch if config.max_train_epochs else config.max_train_steps
+    steps_per_epoch = -(-batches_per_epoch // config.optimizer.gradient_accumulation_steps)
+    total = config.run.max_train_epochs * steps_per_epoch if config.run.max_train_epochs else config.run.max_train_steps
     return steps_per_epoch, total, -(-total // steps_per_epoch)
 
 
@@ -96,19 +99,21 @@ def autoencoder_dtype(dtype: torch.dtype, device_type: str, no_half_vae: bool = 
 
 def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch.device,
             where: oom.Where | None = None) -> Session:
-    seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
-    if config.seed is None:
+    seed = config.run.seed if config.run.seed is not None else random.SystemRandom().randrange(2**31)
+    if config.run.seed is None:
         reporter.emit(Message(f"no --seed given: using {seed}"))
     torch.manual_seed(seed)
     dtype = _weight_dtype(config)
 
     # the transformer is loaded last: encoders and the autoencoder do their caching without it in memory
-    params = read_flux_params(config.pretrained_model_name_or_path)
-    check_transformer_type(config.pretrained_model_name_or_path, params, config.model_type)
-    chroma = config.model_type == "chroma"
-    t5_length = config.t5xxl_max_token_length or (512 if params.guidance_embed else 256)
+    params = read_flux_params(config.models.pretrained_model_name_or_path)
+    check_transformer_type(config.models.pretrained_model_name_or_path, params, config.models.model_type)
+    chroma = config.models.model_type == "chroma"
+    t5_length = config.models.t5xxl_max_token_length or (512 if params.guidance_embed else 256)
 
-    if world.enabled and config.network.module_dropout and (config.blocks_to_swap or config.cpu_offload_checkpointing):
+    memory_options, caching = config.memory, config.caching
+    if world.enabled and config.network.module_dropout and (memory_options.blocks_to_swap
+                                                            or memory_options.cpu_offload_checkpointing):
         raise ConfigError("module_dropout with several processes needs DDP to find unused LoRA layers, which the "
                           "per-block backward of block swap and CPU-offloaded checkpointing does not allow: drop "
                           "module_dropout, or train on one process")
@@ -127,48 +132,50 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
     lora = config.network
     train_clip = not lora.network_train_unet_only and not chroma  # Chroma has no CLIP-L (sd-scripts: same)
     train_t5 = lora.train_t5xxl
-    need_ae = not config.cache_latents or bool(config.sample_prompts)
+    need_ae = not caching.cache_latents or bool(config.previews.sample_prompts)
     # the autoencoder is small: float32, or bfloat16 with bf16 training on a GPU (fp16 risks overflow in it)
-    ae_dtype = autoencoder_dtype(dtype, device.type, config.no_half_vae)
+    ae_dtype = autoencoder_dtype(dtype, device.type, memory_options.no_half_vae)
     stop("loading the autoencoder")
-    ae = load_autoencoder(config.ae, dtype=ae_dtype, device=device)
-    if config.cache_latents:
+    ae = load_autoencoder(config.models.ae, dtype=ae_dtype, device=device)
+    if caching.cache_latents:
         stop("caching latents")
         reporter.emit(Phase("caching latents"))
         for group in groups:
             _cache_share(world, group, lambda g: data.cache_latents(
-                g, ae, config.cache_latents_to_disk, config.vae_batch_size, seed, stop.progress, config.cache_dir),
-                config.cache_latents_to_disk)
+                g, ae, caching.cache_latents_to_disk, caching.vae_batch_size, seed, stop.progress, caching.cache_dir),
+                caching.cache_latents_to_disk)
     if not need_ae:
         ae = None
-    elif config.cache_latents:
+    elif caching.cache_latents:
         ae = ae.to("cpu")  # kept for decoding previews only
 
     stop("loading the text encoders")
-    clip_l = NoClipL() if chroma else load_clip_l(config.clip_l, dtype=dtype if device.type != "cpu" else
-                                                  torch.float32, device=device, tokenizer=config.clip_l_tokenizer)
-    t5 = load_t5xxl(config.t5xxl, dtype=dtype if device.type != "cpu" else torch.float32, device=device,
-                    tokenizer=config.t5xxl_tokenizer, max_length=t5_length,
-                    fp8=t5_fp8_option(config.t5xxl_fp8, config.fp8_base, config.fp8_base_unet))
+    models, encoder_dtype = config.models, dtype if device.type != "cpu" else torch.float32
+    clip_l = NoClipL() if chroma else load_clip_l(models.clip_l, dtype=encoder_dtype, device=device,
+                                                  tokenizer=models.clip_l_tokenizer)
+    t5 = load_t5xxl(models.t5xxl, dtype=encoder_dtype, device=device, tokenizer=models.t5xxl_tokenizer,
+                    max_length=t5_length, fp8=t5_fp8_option(memory_options.t5xxl_fp8, memory_options.fp8_base,
+                                                            memory_options.fp8_base_unet))
     if not chroma and clip_l.model.config.hidden_size != params.vec_in_dim:
-        raise ConfigError(f"clip_l {config.clip_l}: pooled size {clip_l.model.config.hidden_size} does not fit the "
+        raise ConfigError(f"clip_l {models.clip_l}: pooled size {clip_l.model.config.hidden_size} does not fit the "
                           f"transformer's vector input of {params.vec_in_dim} (a CLIP-G or other encoder?)")
     if t5.model.config.d_model != params.context_in_dim:
-        raise ConfigError(f"t5xxl {config.t5xxl}: hidden size {t5.model.config.d_model} does not fit the transformer's "
-                          f"text input of {params.context_in_dim}")
+        raise ConfigError(f"t5xxl {models.t5xxl}: hidden size {t5.model.config.d_model} does not fit the "
+                          f"transformer's text input of {params.context_in_dim}")
     if not chroma:
         merge_base_weights(config, clip_l, reporter)
     merge_base_weights(config, t5, reporter)
-    prompts = read_prompts(config.sample_prompts) if config.sample_prompts else []  # the pre-flight said its notes
-    conds = [_encode_prompt(clip_l, t5, p, config.apply_t5_attn_mask) for p in prompts]
-    if config.cache_text_encoder_outputs:
+    # the pre-flight said the prompt file's notes
+    prompts = tuple(read_prompts(config.previews.sample_prompts)) if config.previews.sample_prompts else ()
+    conds = tuple(_encode_prompt(clip_l, t5, p, models.apply_t5_attn_mask) for p in prompts)
+    if caching.cache_text_encoder_outputs:
         stop("caching text-encoder outputs")
         reporter.emit(Phase("caching text-encoder outputs"))
-        batch = config.text_encoder_batch_size or config.vae_batch_size
+        batch = caching.text_encoder_batch_size or caching.vae_batch_size
         for group in groups:
             _cache_share(world, group, lambda g: data.cache_text_outputs(
-                g, clip_l, t5, config.cache_text_encoder_outputs_to_disk, batch, config.apply_t5_attn_mask,
-                stop.progress, config.cache_dir), config.cache_text_encoder_outputs_to_disk)
+                g, clip_l, t5, caching.cache_text_encoder_outputs_to_disk, batch, models.apply_t5_attn_mask,
+                stop.progress, caching.cache_dir), caching.cache_text_encoder_outputs_to_disk)
         if not train_clip:
             clip_l = None
         if not train_t5:
@@ -180,19 +187,19 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
     stop("loading the transformer")
     reporter.emit(Phase("loading the transformer"))
     # with block swap on a GPU the transformer is read into host memory: only what stays resident moves to the GPU
-    swap_from_host = bool(config.blocks_to_swap) and device.type == "cuda"
-    flux = load_flux(config.pretrained_model_name_or_path, dtype=dtype, device="cpu" if swap_from_host else device,
-                     fp8=config.fp8_base or config.fp8_base_unet, convert_device=device if swap_from_host else None)
+    swap_from_host = bool(memory_options.blocks_to_swap) and device.type == "cuda"
+    flux = load_flux(models.pretrained_model_name_or_path, dtype=dtype, device="cpu" if swap_from_host else device,
+                     fp8=memory_options.fp8, convert_device=device if swap_from_host else None)
     merge_base_weights(config, flux, reporter)
-    memory.setup_for_training(flux, config, device, lambda text: reporter.emit(Message(text)))
-    if config.fp8_base or config.fp8_base_unet:
+    memory.setup_for_training(flux, memory_options, device, lambda text: reporter.emit(Message(text)))
+    if memory_options.fp8:
         fp8.enable(flux)  # each resident block's fp8 weights packed, on their device, for one upcast per pass
     stop("loading the transformer")
 
     network = _network(config, flux, clip_l if train_clip else None, t5 if train_t5 else None, dtype)
     network.attach()
-    groups = network.param_groups(config.learning_rate, config.unet_lr,
-                                  list(config.text_encoder_lr) if config.text_encoder_lr else None)
+    groups = network.param_groups(config.optimizer.learning_rate, config.optimizer.unet_lr,
+                                  list(config.optimizer.text_encoder_lr) if config.optimizer.text_encoder_lr else None)
     if not groups:
         raise ConfigError("nothing to train: every learning rate is 0")
     steps_per_epoch, total, epochs = plan_steps(len(datasets), config)
@@ -205,10 +212,10 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
 def merge_base_weights(config: TrainConfig, model: torch.nn.Module, reporter: Reporter) -> None:
     """--base_weights: LoRA files merged into the models before training (and before any caching), each at its
     --base_weights_multiplier (default 1.0); a file's layers for other models are skipped."""
-    multipliers = config.base_weights_multiplier or (1.0,) * len(config.base_weights)
+    multipliers = config.models.base_weights_multiplier or (1.0,) * len(config.models.base_weights)
     name = _model_name(model)
     prefixes = {"transformer": ("lora_unet_",), "CLIP-L": ("lora_te1_",), "T5-XXL": ("lora_te3_", "lora_te2_")}[name]
-    for path, multiplier in zip(config.base_weights, multipliers):
+    for path, multiplier in zip(config.models.base_weights, multipliers):
         weights, _ = read_lora(path)
         if not any(key.startswith(prefixes) for key in weights):
             continue  # this file holds nothing for this model
@@ -247,13 +254,13 @@ def _encode_prompt(clip_l, t5, prompt: SamplePrompt, apply_mask: bool) -> tuple:
 
 
 def _network(config: TrainConfig, flux, clip_l, t5, dtype: torch.dtype) -> LoRANetwork:
-    lora_dtype = dtype if config.full_bf16 or config.full_fp16 else torch.float32
-    if config.network_weights and config.dim_from_weights:
-        weights, _ = read_lora(config.network_weights)
+    lora_dtype = dtype if config.memory.full_bf16 or config.memory.full_fp16 else torch.float32
+    if config.models.network_weights and config.models.dim_from_weights:
+        weights, _ = read_lora(config.models.network_weights)
         network = LoRANetwork.from_weights(weights, flux, clip_l, t5, config=config.network, dtype=lora_dtype)
     else:
         network = LoRANetwork.create(config.network, flux, clip_l, t5, dtype=lora_dtype)
-        if config.network_weights:
-            weights, _ = read_lora(config.network_weights)
+        if config.models.network_weights:
+            weights, _ = read_lora(config.models.network_weights)
             network.load_kohya(weights)
     return network

@@ -21,12 +21,13 @@ the last, possibly partial, epoch included. It logs `loss/validation/step_averag
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from . import step as step_module
+from .cadence import ValidationSchedule  # when to validate: the loop's cadence (cadence.py)
 from .data import DatasetGroup
 from .step import StepContext
 
@@ -34,31 +35,15 @@ from .step import StepContext
 VALIDATION_SIGMAS = (0.2, 0.4, 0.6, 0.8)
 
 
-@dataclass(frozen=True)
-class ValidationSchedule:
-    """When sd-scripts validates (train_network.py): after optimizer step N when N % validate_every_n_steps == 0, and
-    after each epoch (1-based number E) when validate_every_n_epochs is None or E % validate_every_n_epochs == 0."""
-    every_n_steps: int | None = None
-    every_n_epochs: int | None = None
-
-    def at_step(self, global_step: int) -> bool:
-        return bool(self.every_n_steps) and global_step % self.every_n_steps == 0
-
-    def at_epoch_end(self, epoch_number: int) -> bool:
-        return self.every_n_epochs is None or epoch_number % self.every_n_epochs == 0
-
-
 class Validator:
     """Mean loss over the validation datasets at fixed sigmas and noise. `part` = (rank, world size): each process
     computes its slice of every batch and the mean is gathered over the processes."""
 
     def __init__(self, context: StepContext, datasets: DatasetGroup, seed: int, max_steps: int | None = None,
-                 part: tuple[int, int] = (0, 1), schedule: ValidationSchedule = ValidationSchedule(),
-                 sigmas: tuple[float, ...] = VALIDATION_SIGMAS):
+                 part: tuple[int, int] = (0, 1), sigmas: tuple[float, ...] = VALIDATION_SIGMAS):
         self.datasets = datasets
         self.seed = seed
         self.part = part
-        self.schedule = schedule
         self.steps = len(datasets) if max_steps is None else min(max_steps, len(datasets))
         # the encoders' own LoRA (when trained) still applies: encoded now, just without gradients through T5
         self.context = replace(context, seed=seed, train_t5=False)
@@ -76,12 +61,12 @@ class Validator:
         if context is None:
             context = StepContext(
                 flux=session.flux, network=session.network, flow=config.flow, seed=session.seed,
-                weight_dtype=session.weight_dtype, device=session.device, apply_t5_attn_mask=config.apply_t5_attn_mask,
-                ae=session.ae, clip_l=session.clip_l, t5=session.t5, train_clip=session.train_clip,
-                train_t5=session.train_t5)
-        seed = config.validation_seed if config.validation_seed is not None else session.seed
-        return cls(context, datasets, seed, config.max_validation_steps, (session.world.rank, session.world.size),
-                   ValidationSchedule(config.validate_every_n_steps, config.validate_every_n_epochs))
+                weight_dtype=session.weight_dtype, device=session.device,
+                apply_t5_attn_mask=config.models.apply_t5_attn_mask, ae=session.ae, clip_l=session.clip_l,
+                t5=session.t5, train_clip=session.train_clip, train_t5=session.train_t5)
+        seed = config.data.validation_seed if config.data.validation_seed is not None else session.seed
+        part = (session.world.rank, session.world.size)
+        return cls(context, datasets, seed, config.validation.max_validation_steps, part)
 
     def loss(self) -> float:
         """The mean validation loss at the current weights; leaves random states and train/eval modes as found."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
+from .swap_split import MAX_SWAPPED_BLOCKS, freed_blocks
 
 GIB = 2**30
 # what training adds at batch 1 with gradient checkpointing, in GiB: FIXED + PER_MEGAPIXEL_SQUARE · (w·h / 1024²)
@@ -81,12 +82,9 @@ def swapped_blocks(blocks_to_swap: int, size: TransformerSize, slots: int = SWAP
 
 def streamed_blocks(blocks_to_swap: int, size: TransformerSize, slots: int = SWAP_SLOTS) -> tuple[int, int]:
     """The blocks block swap streams through its slots, per kind: each has its weights in host memory."""
-    streamed = []
-    for wanted, most, count in ((blocks_to_swap // 2, 17, size.double_count),
-                                ((blocks_to_swap - blocks_to_swap // 2) * 2, 36, size.single_count)):
-        wanted = min(wanted, most)
-        streamed.append(min(wanted + slots, count - 1) if wanted else 0)
-    return streamed[0], streamed[1]
+    double, single = (min(wanted + slots, count - 1) if wanted else 0
+                      for wanted, count in zip(freed_blocks(blocks_to_swap), (size.double_count, size.single_count)))
+    return double, single
 
 
 def pinned_host_bytes(blocks_to_swap: int | None, fp8: bool = False, size: TransformerSize = FLUX_DEV) -> int:
@@ -161,7 +159,7 @@ GUIDE_ROWS: tuple[tuple[int, dict, str], ...] = (
     (8, {"blocks_to_swap": 28, "t5xxl_fp8": True}, "--blocks_to_swap 28 and T5-XXL in fp8"),
 )
 ROW_SHARE = 0.9  # a card of N GB has somewhat less than N GiB free
-MAX_SWAP = 35
+MAX_SWAP = MAX_SWAPPED_BLOCKS
 
 
 def plan_memory(free_bytes: float, device_type: str = "cuda", *, resolution: tuple[int, int] = (1024, 1024),

@@ -45,15 +45,3 @@ def chroma_fields(given: Mapping[str, object]) -> tuple[dict[str, object], list[
         notes.append("--model_type chroma: --clip_l is not used (Chroma has no CLIP-L)")
     return fields, notes
 
-
-def chroma_node_fields(widgets: Mapping[str, object], extra: Mapping[str, object],
-                       widget_default_guidance: float) -> tuple[dict[str, object], list[str]]:
-    """chroma_fields for the train node, whose widgets always hold a value: a guidance widget still at its FLUX
-    default (`widget_default_guidance`) counts as not set; a value in the extra options always counts as set."""
-    guidance = extra.get("guidance_scale", widgets.get("guidance_scale"))
-    if "guidance_scale" not in extra and guidance == widget_default_guidance:
-        guidance = None
-    mask = extra.get("apply_t5_attn_mask", widgets.get("apply_t5_attn_mask"))
-    given = {name: value for name, value in (("apply_t5_attn_mask", mask), ("guidance_scale", guidance))
-             if value is not None}
-    return chroma_fields(given)

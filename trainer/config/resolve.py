@@ -52,52 +52,54 @@ def face_crop_range(text: str | None) -> tuple[float, float] | None:
 
 def command_line_dataset_options(config: TrainConfig) -> dict:
     """The command-line layer of the lookup; None means "not given" (the next layer down decides)."""
-    options = {name: getattr(config, name) for name in FALLBACK_OPTIONS}
-    options.update(resolution=config.resolution, batch_size=config.train_batch_size,
-                   num_repeats=config.dataset_repeats, face_crop_aug_range=face_crop_range(config.face_crop_aug_range))
+    data = config.data
+    options = {name: getattr(data, name) for name in FALLBACK_OPTIONS}
+    options.update(resolution=data.resolution, batch_size=data.train_batch_size, num_repeats=data.dataset_repeats,
+                   face_crop_aug_range=face_crop_range(data.face_crop_aug_range))
     return {k: v for k, v in options.items() if v is not None}
 
 
 def resolve_datasets(config: TrainConfig) -> list[DatasetConfig]:
     """The datasets `config` trains on, with every value settled. Batch sizes are per process."""
     datasets = _datasets(config)
-    if config.masked_loss and not any(s.conditioning_data_dir or s.alpha_mask for d in datasets for s in d.subsets):
+    masks = any(s.conditioning_data_dir or s.alpha_mask for d in datasets for s in d.subsets)
+    if config.data.masked_loss and not masks:
         log.warning("--masked_loss: no subset has mask images (conditioning_data_dir in the dataset config) or "
                     "alpha_mask, so the loss is not masked")
     return datasets
 
 
 def _datasets(config: TrainConfig) -> list[DatasetConfig]:
-    if config.datasets:
-        return list(config.datasets)
+    if config.data.datasets:
+        return list(config.data.datasets)
     command_line = command_line_dataset_options(config)
-    if config.dataset_config:
-        ignored = [f"--{name}" for name in ("train_data_dir", "reg_data_dir", "in_json") if getattr(config, name)]
+    if config.data.dataset_config:
+        ignored = [f"--{name}" for name in ("train_data_dir", "reg_data_dir", "in_json") if getattr(config.data, name)]
         if ignored:
             log.warning("ignoring %s: the dataset config %s says where the images are", ", ".join(ignored),
-                        config.dataset_config)
-        return load_dataset_config(config.dataset_config, command_line, masked_loss=config.masked_loss)
+                        config.data.dataset_config)
+        return load_dataset_config(config.data.dataset_config, command_line, masked_loss=config.data.masked_loss)
     return [_folder_dataset(config, command_line)]
 
 
 def _folder_dataset(config: TrainConfig, command_line: dict) -> DatasetConfig:
     """--train_data_dir in sd-scripts' DreamBooth convention (subfolders `<repeats>_<class tokens>`, and the same
     under --reg_data_dir as regularisation subsets), or with --in_json one fine-tune style subset."""
-    root = Path(config.train_data_dir)
-    if config.resolution is None:
+    root = Path(config.data.train_data_dir)
+    if config.data.resolution is None:
         raise ConfigError("--train_data_dir needs --resolution")
     if not root.is_dir():
         raise ConfigError(f"train_data_dir: {root} is not a folder")
-    if config.in_json:
-        if config.reg_data_dir:
+    if config.data.in_json:
+        if config.data.reg_data_dir:
             log.warning("ignoring --reg_data_dir: --in_json trains fine-tune style, without regularisation images")
-        subsets = [{"image_dir": str(root), "metadata_file": str(config.in_json)}]
+        subsets = [{"image_dir": str(root), "metadata_file": str(config.data.in_json)}]
     else:
         subsets = _dreambooth_subsets(root, is_reg=False)
         if not subsets:  # ours: a plain folder of images is one subset (sd-scripts finds no images there)
             subsets = [{"image_dir": str(root)}]
-        if config.reg_data_dir:
-            reg_root = Path(config.reg_data_dir)
+        if config.data.reg_data_dir:
+            reg_root = Path(config.data.reg_data_dir)
             if not reg_root.is_dir():
                 raise ConfigError(f"reg_data_dir: {reg_root} is not a folder")
             reg = _dreambooth_subsets(reg_root, is_reg=True)

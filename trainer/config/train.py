@@ -6,375 +6,113 @@ start from `TrainConfig.recommended()`, which differs only where the README says
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, fields
 
-from ..errors import ConfigError, LoRAConfigError
-from .data import DatasetConfig
-from .finite import check_dataclass_finite, check_finite
+from ..errors import ConfigError
+from .finite import check_dataclass_finite
 from .flow import FlowConfig
-from .lora import LoRAConfig, lr_for_text_encoders
-from .model_type import CHROMA_GUIDANCE_SCALE, check_model_type, required_model_files
-from .names import check_file_name
-from .optim import (
-    SCHEDULERS,
-    adafactor_relative_step,
-    canonical_optimizer,
-    check_scheduler_type,
-    parse_optimizer_args,
-    scheduler_args,
+from .lora import LoRAConfig
+from .model_type import CHROMA_GUIDANCE_SCALE
+from .optim import canonical_optimizer
+from .sections import (
+    CachingConfig,
+    DataConfig,
+    DistributedConfig,
+    LoggingConfig,
+    MemoryConfig,
+    ModelsConfig,
+    OptimizerConfig,
+    PreviewConfig,
+    RunConfig,
+    SavingConfig,
+    ValidationConfig,
 )
 
-MIXED_PRECISION = ("no", "fp16", "bf16")
-SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
-MAX_DDP_TIMEOUT = 1_000_000  # minutes; Python's clock cannot hold much more
-SAVE_PRECISION = ("float", "fp16", "bf16")
-LOG_WITH = ("tensorboard", "wandb", "all")
-RESIZE_INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area")
-# sd-scripts' choices, and "no", which the kohya_ss GUI writes into its config files when torch_compile is off
-DYNAMO_BACKENDS = ("no", "eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi",
-                   "fx2trt", "onnxrt", "tensort", "ipex", "tvm")
+SECTIONS = {"models": ModelsConfig, "memory": MemoryConfig, "caching": CachingConfig, "data": DataConfig,
+            "optimizer": OptimizerConfig, "run": RunConfig, "validation": ValidationConfig, "saving": SavingConfig,
+            "previews": PreviewConfig, "logging": LoggingConfig, "distributed": DistributedConfig}
+# the one table from a flat flag (sd-scripts' option name) to the section that holds it; `network` and `flow` are
+# sections of their own (LoRAConfig, FlowConfig) with their own flags
+FLAG_SECTIONS: dict[str, str] = {f.name: section for section, cls in SECTIONS.items() for f in fields(cls)}
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    # models (required: there is no sensible default file)
-    pretrained_model_name_or_path: str
-    clip_l: str | None = None  # required for FLUX.1; Chroma has no CLIP-L
-    t5xxl: str
-    ae: str
-    model_type: str = "flux"  # sd-scripts' --model_type: flux or chroma (the transformer file must be that)
-    clip_l_tokenizer: str | None = None  # folder or Hugging Face id (ours; default: $FLUX_TRAINER_TOKENIZERS or HF)
-    t5xxl_tokenizer: str | None = None
-    t5xxl_max_token_length: int | None = None  # None: 512 for dev, 256 for schnell
-    apply_t5_attn_mask: bool = False
-    fp8_base: bool = False
-    fp8_base_unet: bool = False
-    t5xxl_fp8: bool = False  # ours: keep T5-XXL's Linear weights in fp8 while it encodes (the guide's 8-10 GB rows)
-    blocks_to_swap: int | None = None
-    cpu_offload_checkpointing: bool = False
-    gradient_checkpointing: bool = False
-    device: str | None = None  # None: cuda if available, else cpu
-
-    # network
+    models: ModelsConfig
+    data: DataConfig
     network: LoRAConfig = field(default_factory=LoRAConfig)
-    network_weights: str | None = None
-    dim_from_weights: bool = False
-
-    # flow matching
     flow: FlowConfig = field(default_factory=FlowConfig)
-
-    # data: one of a dataset TOML, a DreamBooth-style folder, or typed datasets (what the ComfyUI nodes build)
-    datasets: tuple[DatasetConfig, ...] = ()
-    dataset_config: str | None = None
-    train_data_dir: str | None = None
-    resolution: tuple[int, int] | None = None
-    train_batch_size: int = 1
-    caption_extension: str = ".caption"
-    enable_bucket: bool = False
-    min_bucket_reso: int = 256
-    max_bucket_reso: int = 1024
-    bucket_reso_steps: int = 64
-    bucket_no_upscale: bool = False
-    prior_loss_weight: float = 1.0
-    cache_latents: bool = False
-    no_half_vae: bool = False  # the autoencoder in float32 even with --mixed_precision bf16
-    cache_latents_to_disk: bool = False
-    vae_batch_size: int = 1
-    cache_text_encoder_outputs: bool = False
-    cache_text_encoder_outputs_to_disk: bool = False
-    cache_dir: str | None = None  # ours: disk caches go here instead of beside the images (the nodes use it)
-    text_encoder_batch_size: int | None = None
-    # sd-scripts' dataset options on the command line: the fallback below [general] for every dataset and subset
-    shuffle_caption: bool = False
-    caption_separator: str = ","
-    keep_tokens: int = 0
-    keep_tokens_separator: str = ""
-    secondary_separator: str | None = None
-    enable_wildcard: bool = False
-    caption_prefix: str | None = None
-    caption_suffix: str | None = None
-    color_aug: bool = False
-    flip_aug: bool = False
-    face_crop_aug_range: str | None = None  # "MIN,MAX"
-    random_crop: bool = False
-    resize_interpolation: str | None = None
-    token_warmup_min: int = 1
-    token_warmup_step: float = 0
-    alpha_mask: bool = False
-    masked_loss: bool = False  # lets dataset-config subsets name mask images (conditioning_data_dir)
-    caption_dropout_rate: float = 0.0
-    caption_dropout_every_n_epochs: int = 0
-    caption_tag_dropout_rate: float = 0.0
-    reg_data_dir: str | None = None
-    in_json: str | None = None  # fine-tune style captions for --train_data_dir
-    dataset_repeats: int = 1  # repeats of the --in_json dataset
-    cache_info: bool = False
-    # validation loss: held-out images, fixed timesteps and noise
-    validation_split: float = 0.0
-    validation_seed: int | None = None
-    validate_every_n_steps: int | None = None
-    validate_every_n_epochs: int | None = None
-    max_validation_steps: int | None = None
-
-    # optimisation
-    learning_rate: float = 2e-6
-    unet_lr: float | None = None
-    text_encoder_lr: tuple[float, ...] | None = None
-    optimizer_type: str = ""
-    optimizer_args: tuple[str, ...] = ()
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: float = 0
-    lr_decay_steps: float = 0
-    lr_scheduler_num_cycles: int = 1
-    lr_scheduler_power: float = 1.0
-    lr_scheduler_min_lr_ratio: float | None = None
-    lr_scheduler_type: str = ""  # a scheduler class by dotted path, with lr_scheduler_args
-    lr_scheduler_args: tuple[str, ...] = ()
-    lr_scheduler_timescale: int | None = None  # inverse_sqrt: default the warmup steps
-    max_grad_norm: float = 1.0
-    scale_weight_norms: float | None = None
-    skip_nonfinite_steps: int = 0  # ours: skip up to this many steps whose loss or gradients are NaN/inf, then stop
-    mixed_precision: str = "no"
-    full_bf16: bool = False
-    full_fp16: bool = False
-    gradient_accumulation_steps: int = 1
-    max_train_steps: int = 1600
-    max_train_epochs: int | None = None
-    seed: int | None = None
-    initial_epoch: int | None = None
-    initial_step: int | None = None
-    skip_until_initial_step: bool = False
-    base_weights: tuple[str, ...] = ()  # LoRA files merged into the transformer before training
-    base_weights_multiplier: tuple[float, ...] = ()
-    torch_compile: bool = False  # each transformer block compiled separately
-    dynamo_backend: str = "inductor"
-    ddp_timeout: int | None = None  # minutes
-    ddp_gradient_as_bucket_view: bool = False
-    ddp_static_graph: bool = False
-
-    # output
-    output_dir: str = "output"
-    output_name: str | None = None
-    save_model_as: str = "safetensors"
-    save_precision: str | None = None
-    save_every_n_epochs: int | None = None
-    save_every_n_steps: int | None = None
-    save_last_n_epochs: int | None = None
-    save_last_n_steps: int | None = None
-    save_state: bool = False
-    save_state_on_train_end: bool = False
-    save_last_n_epochs_state: int | None = None
-    save_last_n_steps_state: int | None = None
-    save_n_epoch_ratio: int | None = None
-    no_metadata: bool = False
-    metadata_author: str | None = None
-    metadata_description: str | None = None
-    metadata_license: str | None = None
-    metadata_tags: str | None = None
-    metadata_usage_hint: str | None = None
-    metadata_thumbnail: str | None = None
-    metadata_merged_from: str | None = None
-    metadata_trigger_phrase: str | None = None
-    metadata_preprocessor: str | None = None
-    metadata_is_negative_embedding: str | None = None
-    resume: str | None = None
-    training_comment: str | None = None
-    metadata_title: str | None = None
-
-    # previews and logs
-    sample_prompts: str | None = None
-    sample_every_n_steps: int | None = None
-    sample_every_n_epochs: int | None = None
-    sample_at_first: bool = False
-    sample_at_end: bool = False  # ours: previews of the finished LoRA whatever the cadence (the nodes' default)
-    logging_dir: str | None = None
-    log_with: str | None = None
-    log_prefix: str | None = None
-    log_tracker_name: str | None = None
-    log_tracker_config: str | None = None
-    log_config: bool = False
-    wandb_run_name: str | None = None
-    wandb_api_key: str | None = None
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    caching: CachingConfig = field(default_factory=CachingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    saving: SavingConfig = field(default_factory=SavingConfig)
+    previews: PreviewConfig = field(default_factory=PreviewConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self):
-        _check_seed("seed", self.seed)
-        _check_seed("validation_seed", self.validation_seed)
-        check_dataclass_finite(self)
+        """What no single section can check alone."""
+        for name, cls in {**SECTIONS, "network": LoRAConfig, "flow": FlowConfig}.items():
+            if not isinstance(getattr(self, name), cls):
+                raise ConfigError(f"{name}: expected a {cls.__name__}, not {type(getattr(self, name)).__name__}")
         check_dataclass_finite(self.flow)
-        _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
-        if self.save_precision is not None:
-            _choice("save_precision", self.save_precision, SAVE_PRECISION)
-        _choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
-        if self.save_model_as != "safetensors":
-            raise ConfigError(f"save_model_as: only safetensors is written (a LoRA in {self.save_model_as} would be a "
-                              "pickle, which loaders must not trust); use --save_model_as safetensors")
-        for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "vae_batch_size",
-                     "lr_scheduler_num_cycles"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: expected a positive whole number, not {getattr(self, name)}")
-        for name in ("max_train_epochs", "save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs",
-                     "save_last_n_steps", "sample_every_n_steps", "sample_every_n_epochs", "text_encoder_batch_size",
-                     "save_last_n_epochs_state", "save_last_n_steps_state", "save_n_epoch_ratio",
-                     "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps", "initial_epoch",
-                     "initial_step", "ddp_timeout", "lr_scheduler_timescale", "dataset_repeats"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{name}: expected a positive whole number, not {value}")
-        for name in ("validation_split", "caption_dropout_rate", "caption_tag_dropout_rate"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ConfigError(f"{name}: expected a number between 0 and 1, not {getattr(self, name)}")
-        if self.validation_split == 1:
-            raise ConfigError("validation_split: 1 would hold out every image; expected a fraction below 1")
-        if self.caption_dropout_every_n_epochs < 0 or self.keep_tokens < 0:
-            raise ConfigError("caption_dropout_every_n_epochs and keep_tokens must not be negative")
-        if self.resize_interpolation is not None:
-            _choice("resize_interpolation", self.resize_interpolation, RESIZE_INTERPOLATIONS)
-        _choice("dynamo_backend", self.dynamo_backend, DYNAMO_BACKENDS)
-        if self.torch_compile and self.dynamo_backend == "no":
-            raise ConfigError("torch_compile needs a --dynamo_backend (inductor, eager ...), not 'no'")
-        if self.torch_compile and self.dynamo_backend == "cudagraphs" and (
-                self.blocks_to_swap or self.cpu_offload_checkpointing):
-            raise ConfigError("dynamo_backend cudagraphs cannot be used with blocks_to_swap or "
-                              "cpu_offload_checkpointing: swapped weights and offloaded inputs change device address "
-                              "every step, so a CUDA-graph replay would read the wrong memory (use inductor)")
-        object.__setattr__(self, "base_weights", tuple(self.base_weights))
-        object.__setattr__(self, "base_weights_multiplier", tuple(float(v) for v in self.base_weights_multiplier))
-        if self.base_weights and (self.fp8_base or self.fp8_base_unet):
+        if self.models.base_weights and self.memory.fp8:
             raise ConfigError("base_weights are merged into the transformer's weights, which fp8_base keeps in fp8: "
                               "merge them into a bf16 model first, or train without fp8_base")
-        if self.base_weights_multiplier and len(self.base_weights_multiplier) != len(self.base_weights):
-            raise ConfigError(f"base_weights_multiplier: {len(self.base_weights_multiplier)} values for "
-                              f"{len(self.base_weights)} base_weights files; give one per file (or none for 1.0)")
-        if self.skip_nonfinite_steps < 0:
-            raise ConfigError(f"skip_nonfinite_steps: expected a whole number >= 0, not {self.skip_nonfinite_steps}")
-        if self.learning_rate < 0 or self.max_grad_norm < 0 or self.lr_warmup_steps < 0:
-            raise ConfigError("learning_rate, max_grad_norm and lr_warmup_steps must not be negative")
-        for name in ("lr_warmup_steps", "lr_decay_steps"):
-            _check_steps_or_ratio(name, getattr(self, name))
-        if self.ddp_timeout is not None and self.ddp_timeout > MAX_DDP_TIMEOUT:
-            raise ConfigError(f"ddp_timeout: at most {MAX_DDP_TIMEOUT} minutes (about two years), not "
-                              f"{self.ddp_timeout}")
-        if self.t5xxl_max_token_length is not None and not 1 <= self.t5xxl_max_token_length <= 512:
-            raise ConfigError(f"t5xxl_max_token_length: expected 1-512, not {self.t5xxl_max_token_length}")
-        if self.blocks_to_swap is not None:
-            if not 0 <= self.blocks_to_swap <= 35:
-                raise ConfigError(f"blocks_to_swap: expected 0-35 (at most 17 double and 36 single blocks move), "
-                                  f"not {self.blocks_to_swap}")
-            if self.cpu_offload_checkpointing:
-                raise ConfigError("blocks_to_swap and cpu_offload_checkpointing cannot be used together")
-        if self.cpu_offload_checkpointing and not self.gradient_checkpointing:
-            raise ConfigError("cpu_offload_checkpointing needs --gradient_checkpointing")
-        if (self.fp8_base or self.fp8_base_unet) and self.mixed_precision == "no":
-            raise ConfigError("fp8_base needs --mixed_precision bf16 or fp16 (fp8 weights are upcast for each layer)")
-        if self.full_bf16 and self.mixed_precision != "bf16":
-            raise ConfigError("full_bf16 needs --mixed_precision bf16")
-        if self.full_fp16 and self.mixed_precision != "fp16":
-            raise ConfigError("full_fp16 needs --mixed_precision fp16")
-        if self.network.train_t5xxl and self.cache_text_encoder_outputs:
+        if self.network.train_t5xxl and self.caching.cache_text_encoder_outputs:
             raise ConfigError("train_t5xxl trains T5 itself, so its outputs cannot be cached: drop "
                               "--cache_text_encoder_outputs or train_t5xxl")
         if self.network.train_t5xxl and self.network.network_train_unet_only:
             raise ConfigError("train_t5xxl and network_train_unet_only contradict each other")
-        if self.cache_latents_to_disk and not self.cache_latents:
-            object.__setattr__(self, "cache_latents", True)
-        if self.cache_text_encoder_outputs_to_disk and not self.cache_text_encoder_outputs:
-            object.__setattr__(self, "cache_text_encoder_outputs", True)
-        if self.resolution is not None and (len(self.resolution) != 2 or min(self.resolution) < 16):
-            raise ConfigError(f"resolution: expected WIDTH,HEIGHT (or one size), not {self.resolution}")
-        self._check_model_files()
-        sources = [name for name in ("datasets", "dataset_config", "train_data_dir") if getattr(self, name)]
-        if not sources:
-            raise ConfigError("no training data: give --dataset_config (a dataset TOML) or --train_data_dir")
-        if len(sources) > 1:
-            raise ConfigError(f"training data given twice ({' and '.join(sources)}): use one of them")
-        if self.datasets:
-            object.__setattr__(self, "datasets", tuple(self.datasets))
-            if not all(isinstance(d, DatasetConfig) for d in self.datasets):
-                raise ConfigError("datasets: expected DatasetConfig values")
-        object.__setattr__(self, "lr_scheduler_args", tuple(self.lr_scheduler_args))
-        parse_optimizer_args(self.lr_scheduler_args, "lr_scheduler_args")
-        self._check_optimizer()
-        if self.output_name is not None:
-            check_file_name(self.output_name, "output_name")
-        if not str(self.output_dir).strip():
-            raise ConfigError("output_dir: a folder is required")
-        if self.resume and not any(Path(f"{self.resume}{s}").is_dir() for s in ("", ".partial", ".old")):
-            raise ConfigError(f"resume: {self.resume} is not a folder saved with --save_state")
 
-    def _check_model_files(self) -> None:
-        check_model_type(self.model_type)
-        for name in required_model_files(self.model_type):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
-                without = " (only --model_type chroma does without CLIP-L)" if name == "clip_l" else ""
-                raise ConfigError(f"{name}: a model file is required{without}")
-        if self.model_type == "chroma" and not self.apply_t5_attn_mask:
-            # sd-scripts refuses Chroma without it; every front end turns it on (the CLI and the nodes say so)
-            object.__setattr__(self, "apply_t5_attn_mask", True)
+    @classmethod
+    def from_flags(cls, *, network: LoRAConfig | None = None, flow: FlowConfig | None = None,
+                   **flags) -> "TrainConfig":
+        """A config from flat options under their sd-scripts names (what the CLI and extra options speak), placed
+        into their sections by FLAG_SECTIONS."""
+        grouped: dict[str, dict] = {name: {} for name in SECTIONS}
+        for flag, value in flags.items():
+            if flag not in FLAG_SECTIONS:
+                raise ConfigError(f"{flag}: not a training option")
+            grouped[FLAG_SECTIONS[flag]][flag] = value
+        sections = {name: SECTIONS[name](**values) for name, values in grouped.items()}
+        return cls(network=network or LoRAConfig(), flow=flow or FlowConfig(), **sections)
 
-    def _check_optimizer(self) -> None:
-        object.__setattr__(self, "optimizer_args", tuple(self.optimizer_args))
-        optimizer = canonical_optimizer(self.optimizer_type)
-        optimizer_args = parse_optimizer_args(self.optimizer_args)
-        check_finite({"optimizer_args": optimizer_args,
-                      "lr_scheduler_args": parse_optimizer_args(self.lr_scheduler_args, "lr_scheduler_args")})
-        if self.text_encoder_lr is not None:
-            object.__setattr__(self, "text_encoder_lr", tuple(float(v) for v in self.text_encoder_lr))
-            try:
-                lr_for_text_encoders(self.text_encoder_lr, self.learning_rate)
-            except LoRAConfigError as e:
-                raise ConfigError(str(e)) from None
-            if any(v < 0 for v in self.text_encoder_lr):
-                raise ConfigError(f"text_encoder_lr: expected numbers >= 0, not {list(self.text_encoder_lr)}")
-        if self.unet_lr is not None and self.unet_lr < 0:
-            raise ConfigError(f"unet_lr: expected a number >= 0, not {self.unet_lr}")
-        if self.lr_decay_steps < 0:
-            raise ConfigError(f"lr_decay_steps: expected a number >= 0, not {self.lr_decay_steps}")
-        if self.lr_scheduler_power <= 0:
-            raise ConfigError(f"lr_scheduler_power: expected a positive number, not {self.lr_scheduler_power}")
-        ratio = self.lr_scheduler_min_lr_ratio
-        if ratio is not None and not 0 <= ratio <= 1:
-            raise ConfigError(f"lr_scheduler_min_lr_ratio: expected a number between 0 and 1, not {ratio}")
-        if self.lr_scheduler == "adafactor" and optimizer != "Adafactor":
-            raise ConfigError("lr_scheduler adafactor follows the Adafactor optimizer's own learning rate: it needs "
-                              "--optimizer_type Adafactor")
-        if self.lr_scheduler == "adafactor" and not adafactor_relative_step(optimizer_args):
-            raise ConfigError("lr_scheduler adafactor reports Adafactor's own relative step size, which "
-                              "relative_step=False turns off: use constant_with_warmup (the guide's recipe)")
-        check_scheduler_type(self.lr_scheduler_type)
-        if self.lr_scheduler == "piecewise_constant" and not self.lr_scheduler_type:
-            scheduler_args(self.lr_scheduler, self.lr_scheduler_type, self.lr_scheduler_args)
-        if self.log_with is not None:
-            _choice("log_with", self.log_with, LOG_WITH)
+    def flags(self) -> dict:
+        """Every flat option and its value (the inverse of from_flags, without network and flow)."""
+        return {f.name: getattr(getattr(self, section), f.name) for section, cls in SECTIONS.items()
+                for f in fields(cls)}
+
+    def with_flags(self, **changes) -> "TrainConfig":
+        """A copy with some flat options (or `network=`/`flow=`) changed, checked again as a whole."""
+        return TrainConfig.from_flags(**{"network": self.network, "flow": self.flow, **self.flags(), **changes})
 
     def advice(self) -> list[str]:
         """Values that are legal but unwise, said the same way by every front end."""
         notes = []
-        if self.model_type == "chroma":
+        if self.models.model_type == "chroma":
             if self.flow.guidance_scale != CHROMA_GUIDANCE_SCALE:
                 notes.append(f"guidance_scale {self.flow.guidance_scale} is used as given; Chroma is trained with "
                              "0.0 (sd-scripts' guide)")
         elif self.flow.guidance_scale != 1.0:
             notes.append(f"guidance_scale {self.flow.guidance_scale}: 1.0 is recommended for training FLUX.1-dev "
                          "(dev takes the guidance as an input; schnell ignores it)")
-        if self.full_fp16 and canonical_optimizer(self.optimizer_type) in ("AdamW", "Adafactor"):
-            notes.append(f"full_fp16 with {canonical_optimizer(self.optimizer_type)}: its moments are then fp16 "
-                         "tensors, in which eps (1e-8) is 0, so the first step can divide 0 by 0; AdamW8bit "
-                         "(sd-scripts' usual pairing with full_fp16; its state is not fp16) or mixed_precision bf16 "
-                         "avoid it")
-        if self.mixed_precision == "fp16":
+        optimizer = canonical_optimizer(self.optimizer.optimizer_type)
+        if self.memory.full_fp16 and optimizer in ("AdamW", "Adafactor"):
+            notes.append(f"full_fp16 with {optimizer}: its moments are then fp16 tensors, in which eps (1e-8) is 0, "
+                         "so the first step can divide 0 by 0; AdamW8bit (sd-scripts' usual pairing with full_fp16; "
+                         "its state is not fp16) or mixed_precision bf16 avoid it")
+        if self.memory.mixed_precision == "fp16":
             notes.append("mixed_precision fp16: FLUX.1 was trained in bf16 and its activations can overflow fp16; "
                          "bf16 is recommended where the GPU has it")
         return notes
 
-    @property
-    def name(self) -> str:
-        return self.output_name or "last"
-
     @classmethod
     def recommended(cls, **overrides) -> "TrainConfig":
         """What the ComfyUI nodes start from (RECOMMENDED, below); the model files and data come in `overrides`."""
-        return cls(**{**RECOMMENDED, **overrides})
+        return cls.from_flags(**{**RECOMMENDED, **overrides})
 
 
 # Where the nodes' defaults differ from sd-scripts' (the CLI's): guidance 1.0, raw prediction, flux_shift sampling,
@@ -387,26 +125,3 @@ RECOMMENDED: dict = dict(
     cache_latents=True, cache_text_encoder_outputs=True, max_train_steps=1000, sample_at_end=True)
 
 
-def _check_seed(option: str, value: int | None) -> None:
-    """Seeds end in torch's 64-bit generators (plus the prompt index for previews): refused outside the signed 64-bit
-    range instead of overflowing there."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or not SEED_MIN <= value <= SEED_MAX:
-        raise ConfigError(f"{option}: expected a whole number from {SEED_MIN} to {SEED_MAX} (a 64-bit seed), not "
-                          f"{value!r}")
-
-
-def _check_steps_or_ratio(option: str, value) -> None:
-    """sd-scripts' int_or_float rule: a count of steps is a whole number; a float is a ratio of the run's steps and
-    must be below 1 (`--lr_warmup_steps 50.0`, `1e2` and `1.5` are refused by sd-scripts' parser too)."""
-    if isinstance(value, float) and value >= 1:
-        whole = f"write {int(value)} for {int(value)} steps" if value.is_integer() else "write a whole number of steps"
-        raise ConfigError(f"{option} {value:g}: a number from 1 up is a count of steps and must be a whole number "
-                          f"written without a decimal point or exponent; {whole}, or a ratio of the run below 1 "
-                          "(0.1 or 10%)")
-
-
-def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{option}: expected one of {', '.join(choices)}, not {value!r}")

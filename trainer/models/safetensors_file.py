@@ -19,6 +19,8 @@ from safetensors import safe_open
 from ..errors import ModelFileError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+HEADERS_KEPT = 16
+_HEADERS: dict[tuple, tuple[dict, int]] = {}  # (path, size, mtime, ctime, inode) -> parsed header, oldest first
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -50,12 +52,24 @@ class SafetensorsFile:
         return ModelFileError(f"{self.path}: {found}; expected {self.expected}.")
 
     def _read_header(self) -> tuple[dict, int]:
+        """The header, parsed once for each version of a file: a run opens its transformer file in the pre-flight,
+        the memory plan and the load, and a header can be tens of MB of JSON."""
         p = self.path
         if not p.exists():
             raise ModelFileError(f"{p}: no such file; expected {self.expected}.")
         if p.is_dir():
             raise self.error("is a folder, not a file (give the path of one .safetensors file)")
-        size = p.stat().st_size
+        stat = p.stat()
+        version = (str(p.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+        if version not in _HEADERS:
+            _HEADERS[version] = self._parse_header(stat.st_size)
+            while len(_HEADERS) > HEADERS_KEPT:
+                del _HEADERS[next(iter(_HEADERS))]
+        header, data_start = _HEADERS[version]
+        return dict(header), data_start
+
+    def _parse_header(self, size: int) -> tuple[dict, int]:
+        p = self.path
         try:
             with open(p, "rb") as f:
                 head = f.read(8)
