@@ -203,7 +203,7 @@ def test_the_folder_becomes_a_dataset_with_the_folder_nodes_options(tmp_path):
                                         is_reg=True, enable_bucket=True, min_bucket_reso=64,
                                         network_multiplier=0.5)
     (subset,) = config.subsets
-    assert (config.data.resolution, config.batch_size, config.data.enable_bucket, config.network_multiplier) == \
+    assert (config.resolution, config.batch_size, config.enable_bucket, config.network_multiplier) == \
         ((64, 96), 2, True, 0.5)
     assert (subset.image_dir, subset.caption_extension, subset.alpha_mask, subset.num_repeats, subset.class_tokens,
             subset.is_reg, subset.color_aug, subset.caption_prefix) == \
