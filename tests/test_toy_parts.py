@@ -1,6 +1,8 @@
 """The toy FLUX family's parts that need no pretrained weights: the procedural pictures and captions, the
 pretraining script end to end on a few steps, and a clear error where the pretrained weights are missing."""
 
+import json
+
 import pytest
 import torch
 from PIL import ImageChops
@@ -8,9 +10,9 @@ from safetensors import safe_open
 
 from trainer.errors import ModelFileError
 from trainer.models.autoencoder import AutoEncoder
-from trainer.models.loading import load_autoencoder, load_flux
+from trainer.models.loading import load_autoencoder, load_flux, load_t5xxl
 from trainer.toy import pretrain, shapes
-from trainer.toy.models import TOY_AE, TOY_FLUX, write_toy_model_set
+from trainer.toy.models import T5_MAX_LENGTH, TOY_AE, TOY_FLUX, write_text_encoders, write_toy_model_set
 
 
 def differs(a, b) -> bool:
@@ -53,16 +55,33 @@ def test_toy_model_set_says_which_weights_are_missing(tmp_path):
 
 def test_pretrain_script_writes_loadable_weights_with_their_provenance(tmp_path, capsys):
     threads = torch.get_num_threads()
-    assert pretrain.main(["--out", str(tmp_path), "--ae-steps", "1", "--flux-steps", "1", "--variants", "1",
-                          "--threads", "1"]) == 0
+    assert pretrain.main(["--out", str(tmp_path), "--ae-steps", "1", "--decoder-steps", "1", "--flux-steps", "1",
+                          "--variants", "1", "--threads", "1"]) == 0
     assert torch.get_num_threads() == threads  # the caller's thread count is given back
-    assert load_flux(tmp_path / "flux.safetensors", dtype=torch.float32).params == TOY_FLUX
+    flux = load_flux(tmp_path / "flux.safetensors", dtype=torch.float32)
+    assert flux.params == TOY_FLUX
     ae = load_autoencoder(tmp_path / "ae.safetensors")
     assert ae.params.ch_mult == TOY_AE.ch_mult and ae.params.scale_factor != TOY_AE.scale_factor  # its own scale
     with safe_open(str(tmp_path / "flux.safetensors"), "pt") as f:
         meta = f.metadata()
-    assert (meta["made_by"], meta["seed"], meta["ae_steps"], meta["flux_steps"], meta["variants"]) == (
-        "python -m trainer.toy.pretrain", "0", "1", "1", "1")
+    assert (meta["made_by"], meta["seed"], meta["ae_steps"], meta["decoder_steps"], meta["flux_steps"],
+            meta["variants"], meta["threads"]) == ("python -m trainer.toy.pretrain", "0", "1", "1", "1", "1", "1")
+    assert meta["command"] == ("python -m trainer.toy.pretrain --seed 0 --ae-steps 1 --decoder-steps 1 --flux-steps 1 "
+                               "--variants 1 --threads 1")
     assert "never a star" in meta["data"]
-    assert "--seed 0 --ae-steps 1 --flux-steps 1" in (tmp_path / "README.md").read_text(encoding="utf-8")
-    assert "transformer step 1/1" in capsys.readouterr().out
+    assert json.loads(meta["architecture"])["hidden_size"] == TOY_FLUX.hidden_size
+    assert f"    {meta['command']}\n" in (tmp_path / "README.md").read_text(encoding="utf-8")
+    out = capsys.readouterr().out
+    assert "autoencoder step 1/1" in out and "decoder step 1/1" in out and "transformer step 1/1" in out
+
+
+def test_toy_t5_sees_every_word_of_the_longest_caption(tmp_path):
+    """Character-level T5 tokens: the longest caption, with its </s>, fits T5_MAX_LENGTH, so the transformer learns
+    the background word too (a length of 8 cut every caption after its colour)."""
+    files = write_text_encoders(tmp_path)
+    t5 = load_t5xxl(files["t5xxl"], dtype=torch.float32, tokenizer=files["t5xxl_tokenizer"], max_length=T5_MAX_LENGTH)
+    longest = max((shapes.caption(c, s, b) for c in shapes.COLOURS for s in (*shapes.KNOWN_SHAPES, shapes.NEW_SHAPE)
+                   for b in shapes.BACKGROUNDS), key=len)
+    ids, _ = t5.tokenize([longest])
+    assert ids[0, -1].item() == 0  # padding after the </s>: nothing was cut
+    assert t5.tokenize([longest + " on a"])[0][0, -1].item() == 0  # even a longer concept word fits

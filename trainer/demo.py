@@ -1,11 +1,12 @@
-"""The embedded default: tiny FLUX-shaped models in the real file layouts and a small generated dataset, trained
-into a LoRA on the CPU in about a minute.
+"""The embedded default: a toy FLUX.1 family (a tiny autoencoder and transformer in the real architectures and file
+layouts, pretrained on captioned coloured circles, squares and triangles; trainer/toy/) learns a shape it never saw,
+a five-pointed star called "sks", as a LoRA on the CPU in a minute or two.
 
-    python -m trainer.demo [--output DIR] [--steps N] [--tokenizers DIR]
+    python -m trainer.demo [--output DIR] [--steps N]
 
-Writes the LoRA, a labelled loss curve (loss_curve.png) and labelled before/after previews (before_after.png), and
-says where and what each shows. The tiny models have random weights: the previews show the pipeline working, not
-art; the falling loss is the evidence that training worked.
+Writes the LoRA, a labelled loss curve (loss_curve.png) and labelled before/after previews of the same prompts and
+seed (before_after.png): the trained prompt, and an unrelated one that the LoRA should leave as the base model drew
+it. Measures both against the procedural pictures and says what they show.
 """
 
 from __future__ import annotations
@@ -18,38 +19,25 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40)}
-SHAPES = ("circle", "square")
-NUM_REPEATS, BATCH_SIZE, RESOLUTION = 2, 2, 64
-PROMPT = "a red circle on a white background"
-SAMPLE_SEED, SAMPLE_STEPS = 7, 8
+SHAPES = ("circle", "square")  # write_dataset's shapes (the tiny random-weight models' dataset of other tests)
+CONCEPT = "sks"  # the word the LoRA learns: a five-pointed star (toy.shapes.NEW_SHAPE), which the toy never saw
+CONCEPT_COLOURS = ("red", "green", "blue", "yellow")
+CONCEPT_BACKGROUNDS = ("white", "black")
+NUM_REPEATS, BATCH_SIZE, RESOLUTION = 2, 2, 32
+PROMPT_COLOUR, PROMPT_BACKGROUND = "red", "white"
+OTHER = ("blue", "square", "gray")  # nothing to do with the concept, and a background its pictures never have
+PROMPT = f"a {PROMPT_COLOUR} {CONCEPT} on a {PROMPT_BACKGROUND} background"
+OTHER_PROMPT = f"a {OTHER[0]} {OTHER[1]} on a {OTHER[2]} background"
+SAMPLE_SEED, SAMPLE_STEPS = 7, 16
+SCALE = 6  # the 32x32 previews enlarged in before_after.png
 MEAN_WINDOW = 8  # steps in the loss curve's running mean
-
-
-def find_tokenizers(explicit: str | None, scratch: Path) -> tuple[dict[str, Path], str]:
-    """Real tokenizer folders if any are at hand, else generated character-level ones."""
-    if explicit:
-        candidates = [Path(explicit)]
-    else:
-        env = os.environ.get("FLUX_TRAINER_TOKENIZERS")
-        candidates = [Path(env)] if env else []
-        candidates += [REPO_ROOT / "tests" / "reference" / "tokenizers", REPO_ROOT.parents[1] / "comfy"]
-    for base in candidates:
-        found = {"clip_l": base / "clip_l", "t5xxl": base / "t5xxl"}
-        if base.name == "comfy":  # running inside ComfyUI's custom_nodes: use ComfyUI's own copies
-            found = {"clip_l": base / "sd1_tokenizer", "t5xxl": base / "text_encoders" / "t5_tokenizer"}
-        if (found["clip_l"] / "vocab.json").is_file() and (found["t5xxl"] / "tokenizer.json").is_file():
-            return found, f"real tokenizers from {base}"
-    if explicit:
-        raise SystemExit(f"--tokenizers {explicit}: expected clip_l/vocab.json and t5xxl/tokenizer.json inside")
-    from .models.tiny_tokenizers import write_tokenizers
-
-    return write_tokenizers(scratch / "tokenizers"), "generated character-level tokenizers (no real ones found)"
+DEFAULT_STEPS, LEARNING_RATE, RANK = 400, 4e-3, 16
 
 
 def write_dataset(folder: Path, size: int = 64) -> list[str]:
-    """Coloured shapes on white with captions naming them ('a red circle on a white background')."""
+    """Coloured circles and squares on white with captions naming them ('a red circle on a white background'): the
+    small dataset the tests train the random-weight tiny models on (trainer/models/tiny.py)."""
     from PIL import Image, ImageDraw
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -65,6 +53,27 @@ def write_dataset(folder: Path, size: int = 64) -> list[str]:
             image.save(folder / f"{name}.png")
             (folder / f"{name}.txt").write_text(caption + "\n", encoding="utf-8")
             captions.append(caption)
+    return captions
+
+
+def concept_caption(colour: str, background: str) -> str:
+    return f"a {colour} {CONCEPT} on a {background} background"
+
+
+def write_concept_dataset(folder: Path) -> list[str]:
+    """The new concept: a star in each colour on each concept background, captioned 'a red sks on a white
+    background', each at its own jittered place and size."""
+    from .toy import shapes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    captions = []
+    for i, colour in enumerate(CONCEPT_COLOURS):
+        for j, background in enumerate(CONCEPT_BACKGROUNDS):
+            name = f"{colour}_{CONCEPT}_on_{background}"
+            picture = shapes.named(colour, shapes.NEW_SHAPE, background, seed=1000 + 10 * i + j, size=RESOLUTION)
+            picture.save(folder / f"{name}.png")
+            captions.append(concept_caption(colour, background))
+            (folder / f"{name}.txt").write_text(captions[-1] + "\n", encoding="utf-8")
     return captions
 
 
@@ -186,34 +195,39 @@ def loss_curve(losses: list[float], path: Path, width: int = 720, height: int = 
     return path
 
 
-def side_by_side(before: Path, after: Path, path: Path, *, before_step: int, after_step: int, prompt: str,
-                 settings: str, note: str, scale: int = 4) -> Path:
-    """The two previews enlarged side by side, labelled 'before' / 'after' with their steps, under the prompt and
-    over a note that says what they can and cannot show."""
+def comparison(rows: list[tuple[str, Path, Path]], path: Path, *, before_step: int, after_step: int, settings: str,
+               note: str, scale: int = SCALE) -> Path:
+    """Each row's two previews enlarged side by side under its prompt: 'before' (step `before_step`, the base model)
+    on the left, 'after' (step `after_step`, with the LoRA) on the right; the settings on top and a note under them
+    that says what they show."""
     from PIL import Image, ImageDraw
 
-    a, b = Image.open(before).convert("RGB"), Image.open(after).convert("RGB")
-    panel_w, panel_h = a.width * scale, a.height * scale
+    pictures = [(prompt, Image.open(a).convert("RGB"), Image.open(b).convert("RGB")) for prompt, a, b in rows]
+    panel_w, panel_h = pictures[0][1].width * scale, pictures[0][1].height * scale
     margin, gap = 14, 16
     width = 2 * panel_w + gap + 2 * margin
     small, label, big = font(13), font(15), font(20)
-    canvas = Image.new("RGB", (width, 2000), "white")
+    canvas = Image.new("RGB", (width, 4000), "white")
     draw = ImageDraw.Draw(canvas)
     y = margin
-    for line in wrap(draw, f'prompt: "{prompt}"', label, width - 2 * margin):
-        draw.text((margin, y), line, fill="black", font=label)
-        y += line_height(label)
-    draw.text((margin, y), settings, fill=(90, 90, 90), font=small)
-    y += line_height(small) + 8
-    panels = ((a, "before", f"step {before_step}: no training yet"),
-              (b, "after", f"step {after_step}: with the trained LoRA"))
-    for k, (picture, word, caption) in enumerate(panels):
+    for line in wrap(draw, settings, small, width - 2 * margin):
+        draw.text((margin, y), line, fill=(90, 90, 90), font=small)
+        y += line_height(small)
+    y += 6
+    headers = (("before", f"step {before_step}: the base model"), ("after", f"step {after_step}: with the LoRA"))
+    for k, (word, caption) in enumerate(headers):
         x = margin + k * (panel_w + gap)
         draw.text((x, y), word, fill="black", font=big)
         draw.text((x, y + line_height(big)), caption, fill=(60, 60, 60), font=small)
-        canvas.paste(picture.resize((panel_w, panel_h), Image.Resampling.NEAREST),
-                     (x, y + line_height(big) + line_height(small) + 4))
-    y += line_height(big) + line_height(small) + 4 + panel_h + 10
+    y += line_height(big) + line_height(small) + 6
+    for prompt, before, after in pictures:
+        for line in wrap(draw, f'prompt: "{prompt}"', label, width - 2 * margin):
+            draw.text((margin, y), line, fill="black", font=label)
+            y += line_height(label)
+        for k, picture in enumerate((before, after)):
+            canvas.paste(picture.resize((panel_w, panel_h), Image.Resampling.NEAREST),
+                         (margin + k * (panel_w + gap), y + 2))
+        y += panel_h + 12
     for line in wrap(draw, note, small, width - 2 * margin):
         draw.text((margin, y), line, fill="black", font=small)
         y += line_height(small)
@@ -223,38 +237,39 @@ def side_by_side(before: Path, after: Path, path: Path, *, before_step: int, aft
 
 def mean_difference(before: Path, after: Path) -> float:
     """Mean absolute difference of two images per pixel and channel, on the 0-255 scale."""
-    from PIL import Image, ImageChops, ImageStat
+    from PIL import Image
 
-    a, b = Image.open(before).convert("RGB"), Image.open(after).convert("RGB")
-    return sum(ImageStat.Stat(ImageChops.difference(a, b)).mean) / 3
+    from .toy.measure import distance
+
+    return distance(Image.open(before), Image.open(after))
 
 
-def before_and_after(samples: list[tuple[int, Path]], last_step: int) -> tuple[tuple[int, Path], tuple[int, Path]]:
-    """The preview of step 0 (before training) and the one of the last step (the end-of-run preview). A run that
-    made no such pair has nothing to compare: said, never papered over with one preview shown twice."""
-    before = next(((step, path) for step, path in samples if step == 0), None)
-    after = next(((step, path) for step, path in reversed(samples) if step == last_step), None)
-    if before is None or after is None or last_step == 0:
-        made = ", ".join(f"step {step}" for step, _ in samples) or "none"
-        raise RuntimeError(f"demo: expected previews at step 0 and at the last step {last_step}; made: {made}")
+def before_and_after(samples: dict[int, list[Path]], last_step: int, count: int) -> tuple[list[Path], list[Path]]:
+    """The `count` previews of step 0 (before training) and those of the last step (the end-of-run previews). A run
+    that made no such pair has nothing to compare: said, never papered over with one preview shown twice."""
+    before, after = samples.get(0, []), samples.get(last_step, [])
+    if len(before) != count or len(after) != count or last_step == 0:
+        made = ", ".join(f"step {step}: {len(paths)}" for step, paths in sorted(samples.items())) or "none"
+        raise RuntimeError(f"demo: expected {count} previews at step 0 and at the last step {last_step}; made: {made}")
     return before, after
 
 
 def plan(steps: int) -> str:
-    """The arithmetic from the dataset to the step count, in words (one bucket: every demo image is 64x64)."""
-    images = len(COLOURS) * len(SHAPES)
+    """The arithmetic from the dataset to the step count, in words (one bucket: every demo image is the same size)."""
+    images = len(CONCEPT_COLOURS) * len(CONCEPT_BACKGROUNDS)
     per_epoch = images * NUM_REPEATS
     batches = math.ceil(per_epoch / BATCH_SIZE)
     return (f"{images} images x {NUM_REPEATS} repeats = {per_epoch} per epoch, batch {BATCH_SIZE} -> {batches} steps "
             f"per epoch, {steps} steps = {steps / batches:g} epochs")
 
 
-def demo_config(out: Path, files: dict[str, Path], tokenizers: dict[str, Path], steps: int):
+def demo_config(out: Path, files: dict[str, Path], steps: int, learning_rate: float = LEARNING_RATE):
     """The run's TrainConfig; writes its dataset TOML and prompt file into `out`. Every path is absolute, so the TOML
     (whose relative image_dir would resolve against the working folder, as in sd-scripts) works from any folder."""
     from .config import TrainConfig
     from .flow import FlowConfig
     from .lora import LoRAConfig
+    from .toy.models import T5_MAX_LENGTH
 
     out = out.resolve()
     toml = out / "dataset.toml"
@@ -263,24 +278,50 @@ def demo_config(out: Path, files: dict[str, Path], tokenizers: dict[str, Path], 
                     f'  image_dir = {json.dumps((out / "dataset").as_posix())}\n'
                     f'  num_repeats = {NUM_REPEATS}\n', encoding="utf-8")
     prompts = out / "prompts.txt"
-    prompts.write_text(f"{PROMPT} --w {RESOLUTION} --h {RESOLUTION} --d {SAMPLE_SEED} --s {SAMPLE_STEPS} --g 1.0\n",
-                       encoding="utf-8")
+    flags = f"--w {RESOLUTION} --h {RESOLUTION} --d {SAMPLE_SEED} --s {SAMPLE_STEPS} --g 1.0"
+    prompts.write_text(f"{PROMPT} {flags}\n{OTHER_PROMPT} {flags}\n", encoding="utf-8")
     return TrainConfig.from_flags(
         pretrained_model_name_or_path=str(files["flux"]), clip_l=str(files["clip_l"]), t5xxl=str(files["t5xxl"]),
-        ae=str(files["ae"]), clip_l_tokenizer=str(tokenizers["clip_l"]), t5xxl_tokenizer=str(tokenizers["t5xxl"]),
-        t5xxl_max_token_length=32, device="cpu", dataset_config=str(toml),
-        network=LoRAConfig(network_dim=8, network_alpha=8, network_train_unet_only=True),
+        ae=str(files["ae"]), clip_l_tokenizer=str(files["clip_l_tokenizer"]),
+        t5xxl_tokenizer=str(files["t5xxl_tokenizer"]), t5xxl_max_token_length=T5_MAX_LENGTH, device="cpu",
+        dataset_config=str(toml), network=LoRAConfig(network_dim=RANK, network_alpha=RANK,
+                           network_train_unet_only=True),
         flow=FlowConfig(guidance_scale=1.0, model_prediction_type="raw", timestep_sampling="flux_shift"),
-        learning_rate=2e-3, lr_scheduler="cosine", lr_warmup_steps=5, max_train_steps=steps, seed=42,
+        learning_rate=learning_rate, lr_scheduler="cosine", lr_warmup_steps=5, max_train_steps=steps, seed=42,
         cache_latents=True, cache_text_encoder_outputs=True, output_dir=str(out), output_name="demo_lora",
         save_precision="bf16", sample_prompts=str(prompts), sample_at_first=True, sample_at_end=True)
 
 
+def looks_like(picture: Path) -> str:
+    """The procedural picture a preview looks most like: the nearest one's colours, the best-fitting outline."""
+    from PIL import Image
+
+    from .toy.measure import nearest_caption
+
+    colour, shape, background = nearest_caption(Image.open(picture))
+    return f"a {colour} {shape} on {background}"
+
+
+def shape_verdict(before: Path, after: Path) -> tuple[str, str, bool]:
+    """What the trained prompt's previews look like before and after, and whether the after one is its caption: the
+    star in the prompt's colours."""
+    from .toy.shapes import NEW_SHAPE
+
+    target = f"a {PROMPT_COLOUR} {NEW_SHAPE} on {PROMPT_BACKGROUND}"
+    drawn_before, drawn_after = looks_like(before), looks_like(after)
+    return drawn_before, drawn_after, drawn_after == target
+
+
+def other_verdict(before: Path, after: Path) -> tuple[str, bool]:
+    """What the unrelated prompt's after preview looks like, and whether it looks as its before preview does."""
+    drawn_after = looks_like(after)
+    return drawn_after, drawn_after == looks_like(before)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", default="demo_output", help="folder for the tiny models and results")
-    parser.add_argument("--steps", type=int, default=80)
-    parser.add_argument("--tokenizers", help="folder holding clip_l/ and t5xxl/ tokenizer folders")
+    parser.add_argument("--output", default="demo_output", help="folder for the toy models and results")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be at least 1")
@@ -288,70 +329,76 @@ def main(argv: list[str] | None = None) -> int:
     from .console import ConsoleReporter
     from .events import Finished, Samples
     from .loop import train
-    from .models.tiny import write_model_set
+    from .toy.models import write_toy_model_set
 
     start = time.perf_counter()
     out = Path(args.output).resolve()
-    tokenizers, tokenizer_note = find_tokenizers(args.tokenizers, out)
-    files = write_model_set(out / "models")
-    write_dataset(out / "dataset", RESOLUTION)
-    print(f"demo: tiny FLUX.1 models with random weights in {out / 'models'}, {len(COLOURS) * len(SHAPES)} "
-          f"captioned images in {out / 'dataset'}; {tokenizer_note}")
-    print(f"demo: training a rank-8 LoRA on the CPU: {plan(args.steps)}")
+    files = write_toy_model_set(out / "models")
+    write_concept_dataset(out / "dataset")
+    images = len(CONCEPT_COLOURS) * len(CONCEPT_BACKGROUNDS)
+    print(f"demo: a toy FLUX.1 pretrained on captioned coloured circles, squares and triangles in {out / 'models'} "
+          f"(random-weight text encoders, generated character-level tokenizers); {images} pictures of a shape it "
+          f'never saw, a five-pointed star, captioned as "{CONCEPT}", in {out / "dataset"}')
+    print(f"demo: training a rank-{RANK} LoRA on the CPU: {plan(args.steps)}")
 
     class Collecting(ConsoleReporter):
         def __init__(self) -> None:
             super().__init__()
-            self.samples: list[tuple[int, Path]] = []
+            self.samples: dict[int, list[Path]] = {}
             self.finished: Finished | None = None
 
         def emit(self, event) -> None:
             super().emit(event)
             if isinstance(event, Samples):
-                self.samples += [(event.step, Path(p)) for p in event.paths]
+                self.samples.setdefault(event.step, []).extend(Path(p) for p in event.paths)
             if isinstance(event, Finished):
                 self.finished = event
 
     reporter = Collecting()
-    train(demo_config(out, files, tokenizers, args.steps), reporter)
+    train(demo_config(out, files, args.steps), reporter)
     finished = reporter.finished
     losses = list(finished.losses)
     n, first, last = loss_summary(losses)
-    (before_step, before), (after_step, after) = before_and_after(reporter.samples, finished.steps)
+    (before, other_before), (after, other_after) = before_and_after(reporter.samples, finished.steps, 2)
     fell = last < first
-    verdict = (f"the loss fell from {first:.3f} to {last:.3f}" if fell else
-               f"the loss did not fall ({first:.3f} -> {last:.3f}): training did not make progress")
     curve = loss_curve(losses, out / "loss_curve.png")
-    note = ("The tiny models have random weights, so neither picture can look like the prompt: they show the whole "
-            "pipeline running (text encoders, transformer with the LoRA, autoencoder). "
-            + (f"The evidence that training worked is the loss, which fell from {first:.3f} to {last:.3f} "
-               "(loss_curve.png)." if fell else f"Here {verdict} (loss_curve.png)."))
-    previews = side_by_side(before, after, out / "before_after.png", before_step=before_step, after_step=after_step,
-                            prompt=PROMPT, settings=f"{RESOLUTION}x{RESOLUTION} pixels, seed {SAMPLE_SEED}, "
-                            f"{SAMPLE_STEPS} sampling steps, shown 4x enlarged", note=note)
-    difference = mean_difference(before, after)
+    drawn_before, drawn_after, learned = shape_verdict(before, after)
+    changed, other_changed = mean_difference(before, after), mean_difference(other_before, other_after)
+    other_nearest, other_kept = other_verdict(other_before, other_after)
+    note = (f'The toy model never saw a star, and "{CONCEPT}" meant nothing to it: before training its picture looks '
+            f"most like {drawn_before}. After {finished.steps} steps with the LoRA it draws "
+            + ("the red star on white of the training pictures" if learned else f"{drawn_after}, not yet the star")
+            + f" ({changed:.1f}/255 per pixel changed). The unrelated prompt changed by {other_changed:.1f}/255 and "
+            + ("looks as before" if other_kept else "now looks different")
+            + f": {other_nearest}. (Each preview is judged against the procedural pictures: the nearest one's colours "
+            "and the best-fitting outline.)")
+    previews = comparison([(PROMPT, before, after), (OTHER_PROMPT, other_before, other_after)],
+                          out / "before_after.png", before_step=0, after_step=finished.steps,
+                          settings=f"{RESOLUTION}x{RESOLUTION} pixels, seed {SAMPLE_SEED}, {SAMPLE_STEPS} sampling "
+                                   f"steps, shown {SCALE}x enlarged", note=note)
     rows = [
-        (finished.lora.name, "the trained LoRA (rank 8, bf16, kohya format); it fits the tiny models only"),
+        (finished.lora.name, f"the trained LoRA (rank {RANK}, bf16, kohya format); it fits the toy models only"),
         (curve.name, f"the loss at each step (grey) and its running mean over {MEAN_WINDOW} steps (blue)"),
-        (previews.name, f'"{PROMPT}" sampled at step {before_step} (before) and step {after_step} (after)'),
-        ("sample/", "the same two previews as the trainer wrote them, at their real size"),
+        (previews.name, f'"{PROMPT}" and "{OTHER_PROMPT}" at step 0 (before) and step {finished.steps} (after)'),
+        ("sample/", "the same previews as the trainer wrote them, at their real size"),
         ("demo_lora_metrics.jsonl", "step, epoch, loss and learning rate of every step, one JSON line each"),
         ("dataset.toml", "the dataset config; its paths are absolute, so it works from any folder"),
-        ("dataset/", f"the {len(COLOURS) * len(SHAPES)} generated training images with their captions (.txt)"),
-        ("models/", "the tiny models: random weights in the real FLUX.1 file layouts"),
+        ("dataset/", f"the {images} generated training pictures with their captions (.txt)"),
+        ("models/", "the toy models (made by python -m trainer.toy.pretrain) and their text encoders"),
     ]
     width = max(len(name) for name, _ in rows)
     print()
     print("what happened:")
     print(f"  data:      {plan(len(losses))}")
-    judged = "falling, the evidence that training worked" if fell else "not falling: no evidence that training worked"
+    judged = "falling" if fell else "not falling"
     print(f"  loss:      {first:.3f} (mean of steps 1-{n}) -> {last:.3f} (mean of steps {len(losses) - n + 1}-"
           f"{len(losses)}): {judged}")
-    print("  previews:  the tiny models have random weights, so the previews are noise, not a red circle: they show")
-    print("             the pipeline working (prompt -> text encoders -> transformer + LoRA -> autoencoder -> image).")
-    print(f"             Step {before_step} (before) and step {after_step} (after) differ by {difference:.1f}/255 "
-          "per pixel on average: " + ("the LoRA changes the output." if difference > 0 else
-                                      "the LoRA did not change the output."))
+    print(f'  previews:  "{PROMPT}": {drawn_before} before, {drawn_after} after ({changed:.1f}/255 per pixel '
+          "changed): " + ("the LoRA taught the new shape." if learned else "the LoRA has not taught the new shape."))
+    print(f'             "{OTHER_PROMPT}": changed by {other_changed:.1f}/255 per pixel, {other_nearest} after: '
+          + ("the LoRA left it alone." if other_kept else "the LoRA changed what it draws."))
+    print("             (each preview judged against the procedural pictures: the nearest one's colours and the "
+          "best-fitting outline)")
     print(f"files, in {out}{os.sep}")
     for name, what in rows:
         print(f"  {name:<{width}}  {what}")

@@ -10,17 +10,19 @@ from pathlib import Path
 
 from ..errors import ModelFileError
 from ..models.autoencoder import AutoEncoderParams
-from ..models.flux import FluxParams
+from ..models.flux import FluxParams, default_axes_dim
 from ..models.tiny import TINY_CLIP, TINY_T5, write_clip_l, write_t5xxl
 from ..models.tiny_tokenizers import write_tokenizers
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 TOY_AE = AutoEncoderParams(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1)  # 32x32 pixels -> 16x8x8 latents
 TOY_FLUX = FluxParams(in_channels=64, out_channels=64, vec_in_dim=TINY_CLIP["hidden_size"],
-                      context_in_dim=TINY_T5["d_model"], hidden_size=64, mlp_hidden_dim=128, num_heads=2, depth=1,
-                      depth_single_blocks=1, axes_dim=(4, 14, 14))  # what loaders infer
+                      context_in_dim=TINY_T5["d_model"], hidden_size=128, mlp_hidden_dim=512, num_heads=2, depth=2,
+                      depth_single_blocks=2, axes_dim=default_axes_dim(64))  # what loaders infer from the head size
 CLIP_SEED, T5_SEED = 2, 3  # the text encoders are regenerated from these seeds (random weights, never trained)
-T5_MAX_LENGTH = 8  # character-level tokens: "a red ci", colour and shape; CLIP's pooled output sees the whole caption
+# Character-level tokens: the longest caption, "a yellow triangle on a white background", is 34 with </s>; T5 must see
+# every word (colour, shape and background), so the whole caption fits, with room for a longer concept word.
+T5_MAX_LENGTH = 40
 
 
 def write_text_encoders(folder: str | os.PathLike) -> dict[str, Path]:

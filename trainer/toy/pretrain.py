@@ -1,7 +1,8 @@
 """Pretrain the toy FLUX family on the CPU: first the autoencoder on random flat-coloured pictures, then the FLUX
 transformer (flow matching, as the trainer trains) on captioned coloured circles, squares and triangles.
 
-    nice -n 10 python -m trainer.toy.pretrain [--out trainer/toy/weights] [--ae-steps N] [--flux-steps N]
+    nice -n 10 python -m trainer.toy.pretrain [--out trainer/toy/weights] [--ae-steps N] [--decoder-steps N]
+                                              [--flux-steps N] [--threads N]
 
 Deterministic for a given seed, torch version and thread count. Writes flux.safetensors and ae.safetensors (float16,
 BFL layouts) with how they were made in their metadata, and README.md beside them.
@@ -29,7 +30,7 @@ from ..models.autoencoder import AttnBlock, AutoEncoder, ResnetBlock
 from ..models.flux import Flux
 from ..models.loading import load_clip_l, load_t5xxl
 from . import shapes
-from .models import T5_MAX_LENGTH, TOY_AE, TOY_FLUX, WEIGHTS, write_text_encoders
+from .models import CLIP_SEED, T5_MAX_LENGTH, T5_SEED, TOY_AE, TOY_FLUX, WEIGHTS, write_text_encoders
 
 AE_BATCH, FLUX_BATCH, VARIANTS, AE_CROP = 8, 16, 16, 16
 FLOW = FlowConfig(timestep_sampling="flux_shift", model_prediction_type="raw", guidance_scale=1.0)
@@ -106,6 +107,30 @@ def train_autoencoder(steps: int, seed: int, log) -> tuple[AutoEncoder, dict]:
     return ae, config
 
 
+def refine_decoder(ae: AutoEncoder, steps: int, seed: int, log) -> AutoEncoder:
+    """The decoder alone on whole pictures, the encoder (and so every latent the transformer learns from) fixed:
+    the crops taught it colours and edges, whole pictures teach it the borders and exact flat colours."""
+    decoder = ae.decoder.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=5e-4, weight_decay=0.0)
+    rng = random.Random(seed + 1)
+    start = time.perf_counter()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, steps, 5e-4)
+        x = ae_batch(rng)
+        with torch.no_grad():
+            mean = ae.encoder(x).chunk(2, dim=1)[0]
+        out = decoder(mean)
+        loss = F.l1_loss(out, x) + F.mse_loss(out, x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 20 == 0 or step == steps - 1:
+            log(f"decoder step {step + 1}/{steps}: loss {loss.item():.4f} ({time.perf_counter() - start:.0f} s)")
+    ae.eval().requires_grad_(False)
+    return ae
+
+
 def encode_captions(captions: list[str], folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """caption -> (CLIP pooled [D], T5 hidden [L, C]) as the trainer computes them (no T5 attention mask)."""
     files = write_text_encoders(folder)
@@ -162,12 +187,26 @@ def half(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.to(torch.float16) for k, v in module.state_dict().items()}
 
 
+def architecture(params) -> str:
+    """A params dataclass as JSON (tuples as lists): what the loaders must infer from the file."""
+    return json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in params.__dict__.items()})
+
+
+def command(args) -> str:
+    """The command line that makes these weights again (with the same torch and thread count)."""
+    reuse = f" --ae {args.ae}" if args.ae else ""
+    return (f"python -m trainer.toy.pretrain --seed {args.seed} --ae-steps {args.ae_steps} --decoder-steps "
+            f"{args.decoder_steps} --flux-steps {args.flux_steps} --variants {args.variants} --threads "
+            f"{args.threads}{reuse}")
+
+
 def provenance(args, seconds: dict[str, float]) -> dict[str, str]:
-    return {"made_by": "python -m trainer.toy.pretrain", "seed": str(args.seed), "ae_steps": str(args.ae_steps),
+    return {"made_by": "python -m trainer.toy.pretrain", "command": command(args), "seed": str(args.seed),
+            "ae_steps": str(args.ae_steps), "decoder_steps": str(args.decoder_steps),
             "flux_steps": str(args.flux_steps), "variants": str(args.variants), "threads": str(torch.get_num_threads()),
             "torch": torch.__version__, "seconds": json.dumps(seconds),
             "data": f"autoencoder: {AE_BATCH} pictures a step, half random flat-coloured circles and polygons, half "
-                    f"named shapes, {AE_CROP}x{AE_CROP} crops; "
+                    f"named shapes, {AE_CROP}x{AE_CROP} crops, then the decoder alone on whole pictures; "
                     f"transformer: {len(shapes.COLOURS)} colours x {len(shapes.KNOWN_SHAPES)} shapes "
                     f"({', '.join(shapes.KNOWN_SHAPES)}) x {len(shapes.BACKGROUNDS)} backgrounds x {args.variants} "
                     f"jittered pictures, {shapes.SIZE}x{shapes.SIZE}, batch {FLUX_BATCH}; never a {shapes.NEW_SHAPE}"}
@@ -177,22 +216,30 @@ def readme(meta: dict[str, str], config: dict) -> str:
     seconds = json.loads(meta["seconds"])
     return f"""# Toy FLUX.1 weights
 
-Made by `{meta['made_by']} --seed {meta['seed']} --ae-steps {meta['ae_steps']} --flux-steps {meta['flux_steps']}
---variants {meta['variants']}`
-with torch {meta['torch']} on {meta['threads']} CPU threads ({seconds['autoencoder']:.0f} s for the autoencoder,
+Made by
+
+    {meta['command']}
+
+with torch {meta['torch']} on {meta['threads']} CPU thread(s) ({seconds['autoencoder']:.0f} s for the autoencoder,
 {seconds['transformer']:.0f} s for the transformer). Stored in float16, in the BFL layouts of `flux1-dev.safetensors`
-and `ae.safetensors`.
+and `ae.safetensors`; the trainer's normal loaders read them (the transformer's sizes inferred from its tensors).
+How they were made is also in each file's metadata.
 
 - `ae.safetensors`: the FLUX autoencoder architecture with {TOY_AE.ch} base channels, channel multipliers
   {list(TOY_AE.ch_mult)} (32x32 pixels -> 16x8x8 latents), scale {config['scale_factor']}, shift
   {config['shift_factor']} (in the file's `config` metadata).
-- `flux.safetensors`: the FLUX.1-dev transformer architecture, width {TOY_FLUX.hidden_size}, {TOY_FLUX.depth} double
-  and {TOY_FLUX.depth_single_blocks} single blocks, guidance embedding.
+- `flux.safetensors`: the FLUX.1-dev transformer architecture, width {TOY_FLUX.hidden_size}, {TOY_FLUX.num_heads}
+  heads, {TOY_FLUX.depth} double and {TOY_FLUX.depth_single_blocks} single blocks, MLP width
+  {TOY_FLUX.mlp_hidden_dim}, rotary axes {list(TOY_FLUX.axes_dim)}, guidance embedding; trained by flow matching
+  with FLUX's shifted timesteps, as the trainer trains.
 - Text encoders: not stored. `trainer.toy.models.write_text_encoders` regenerates them: the random-weight tiny
-  CLIP-L (seed 2) and T5 (seed 3) of `trainer/models/tiny.py` with the character-level tokenizers of
-  `trainer/models/tiny_tokenizers.py`, T5 length {T5_MAX_LENGTH}.
+  CLIP-L (seed {CLIP_SEED}) and T5 (seed {T5_SEED}) of `trainer/models/tiny.py` with the character-level tokenizers
+  of `trainer/models/tiny_tokenizers.py`, T5 length {T5_MAX_LENGTH} (every caption whole).
 
 Data: {meta['data']}.
+
+Checked by `tests/test_toy_models.py`: sampled with the trainer's own sampler, the transformer draws the colour,
+shape and background of each caption it was trained on.
 """
 
 
@@ -200,10 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.toy.pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(WEIGHTS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ae-steps", type=int, default=300)
-    parser.add_argument("--flux-steps", type=int, default=2000)
+    parser.add_argument("--ae-steps", type=int, default=1500)
+    parser.add_argument("--decoder-steps", type=int, default=600, help="whole-picture steps for the decoder alone")
+    parser.add_argument("--flux-steps", type=int, default=5000)
     parser.add_argument("--variants", type=int, default=VARIANTS, help="jittered pictures of each caption")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--ae", help="reuse this trained ae.safetensors instead of training one")
     args = parser.parse_args(argv)
     threads = torch.get_num_threads()
@@ -229,6 +277,7 @@ def pretrain(args) -> int:
         config = {"scale_factor": ae.params.scale_factor, "shift_factor": ae.params.shift_factor}
     else:
         ae, config = train_autoencoder(args.ae_steps, args.seed, log)
+        ae = refine_decoder(ae, args.decoder_steps, args.seed, log)
         save_safetensors(half(ae), out / "ae.safetensors", {"config": json.dumps(config)})  # kept if the rest fails
     seconds["autoencoder"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -237,7 +286,7 @@ def pretrain(args) -> int:
     seconds["transformer"] = time.perf_counter() - start
     meta = provenance(args, seconds)
     save_safetensors(half(ae), out / "ae.safetensors", {**meta, "config": json.dumps(config)})
-    save_safetensors(half(flux), out / "flux.safetensors", meta)
+    save_safetensors(half(flux), out / "flux.safetensors", {**meta, "architecture": architecture(flux.params)})
     with atomic_path(out / "README.md") as tmp:
         Path(tmp).write_text(readme(meta, config), encoding="utf-8")
     log(f"wrote {out / 'ae.safetensors'}, {out / 'flux.safetensors'} and {out / 'README.md'}")
