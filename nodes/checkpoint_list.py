@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..trainer.errors import ConfigError
-
-STEP_DIGITS, EPOCH_DIGITS = 8, 6
+from ..trainer.output_names import lora_kind
 
 
 class Checkpoint(NamedTuple):
@@ -30,15 +29,6 @@ class Checkpoint(NamedTuple):
     epoch: int
     path: str  # absolute path of the .safetensors file
     kind: str  # "step" | "epoch" | "final"
-
-
-def _kind_of(file_name: str, output_name: str) -> str | None:
-    """"final", "step" or "epoch" for a LoRA file name of `output_name`, else None (another name's file)."""
-    pattern = rf"{re.escape(output_name)}(?:-step(\d{{{STEP_DIGITS}}})|-(\d{{{EPOCH_DIGITS}}}))?\.safetensors"
-    match = re.fullmatch(pattern, file_name)
-    if match is None:
-        return None
-    return "step" if match.group(1) else "epoch" if match.group(2) else "final"
 
 
 def read_metadata(path: Path) -> dict[str, str] | None:
@@ -77,14 +67,13 @@ def label(kind: str, step: int, epoch: int) -> str:
 def _candidate(path: Path, output_name: str, step: int | None = None) -> tuple[Checkpoint, dict[str, str]] | None:
     """`path` as a checkpoint of `output_name` with its metadata, or None; `step`: the step when the metadata has
     none (the final LoRA of a --no_metadata run)."""
-    kind = _kind_of(path.name, output_name)
-    if kind is None or not path.is_file():
+    named = lora_kind(path.name, output_name)
+    if named is None or not path.is_file():
         return None
+    kind, numbered = named
     meta = read_metadata(path)
     if meta is None or meta.get("ss_output_name", output_name) not in (output_name, ""):
         return None
-    middle = path.name[len(output_name):-len(".safetensors")]  # "-stepNNNNNNNN", "-NNNNNN" or ""
-    numbered = int("".join(filter(str.isdigit, middle))) if kind != "final" else None
     step = _first_known(_int(meta, "ss_steps"), step, numbered if kind == "step" else None)
     if step is None:  # an epoch save without training metadata (--no_metadata): its step is unknown
         return None

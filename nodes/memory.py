@@ -8,6 +8,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..trainer.config.memory_plan import available_host_bytes
+from ..trainer.config.swap_split import MAX_SWAPPED_BLOCKS
 from .common import CATEGORY, PREFIX, Memory, node_errors
 from .paths import CACHE_FOLDER, OUR_FOLDER
 from .translate import CACHE_MODES, MEMORY_MODES, cache_mode, memory_fields, plan_memory, recommended
@@ -29,7 +30,7 @@ class FluxLoraTrainerMemory(io.ComfyNode):
                                        "more blocks swapped, then fp8, and says so."),
                 io.Boolean.Input("gradient_checkpointing", default=rec.memory.gradient_checkpointing,
                                  tooltip="Recompute activations in the backward pass: far less memory, ~25% slower."),
-                io.Int.Input("blocks_to_swap", default=rec.memory.blocks_to_swap or 0, min=0, max=35,
+                io.Int.Input("blocks_to_swap", default=rec.memory.blocks_to_swap or 0, min=0, max=MAX_SWAPPED_BLOCKS,
                              tooltip="Free the GPU memory of this many transformer blocks (0 = off; sd-scripts' "
                                      "--blocks_to_swap): their weights stay in pinned CPU memory and stream in "
                                      "while the blocks before them compute. The guide: 16 for 12 GB, 22 for 10 GB, "

@@ -21,9 +21,9 @@ NODE_IDS = ["FluxLoraTrainerModels", "FluxLoraTrainerDataset", "FluxLoraTrainerD
             "FluxLoraTrainerLabelGrid"]
 # pack modules that building every schema may load: the nodes and the torch-free option vocabularies
 TORCH_FREE = {"", ".nodes", ".nodes.common", ".nodes.paths", ".nodes.pieces", ".nodes.translate", ".trainer",
-              ".trainer.config",
-              ".trainer.errors", *(f".nodes.{n}" for n in ("models", "dataset", "network", "optimizer", "memory",
-                                                            "train", "apply", "checkpoints", "checkpoint_list")),
+              ".trainer.config", ".trainer.errors", ".trainer.output_names",
+              *(f".nodes.{n}" for n in ("models", "dataset", "network", "optimizer", "memory", "train", "apply",
+                                        "checkpoints", "checkpoint_list")),
               *(f".trainer.config.{n}" for n in ("combine", "data", "extra_options", "finite", "flow", "lora",
                                                   "memory_auto", "memory_plan", "model_type", "names", "optim",
                                                   "resolve", "safe_regex", "sections", "swap_split", "train"))}

@@ -14,30 +14,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .config.sections import PreviewConfig, SavingConfig, ValidationConfig
-
-LORA_SUFFIX = ".safetensors"
-STATE_SUFFIX = "-state"
-
-
-# ------------------------------------------------------------------------------------------ file names
-
-
-def step_lora_name(stem: str, step: int) -> str:
-    return f"{stem}-step{step:08d}{LORA_SUFFIX}"
-
-
-def epoch_lora_name(stem: str, epoch: int) -> str:
-    return f"{stem}-{epoch:06d}{LORA_SUFFIX}"
-
-
-def final_lora_name(stem: str) -> str:
-    return f"{stem}{LORA_SUFFIX}"
-
-
-def state_name(lora_name: str) -> str:
-    """The state folder saved with a LoRA file: its name without the suffix, then "-state"."""
-    return lora_name.removesuffix(LORA_SUFFIX) + STATE_SUFFIX
-
+from .output_names import (
+    LORA_SUFFIX,
+    STATE_SUFFIX,
+    epoch_lora_name,
+    final_lora_name,
+    state_name,
+    step_lora_name,
+    step_of,
+)
 
 # ------------------------------------------------------------------------------------------ the question
 
@@ -220,14 +205,7 @@ def _older_steps(stem: str, written: Sequence[str], suffix: str, step: int, keep
     sd-scripts), among this training's saves named `<stem>-stepNNNNNNNN<suffix>` exactly."""
     if not keep:
         return ()
-    prefix = f"{stem}-step"
-    old = []
-    for name in written:
-        digits = name[len(prefix):-len(suffix)]
-        if (name.startswith(prefix) and name.endswith(suffix) and len(digits) == 8 and digits.isascii()
-                and digits.isdigit() and int(digits) < step - keep):
-            old.append(name)
-    return tuple(old)
+    return tuple(name for name in written if (n := step_of(name, stem, suffix)) is not None and n < step - keep)
 
 
 def _epoch_save(cadence: Cadence, moment: Moment, written: Sequence[str]) -> Save:

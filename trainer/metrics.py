@@ -24,6 +24,7 @@ from pathlib import Path
 from .atomic import SaveError, atomic_path, failure_reason, remove_stale_temporaries, save_error, write_bytes
 from .errors import ConfigError
 from .events import EpochEnd, Event, Finished, Message, Samples, StepEnd, ValidationEnd
+from .output_names import metrics_name
 
 DEFAULT_TRACKER_NAME = "network_train"  # train_network.py's default_tracker_name
 # get_sanitized_config_or_none leaves these out of the logged options (keys, and paths that say who trained)
@@ -175,7 +176,7 @@ class MetricsLog:
     def __init__(self, folder: Path, name: str, log_with: str | None = None, warn=None,
                  plan: TrackerPlan | None = None) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / f"{name}_metrics.jsonl"
+        self.path = folder / metrics_name(name)
         self.warn = warn or (lambda message: None)
         if plan is None and log_with is not None:  # without options: TensorBoard runs in the log's folder
             plan = TrackerPlan(tensorboard=log_with in ("tensorboard", "all"), wandb=log_with in ("wandb", "all"),

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import glob
 import importlib.util
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from .config.model_type import required_model_files
 from .errors import ConfigError, LoRAWeightsError, TrainerError
 from .lora import read_lora
 from .models import build_transformer, check_model_file, check_transformer_type, read_flux_params
+from .output_names import output_patterns
 from .sampling import read_prompts
 
 
@@ -119,14 +119,6 @@ def _check_device(device: str | None) -> None:
                               "--device cpu or a CUDA build of PyTorch")
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
             raise ConfigError(f"device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-
-
-def output_patterns(name: str) -> list[re.Pattern]:
-    """The file names a run writes into its output folder (sd-scripts' names)."""
-    n = re.escape(name)
-    return [re.compile(p) for p in (rf"{n}\.safetensors", rf"{n}-\d{{6}}\.safetensors",
-                                    rf"{n}-step\d{{8}}\.safetensors", rf"{n}_metrics\.jsonl",
-                                    rf"{n}(-\d{{6}}|-step\d{{8}})?-state(\.old|\.partial)?")]
 
 
 def _check_outputs_spare_inputs(config: TrainConfig, datasets: list) -> None:

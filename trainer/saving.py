@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 
-from .cadence import Save, final_lora_name, state_name
+from .cadence import Save
 from .events import Reporter, Saved
 from .lora import lora_metadata, save_lora
+from .output_names import final_lora_name, state_name
 
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, None: torch.float32}
 
