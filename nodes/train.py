@@ -163,8 +163,6 @@ class FluxLoraTrainerTrain(io.ComfyNode):
                 free_host=available_host_bytes() if auto and device.type == "cuda" else None,
                 transformer=_transformer_size(models) if auto else None, **widgets)
         run_dir.mkdir(parents=True, exist_ok=True)
-        if plan.prompts:
-            Path(plan.config.previews.sample_prompts).write_text(plan.prompts + "\n", encoding="utf-8")
         reporter = ComfyReporter.for_node(cls.hidden.unique_id if cls.hidden else None)
         for note in plan.notes:
             reporter.emit(Message(note))

@@ -382,7 +382,6 @@ class RunPlan:
     config: TrainConfig
     notes: tuple[str, ...]
     memory: MemoryPlan | None
-    prompts: str | None  # the sample prompts text to write to config.previews.sample_prompts before training
 
 
 def train_config(*, models: ModelFiles, datasets: tuple, network: NetworkChoice | None = None,
@@ -400,7 +399,7 @@ def train_config(*, models: ModelFiles, datasets: tuple, network: NetworkChoice 
     if not datasets:
         raise ConfigError("datasets: connect a dataset node (or the TOML node) to the train node")
     pieces = piece_sources(models=models, network=network, optimizer=optimizer, memory=memory)
-    prompts = "\n".join(option_lines(sample_prompts)) or None
+    prompts = tuple(option_lines(sample_prompts))
     widgets = _train_widgets(flow, max_train_steps=int(max_train_steps), max_train_epochs=int(max_train_epochs),
                              seed=int(seed), save_every_n_steps=int(save_every_n_steps), save_state=bool(save_state),
                              sample_every_n_steps=int(sample_every_n_steps), apply_t5_attn_mask=apply_t5_attn_mask,
@@ -408,7 +407,7 @@ def train_config(*, models: ModelFiles, datasets: tuple, network: NetworkChoice 
     folders = {"output_dir": str(output_dir), "output_name": output_name, "device": device,
                "cache_dir": None if (memory and memory.cache_beside_images) or cache_dir is None else str(cache_dir),
                "resume": None if resume is None else str(resume),
-               "sample_prompts": str(Path(output_dir) / "sample_prompts.txt") if prompts else None}
+               "sample_prompt_lines": prompts or None}
     widgets.update({k: v for k, v in folders.items() if v is not None})
     sources = [*pieces, Source("the dataset nodes", {"datasets": tuple(datasets)}), Source("the train node", widgets),
                parse_extra_options(extra_options)]
@@ -418,7 +417,7 @@ def train_config(*, models: ModelFiles, datasets: tuple, network: NetworkChoice 
     resolved = combine(sources, defaults=RECOMMENDED, measure=measure)
     config = resolved.config
     check_named_only(config.optimizer.optimizer_type, config.optimizer.lr_scheduler_type, "train node")
-    return RunPlan(config, (*resolved.notes, *config.advice()), resolved.memory, prompts)
+    return RunPlan(config, (*resolved.notes, *config.advice()), resolved.memory)
 
 
 def _measured(machine: Machine):

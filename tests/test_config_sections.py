@@ -22,7 +22,7 @@ def test_every_flat_option_belongs_to_exactly_one_section():
     assert len(placed) == len(set(placed)) == len(FLAG_SECTIONS)
     cli_fields = {f.name for f in option_fields()}
     nested = {f.name for cls in (FlowConfig, LoRAConfig) for f in dataclasses.fields(cls)}
-    assert cli_fields - nested == set(FLAG_SECTIONS) - {"datasets"}  # typed datasets have no flag
+    assert cli_fields - nested == set(FLAG_SECTIONS) - {"datasets", "sample_prompt_lines"}  # typed values, no flag
 
 
 def test_from_flags_places_each_option_in_its_section_and_flags_gives_them_back():

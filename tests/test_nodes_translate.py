@@ -362,12 +362,13 @@ def test_train_widgets_build_on_the_recommended_config(inputs, tmp_path):
             c.previews.sample_every_n_steps, c.models.apply_t5_attn_mask, c.models.t5xxl_max_token_length,
             c.memory.device, c.saving.output_name) == (250, 7, 50, True, 100, True, 256, "cpu", "lora")
     assert c.saving.output_dir == str(tmp_path / "out" / "lora") and c.caching.cache_dir == str(tmp_path / "cache")
-    assert c.previews.sample_prompts == str(tmp_path / "out" / "lora" / "sample_prompts.txt")
-    assert plan.prompts == "a photo of sks --w 512 --h 512\nsecond"
+    assert c.previews.sample_prompts is None  # no file is written for the core to read back: the lines are config
+    assert c.previews.sample_prompt_lines == ("a photo of sks --w 512 --h 512", "second")
     assert {name: flags[name] for name in FILES} == FILES
     zero = run(inputs, tmp_path).config
     assert (zero.run.seed, zero.saving.save_every_n_steps, zero.run.max_train_epochs,
             zero.models.t5xxl_max_token_length, zero.previews.sample_prompts) == (None, None, None, None, None)
+    assert zero.previews.sample_prompt_lines == () and not zero.previews.given
 
 
 def test_pieces_reach_the_train_config(inputs, tmp_path):

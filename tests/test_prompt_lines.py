@@ -149,3 +149,22 @@ def test_preview_limits_apply_to_toml_infinity(tmp_path):
 def test_a_prompt_built_in_code_gets_the_same_limits():
     with pytest.raises(PromptFileError, match=r"^sample prompt 1: --w \(width\) 100000: previews are at most 4096"):
         SamplePrompt("x", width=100000, height=100000)
+
+
+def test_prompt_lines_given_as_text_read_as_the_same_lines_in_a_file(tmp_path):
+    from trainer.config.sections import PreviewConfig
+    from trainer.errors import ConfigError
+    from trainer.sampling import preview_prompts
+
+    lines = ("# a comment", "a red fox --w 512 --h 320 --d 9", "", "a blue bird --s 8 --xx 3")
+    path = tmp_path / "p.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    from_file, from_lines = [], []
+    expected = preview_prompts(PreviewConfig(sample_prompts=str(path)), warn=from_file.append)
+    assert preview_prompts(PreviewConfig(sample_prompt_lines=lines), warn=from_lines.append) == expected
+    assert [p.prompt for p in expected] == ["a red fox", "a blue bird"]
+    assert (expected[0].width, expected[0].height, expected[0].seed, expected[1].steps) == (512, 320, 9, 8)
+    assert len(from_file) == len(from_lines) == 1 and "--xx 3" in from_lines[0]  # the same one warning
+    assert preview_prompts(PreviewConfig()) == [] and not PreviewConfig().given
+    with pytest.raises(ConfigError, match="sample_prompts: give a prompt file or prompt lines, not both"):
+        PreviewConfig(sample_prompts=str(path), sample_prompt_lines=lines)

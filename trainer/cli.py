@@ -28,7 +28,7 @@ from .errors import ConfigError, Stopped, TrainerError
 from .events import Message
 
 # TrainConfig fields that are not flags: nested option groups, and values only the library interface takes
-NOT_FLAGS = ("network", "flow", "datasets")
+NOT_FLAGS = ("network", "flow", "datasets", "sample_prompt_lines")
 # LoRAConfig fields with a flag of their own; the rest go through --network_args key=value
 LORA_FLAGS = ("network_dim", "network_alpha", "network_dropout", "network_train_unet_only")
 # flags that act on the command line itself (read here, not a config field)

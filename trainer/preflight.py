@@ -19,7 +19,7 @@ from .errors import ConfigError, LoRAWeightsError, TrainerError
 from .lora import read_lora
 from .models import build_transformer, check_model_file, check_transformer_type, read_flux_params
 from .output_names import output_patterns
-from .sampling import read_prompts
+from .sampling import preview_prompts
 
 
 def check(config: TrainConfig, warn=None) -> None:
@@ -40,8 +40,7 @@ def check(config: TrainConfig, warn=None) -> None:
     _check_optimizer_args(config, optimizer)
     _check_device(config.memory.device)
     _check_pinned_host_memory(config)
-    if config.previews.sample_prompts:
-        read_prompts(config.previews.sample_prompts, warn=warn)
+    preview_prompts(config.previews, warn=warn)
     if config.models.network_weights:
         weights, _ = read_lora(config.models.network_weights)
         if not config.models.dim_from_weights:
@@ -334,7 +333,6 @@ def preflight_report(config: TrainConfig, processes: int = 1) -> PreflightReport
     reports, batches = dataset_report(configs, config.run.seed if config.run.seed is not None else 0)
     steps_per_epoch, total, epochs = plan_steps(batches, config)
     prompt_notes: list[str] = []
-    if config.previews.sample_prompts:
-        read_prompts(config.previews.sample_prompts, warn=prompt_notes.append)
+    preview_prompts(config.previews, warn=prompt_notes.append)
     return PreflightReport(tuple(reports), batches, steps_per_epoch, total, epochs,
                            (*config.advice(), *prompt_notes))

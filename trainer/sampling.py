@@ -259,24 +259,41 @@ def read_prompts(path: str | Path, warn=None) -> list[SamplePrompt]:
     except NotText as e:
         raise PromptFileError(f"{path}: {e}") from None
     suffix = path.suffix.lower()
-    prompts = []
     if suffix == ".txt":
-        # sd-scripts: a line is a comment only when its first character is "#"; blank lines are skipped
-        numbered = [(n, ln.strip()) for n, ln in enumerate(text.splitlines(), 1) if ln.strip() and ln[0] != "#"]
-        for i, (number, line) in enumerate(numbered):
-            prompts.append(parse_prompt_line(line, i, f"{path.name} line {number}"))
+        prompts = prompt_lines(text.splitlines(), path.name)
     elif suffix in (".toml", ".json"):
+        prompts = []
         for i, entry in enumerate(_entries(path, text)):
             where = f"{path.name} prompt {i + 1}"
             values, notes = _checked_entry(entry, f"{path}: prompt {i + 1}")
             prompts.append(_prompt_from(values, notes, i, where))
     else:
         raise PromptFileError(f"{path}: expected a .txt, .toml or .json prompt file")
+    _warn_each(prompts, warn)
+    return prompts
+
+
+def prompt_lines(lines, source: str) -> list[SamplePrompt]:
+    """Prompt lines as a .txt prompt file holds them (sd-scripts: a line is a comment only when its first character
+    is "#"; blank lines are skipped); `source` names them in messages."""
+    numbered = [(n, ln.strip()) for n, ln in enumerate(lines, 1) if ln.strip() and ln[0] != "#"]
+    return [parse_prompt_line(line, i, f"{source} line {number}") for i, (number, line) in enumerate(numbered)]
+
+
+def preview_prompts(previews, warn=None) -> list[SamplePrompt]:
+    """The prompts a PreviewConfig gives: its prompt file, or its prompt lines (the train node's box), or none."""
+    if previews.sample_prompts:
+        return read_prompts(previews.sample_prompts, warn=warn)
+    prompts = prompt_lines(previews.sample_prompt_lines, "sample_prompts")
+    _warn_each(prompts, warn)
+    return prompts
+
+
+def _warn_each(prompts: list[SamplePrompt], warn) -> None:
     if warn is not None:
         for prompt in prompts:
             if prompt.warning:
                 warn(prompt.warning)
-    return prompts
 
 
 def sample_filename(output_name: str | None, index: int, seed: int | None, epoch: int | None = None,

@@ -25,7 +25,7 @@ from .models import check_transformer_type, load_autoencoder, load_clip_l, load_
 from .models.chroma import NoClipL
 from .models.loading import t5_fp8_option
 from .optim import build_optimizer_and_scheduler
-from .sampling import SamplePrompt, read_prompts
+from .sampling import SamplePrompt, preview_prompts
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
     lora = config.network
     train_clip = not lora.network_train_unet_only and not chroma  # Chroma has no CLIP-L (sd-scripts: same)
     train_t5 = lora.train_t5xxl
-    need_ae = not caching.cache_latents or bool(config.previews.sample_prompts)
+    need_ae = not caching.cache_latents or config.previews.given
     # the autoencoder is small: float32, or bfloat16 with bf16 training on a GPU (fp16 risks overflow in it)
     ae_dtype = autoencoder_dtype(dtype, device.type, memory_options.no_half_vae)
     stop("loading the autoencoder")
@@ -166,7 +166,7 @@ def prepare(config: TrainConfig, reporter: Reporter, world: World, device: torch
         merge_base_weights(config, clip_l, reporter)
     merge_base_weights(config, t5, reporter)
     # the pre-flight said the prompt file's notes
-    prompts = tuple(read_prompts(config.previews.sample_prompts)) if config.previews.sample_prompts else ()
+    prompts = tuple(preview_prompts(config.previews))
     conds = tuple(_encode_prompt(clip_l, t5, p, models.apply_t5_attn_mask) for p in prompts)
     if caching.cache_text_encoder_outputs:
         stop("caching text-encoder outputs")

@@ -373,6 +373,7 @@ class SavingConfig:
 class PreviewConfig:
     """Sample images: the prompts file and when they are drawn."""
     sample_prompts: str | None = None
+    sample_prompt_lines: tuple[str, ...] = ()  # ours, no flag: prompts given as text (the train node's box), one a line
     sample_every_n_steps: int | None = None
     sample_every_n_epochs: int | None = None
     sample_at_first: bool = False
@@ -381,6 +382,14 @@ class PreviewConfig:
     def __post_init__(self):
         check_dataclass_finite(self)
         _positive(self, (), ("sample_every_n_steps", "sample_every_n_epochs"))
+        object.__setattr__(self, "sample_prompt_lines", tuple(self.sample_prompt_lines))
+        if self.sample_prompts and self.sample_prompt_lines:
+            raise ConfigError("sample_prompts: give a prompt file or prompt lines, not both")
+
+    @property
+    def given(self) -> bool:
+        """Whether any preview prompt is given (a file, or lines)."""
+        return bool(self.sample_prompts or self.sample_prompt_lines)
 
 
 @dataclass(frozen=True, kw_only=True)
