@@ -42,6 +42,12 @@ def image_sets(comfyui) -> Path:
     return comfyui.base_dir / "output" / "flux_lora_trainer" / "cache" / "image_sets"
 
 
+def set_folders(comfyui) -> set[Path]:
+    """The image sets written so far (the server is shared: other tests write theirs too)."""
+    folder = image_sets(comfyui)
+    return set(folder.iterdir()) if folder.is_dir() else set()
+
+
 def widget_defaults(comfyui) -> dict:
     """The image-set node's widgets at their defaults (an API prompt names every required input)."""
     required = comfyui.object_info(IMAGE_SET)[IMAGE_SET]["input"]["required"]
@@ -66,7 +72,7 @@ def test_the_example_workflow_trains_on_images_from_the_graph_and_requeues_witho
     workflow = json.loads(WORKFLOW.read_text(encoding="utf-8"))
     _check_against_definitions(workflow, comfyui.object_info())
     inputs = comfyui.base_dir / "input"
-    before = tree(inputs)
+    before, sets_before = tree(inputs), set_folders(comfyui)
     name = unique("wf_images")
     prompt = example_prompt(comfyui, pictures, name)
     dataset, train = one(prompt, IMAGE_SET), one(prompt, TRAIN)
@@ -80,7 +86,7 @@ def test_the_example_workflow_trains_on_images_from_the_graph_and_requeues_witho
     report = outputs[dataset]["text"][0]
     assert report.startswith("images from the graph: 3 (3 x 64x64)"), report
     assert "captions: 3 given, 0 missing" in report and "3 of 3 images have a caption file" in report
-    (folder,) = image_sets(comfyui).iterdir()
+    (folder,) = set_folders(comfyui) - sets_before
     assert f"written to {folder}" in report
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == \
         ["0001.png", "0001.txt", "0002.png", "0002.txt", "0003.png", "0003.txt"]
@@ -94,14 +100,14 @@ def test_the_example_workflow_trains_on_images_from_the_graph_and_requeues_witho
     again = comfyui.run(prompt, timeout=60)  # the same graph again: nothing is written or trained
     assert of(again, STEP) == []
     assert train in of(again, "execution_cached")[0]["data"]["nodes"]
-    assert [p.name for p in image_sets(comfyui).iterdir()] == [folder.name]
+    assert set_folders(comfyui) - sets_before == {folder}
 
     changed = copy.deepcopy(upstream(prompt, train))  # one caption edited: a new image set, and training again
     lines = changed[text_node]["inputs"]["value"].splitlines()
     changed[text_node]["inputs"]["value"] = "\n".join([lines[0], lines[1] + ", red", lines[2]])
     events = comfyui.run(changed, timeout=180)
     assert [e["data"]["step"] for e in of(events, STEP, train)] == [1, 2]
-    assert len(list(image_sets(comfyui).iterdir())) == 2
+    assert len(set_folders(comfyui) - sets_before) == 2
 
 
 def test_list_outputs_and_comfyuis_folder_loader_are_accepted_and_chained(comfyui, pictures):
