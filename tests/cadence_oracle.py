@@ -209,14 +209,14 @@ def new_run(o: dict, steps_per_epoch: int, total: int, epochs: int, validating: 
             return
         events.append(("saved", "lora", s.lora, s.step))
         if s.kind != "final":
-            written.append(s.lora) if s.lora not in written else None
+            _remember(written, s.lora)
         for name in s.retired:
             written.remove(name)
             events.append(("removed", name))
         if s.state:
             events.append(("saved", "state", s.state, s.step))
             if s.kind != "final":
-                written.append(s.state) if s.state not in written else None
+                _remember(written, s.state)
             for name in s.retired_states:
                 written.remove(name)
                 events.append(("removed", name))
@@ -274,3 +274,8 @@ SAVING = {"save_every_n_steps", "save_every_n_epochs", "save_n_epoch_ratio", "sa
           "save_last_n_steps_state", "save_last_n_epochs_state", "save_state", "save_state_on_train_end"}
 PREVIEWS = {"sample_every_n_steps", "sample_every_n_epochs", "sample_at_first", "sample_at_end"}
 VALIDATION = {"validate_every_n_steps", "validate_every_n_epochs"}
+
+
+def _remember(written: list[str], name: str) -> None:
+    if name not in written:
+        written.append(name)

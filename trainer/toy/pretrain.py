@@ -79,6 +79,17 @@ def skip_init(ae: AutoEncoder) -> AutoEncoder:
     return ae
 
 
+def _descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def _log_every(every: int, what: str, step: int, steps: int, loss: torch.Tensor, start: float, log) -> None:
+    if step % every == 0 or step == steps - 1:
+        log(f"{what} step {step + 1}/{steps}: loss {loss.item():.4f} ({time.perf_counter() - start:.0f} s)")
+
+
 def train_autoencoder(steps: int, seed: int, log) -> tuple[AutoEncoder, dict]:
     """An autoencoder trained to reproduce its input through the 16-channel latent (L1 + L2 on pixels; the
     posterior's log-variance held low so that sampling it, as latent caching does, changes little)."""
@@ -94,11 +105,8 @@ def train_autoencoder(steps: int, seed: int, log) -> tuple[AutoEncoder, dict]:
         mean, logvar = ae.encoder(x).chunk(2, dim=1)
         out = ae.decoder(mean)
         loss = F.l1_loss(out, x) + F.mse_loss(out, x) + 1e-3 * ((logvar + 10) ** 2).mean() + 1e-4 * mean.pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % 20 == 0 or step == steps - 1:
-            log(f"autoencoder step {step + 1}/{steps}: loss {loss.item():.4f} ({time.perf_counter() - start:.0f} s)")
+        _descend(optimizer, loss)
+        _log_every(20, "autoencoder", step, steps, loss, start, log)
     ae.eval().requires_grad_(False)
     with torch.no_grad():  # scale and shift that give the transformer unit-variance latents, as FLUX's do
         z = torch.cat([ae.encoder(ae_batch(rng)).chunk(2, dim=1)[0] for _ in range(8)])
@@ -122,11 +130,8 @@ def refine_decoder(ae: AutoEncoder, steps: int, seed: int, log) -> AutoEncoder:
             mean = ae.encoder(x).chunk(2, dim=1)[0]
         out = decoder(mean)
         loss = F.l1_loss(out, x) + F.mse_loss(out, x)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % 20 == 0 or step == steps - 1:
-            log(f"decoder step {step + 1}/{steps}: loss {loss.item():.4f} ({time.perf_counter() - start:.0f} s)")
+        _descend(optimizer, loss)
+        _log_every(20, "decoder", step, steps, loss, start, log)
     ae.eval().requires_grad_(False)
     return ae
 
